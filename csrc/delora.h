@@ -1,0 +1,72 @@
+// Host entry points of the delora_ext ops and the per-device kernel launchers they call.
+//
+// The entry points (delora_ops.cpp) are written once for every device: GEMMs go through ATen (MKL/oneDNN
+// on CPU, cuBLAS on CUDA) and the DeLoRA-specific passes go through the launchers below, which have one
+// implementation per device (delora_cpu.cpp, delora_cuda.cu).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace delora_ext {
+
+using Tensor = at::Tensor;
+
+// ---- op entry points (schemas and their math: registration.cpp) ----------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor> prep(const Tensor& A, const Tensor& B, const Tensor& lam,
+                                                const Tensor& w);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight,
+                                                              const std::optional<Tensor>& bias,
+                                                              const Tensor& A, const Tensor& B,
+                                                              const Tensor& lam, const Tensor& w,
+                                                              double dropout_p,
+                                                              const std::optional<Tensor>& seed);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& A,
+                                                               const Tensor& B, const Tensor& lam,
+                                                               const Tensor& w, double dropout_p,
+                                                               const std::optional<Tensor>& seed);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
+    const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& weight, const Tensor& A,
+    const Tensor& B, const Tensor& lam, const Tensor& w, const Tensor& u, const Tensor& s,
+    const Tensor& a_norm, const Tensor& b_norm, double dropout_p, const std::optional<Tensor>& seed,
+    std::array<bool, 4> output_mask);
+
+void merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
+            double alpha);
+
+Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w);
+
+// ---- per-device launchers ---------------------------------------------------------------------------
+// All adapter-sized tensors are contiguous and in the opmath dtype (float or double).
+//   A (r×in), B (out×r), lam (1), w (in)  ->  A_folded = A⊙w (r×in), s (r), a_raw (r), b_raw (r)
+void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& A_folded,
+              Tensor& s, Tensor& a_raw, Tensor& b_raw);
+
+// M = gᵀu (out×r), Q = (gB)ᵀ x_d (r×in, may be undefined when dA is not wanted); both in the input dtype.
+//   gs_k = Σ_o M[o,k] B[o,k]
+//   dA   = s_k Q[k,j] w_j − (gs_k s_k / a_k²) A[k,j]        (norm term where a_raw ≥ eps)
+//   dB   = M[o,k] s_k − (gs_k s_k / b_k²) B[o,k]            (norm term where b_raw ≥ eps)
+//   dλ   = Σ_k gs_k / (r a_k b_k)
+// dA, dB, dlam are written when defined (opmath dtype).
+void finalize_cpu(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
+                  const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA, Tensor& dB,
+                  Tensor& dlam);
+
+// dst = src ⊙ keep(seed, i) / (1 − p) over the flattened index i of a contiguous src (dst may alias src).
+void dropout_cpu(const Tensor& src, Tensor& dst, const Tensor& seed, double p);
+
+#ifdef DELORA_WITH_CUDA
+void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& A_folded,
+               Tensor& s, Tensor& a_raw, Tensor& b_raw);
+void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
+                   const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA, Tensor& dB,
+                   Tensor& dlam);
+void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p);
+#endif
+
+}  // namespace delora_ext

@@ -1,0 +1,157 @@
+// CPU kernels for the DeLoRA-specific passes, and the CPU registration of every op.
+//
+// Work split: prep and finalize parallelise over the r rank directions for the r×in parts and over blocks
+// of output rows for the out×r parts; every reduction accumulates in opmath (float or double) in a fixed
+// order, so results are bit-identical run to run whatever the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "delora.h"
+#include "delora_math.h"
+
+namespace delora_ext {
+namespace {
+
+// Grain sizes for at::parallel_for: enough work per task to amortise the thread hand-off.
+constexpr int64_t kRowGrain = 1;
+constexpr int64_t kElemGrain = 1 << 14;
+
+// Column sums over B (out×r, row-major) of f(o, k), in opmath, fixed order: per-block partials combined
+// in block order.
+template <typename T, typename F>
+void column_sums(int64_t out, int64_t r, F&& f, T* result) {
+  constexpr int64_t kBlock = 1024;
+  const int64_t nblocks = (out + kBlock - 1) / kBlock;
+  std::vector<T> partial(static_cast<size_t>(std::max<int64_t>(nblocks, 1) * r), T(0));
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      T* acc = partial.data() + blk * r;
+      const int64_t o_end = std::min(out, (blk + 1) * kBlock);
+      for (int64_t o = blk * kBlock; o < o_end; ++o)
+        for (int64_t k = 0; k < r; ++k) acc[k] += f(o, k);
+    }
+  });
+  for (int64_t k = 0; k < r; ++k) result[k] = T(0);
+  for (int64_t blk = 0; blk < nblocks; ++blk)
+    for (int64_t k = 0; k < r; ++k) result[k] += partial[blk * r + k];
+}
+
+}  // namespace
+
+void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& A_folded,
+              Tensor& s, Tensor& a_raw, Tensor& b_raw) {
+  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_prep_cpu", [&] {
+    const scalar_t* pA = A.const_data_ptr<scalar_t>();
+    const scalar_t* pB = B.const_data_ptr<scalar_t>();
+    const scalar_t* pw = w.const_data_ptr<scalar_t>();
+    const scalar_t lam_v = lam.const_data_ptr<scalar_t>()[0];
+    scalar_t* pAf = A_folded.mutable_data_ptr<scalar_t>();
+    scalar_t* ps = s.mutable_data_ptr<scalar_t>();
+    scalar_t* pa = a_raw.mutable_data_ptr<scalar_t>();
+    scalar_t* pb = b_raw.mutable_data_ptr<scalar_t>();
+
+    std::vector<scalar_t> bsq(static_cast<size_t>(r));
+    column_sums<scalar_t>(out, r, [&](int64_t o, int64_t k) { return pB[o * r + k] * pB[o * r + k]; },
+                          bsq.data());
+    at::parallel_for(0, r, kRowGrain, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const scalar_t* row = pA + k * in;
+        scalar_t* frow = pAf + k * in;
+        scalar_t sq = 0;
+        for (int64_t j = 0; j < in; ++j) {
+          sq += row[j] * row[j];
+          frow[j] = row[j] * pw[j];
+        }
+        pa[k] = std::sqrt(sq);
+        pb[k] = std::sqrt(bsq[k]);
+        ps[k] = scale_of<scalar_t>(lam_v, pa[k], pb[k], r);
+      }
+    });
+  });
+}
+
+void finalize_cpu(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
+                  const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA, Tensor& dB,
+                  Tensor& dlam) {
+  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_finalize_cpu", [&] {
+    using opmath_t = scalar_t;
+    const opmath_t* pA = A.const_data_ptr<opmath_t>();
+    const opmath_t* pB = B.const_data_ptr<opmath_t>();
+    const opmath_t* pw = w.const_data_ptr<opmath_t>();
+    const opmath_t* ps = s.const_data_ptr<opmath_t>();
+    const opmath_t* pa = a_raw.const_data_ptr<opmath_t>();
+    const opmath_t* pb = b_raw.const_data_ptr<opmath_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, M.scalar_type(), "delora_finalize_cpu_in", [&] {
+      const scalar_t* pM = M.const_data_ptr<scalar_t>();
+      std::vector<opmath_t> gs(static_cast<size_t>(r));
+      column_sums<opmath_t>(
+          out, r, [&](int64_t o, int64_t k) { return opmath_t(pM[o * r + k]) * pB[o * r + k]; }, gs.data());
+
+      if (dlam.defined()) {
+        opmath_t acc = 0;
+        for (int64_t k = 0; k < r; ++k)
+          acc += gs[k] / (opmath_t(r) * clamp_norm(pa[k]) * clamp_norm(pb[k]));
+        dlam.mutable_data_ptr<opmath_t>()[0] = acc;
+      }
+      if (dB.defined()) {
+        std::vector<opmath_t> coef(static_cast<size_t>(r));
+        for (int64_t k = 0; k < r; ++k) coef[k] = norm_grad_coef(gs[k], ps[k], pb[k]);
+        opmath_t* pdB = dB.mutable_data_ptr<opmath_t>();
+        at::parallel_for(0, out, std::max<int64_t>(1, kElemGrain / r), [&](int64_t o0, int64_t o1) {
+          for (int64_t o = o0; o < o1; ++o)
+            for (int64_t k = 0; k < r; ++k)
+              pdB[o * r + k] = opmath_t(pM[o * r + k]) * ps[k] + coef[k] * pB[o * r + k];
+        });
+      }
+      if (dA.defined()) {
+        const scalar_t* pQ = Q.const_data_ptr<scalar_t>();
+        opmath_t* pdA = dA.mutable_data_ptr<opmath_t>();
+        at::parallel_for(0, r, kRowGrain, [&](int64_t k0, int64_t k1) {
+          for (int64_t k = k0; k < k1; ++k) {
+            const opmath_t sk = ps[k];
+            const opmath_t c = norm_grad_coef(gs[k], ps[k], pa[k]);
+            for (int64_t j = 0; j < in; ++j)
+              pdA[k * in + j] = sk * opmath_t(pQ[k * in + j]) * pw[j] + c * pA[k * in + j];
+          }
+        });
+      }
+    });
+  });
+}
+
+void dropout_cpu(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous(), "delora_ext: dropout needs contiguous tensors");
+  const uint64_t seed_v = static_cast<uint64_t>(seed.cpu().item<int64_t>());
+  const uint32_t threshold = dropout_threshold(p);
+  const int64_t n = src.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "delora_dropout_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t scale = opmath_t(1.0 / (1.0 - p));
+    const scalar_t* ps = src.const_data_ptr<scalar_t>();
+    scalar_t* pd = dst.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kElemGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        pd[i] = dropout_keep(seed_v, static_cast<uint64_t>(i), threshold)
+                    ? scalar_t(opmath_t(ps[i]) * scale)
+                    : scalar_t(0);
+    });
+  });
+}
+
+TORCH_LIBRARY_IMPL(delora_ext, CPU, m) {
+  m.impl("prep", &prep);
+  m.impl("linear_fwd", &linear_fwd);
+  m.impl("adapter_fwd", &adapter_fwd);
+  m.impl("linear_bwd", &linear_bwd);
+  m.impl("merge_", &merge_);
+  m.impl("delta_weight", &delta_weight);
+}
+
+}  // namespace delora_ext

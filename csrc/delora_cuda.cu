@@ -1,0 +1,160 @@
+// CUDA kernels for the DeLoRA-specific passes, and the CUDA registration of every op.
+//
+// Grid layout: prep and finalize launch one block per rank direction k (r is small, 1..256): the block
+// reduces over the row A[k,:] and the column B[:,k] with a fixed-order block reduction (deterministic),
+// then writes the k-th row/column of the outputs. The GEMMs around them are cuBLAS through ATen.
+// No launcher synchronises with the host: λ and the dropout seed are read from device memory.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "delora.h"
+#include "delora_math.h"
+
+namespace delora_ext {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam,
+                            const T* __restrict__ w, T* __restrict__ Af, T* __restrict__ s,
+                            T* __restrict__ a_raw, T* __restrict__ b_raw, int64_t r, int64_t in, int64_t out) {
+  using Reduce = cub::BlockReduce<T, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const int64_t k = blockIdx.x;
+  const T* row = A + k * in;
+  T* frow = Af + k * in;
+  T sa = 0;
+  for (int64_t j = threadIdx.x; j < in; j += kThreads) {
+    const T v = row[j];
+    sa += v * v;
+    frow[j] = v * w[j];
+  }
+  const T a2 = Reduce(tmp).Sum(sa);
+  __syncthreads();
+  T sb = 0;
+  for (int64_t o = threadIdx.x; o < out; o += kThreads) {
+    const T v = B[o * r + k];
+    sb += v * v;
+  }
+  const T b2 = Reduce(tmp).Sum(sb);
+  if (threadIdx.x == 0) {
+    const T a = sqrt(a2), b = sqrt(b2);
+    a_raw[k] = a;
+    b_raw[k] = b;
+    s[k] = scale_of<T>(lam[0], a, b, r);
+  }
+}
+
+// One block per k: gs_k = Σ_o M[o,k] B[o,k], then column k of dB, row k of dA, and k's share of dλ.
+template <typename T, typename in_t>
+__global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restrict__ Q, const T* __restrict__ A,
+                                const T* __restrict__ B, const T* __restrict__ w, const T* __restrict__ s,
+                                const T* __restrict__ a_raw, const T* __restrict__ b_raw, T* __restrict__ dA,
+                                T* __restrict__ dB, T* __restrict__ dlam_parts, int64_t r, int64_t in,
+                                int64_t out) {
+  using Reduce = cub::BlockReduce<T, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ T gs_shared;
+  const int64_t k = blockIdx.x;
+  T part = 0;
+  for (int64_t o = threadIdx.x; o < out; o += kThreads) part += T(M[o * r + k]) * B[o * r + k];
+  const T total = Reduce(tmp).Sum(part);
+  if (threadIdx.x == 0) gs_shared = total;
+  __syncthreads();
+  const T gs = gs_shared, sk = s[k];
+  if (dlam_parts != nullptr && threadIdx.x == 0)
+    dlam_parts[k] = gs / (T(r) * clamp_norm(a_raw[k]) * clamp_norm(b_raw[k]));
+  if (dB != nullptr) {
+    const T c = norm_grad_coef(gs, sk, b_raw[k]);
+    for (int64_t o = threadIdx.x; o < out; o += kThreads) dB[o * r + k] = T(M[o * r + k]) * sk + c * B[o * r + k];
+  }
+  if (dA != nullptr) {
+    const T c = norm_grad_coef(gs, sk, a_raw[k]);
+    for (int64_t j = threadIdx.x; j < in; j += kThreads)
+      dA[k * in + j] = sk * T(Q[k * in + j]) * w[j] + c * A[k * in + j];
+  }
+}
+
+template <typename scalar_t>
+__global__ void dropout_kernel(const scalar_t* __restrict__ src, scalar_t* dst, const int64_t* __restrict__ seed,
+                               uint32_t threshold, at::opmath_type<scalar_t> scale, int64_t n) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const uint64_t seed_v = static_cast<uint64_t>(seed[0]);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x)
+    dst[i] = dropout_keep(seed_v, static_cast<uint64_t>(i), threshold) ? scalar_t(opmath_t(src[i]) * scale)
+                                                                      : scalar_t(0);
+}
+
+}  // namespace
+
+void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& A_folded,
+               Tensor& s, Tensor& a_raw, Tensor& b_raw) {
+  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+  const c10::cuda::CUDAGuard guard(A.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_prep_cuda", [&] {
+    prep_kernel<scalar_t><<<r, kThreads, 0, stream>>>(
+        A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(), lam.const_data_ptr<scalar_t>(),
+        w.const_data_ptr<scalar_t>(), A_folded.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>(),
+        a_raw.mutable_data_ptr<scalar_t>(), b_raw.mutable_data_ptr<scalar_t>(), r, in, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
+                   const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA, Tensor& dB,
+                   Tensor& dlam) {
+  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+  const c10::cuda::CUDAGuard guard(A.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  Tensor parts = dlam.defined() ? at::empty({r}, A.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_finalize_cuda", [&] {
+    using opmath_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, M.scalar_type(), "delora_finalize_cuda_in", [&] {
+      finalize_kernel<opmath_t, scalar_t><<<r, kThreads, 0, stream>>>(
+          M.const_data_ptr<scalar_t>(), Q.defined() ? Q.const_data_ptr<scalar_t>() : nullptr,
+          A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(),
+          s.const_data_ptr<opmath_t>(), a_raw.const_data_ptr<opmath_t>(), b_raw.const_data_ptr<opmath_t>(),
+          dA.defined() ? dA.mutable_data_ptr<opmath_t>() : nullptr,
+          dB.defined() ? dB.mutable_data_ptr<opmath_t>() : nullptr,
+          parts.defined() ? parts.mutable_data_ptr<opmath_t>() : nullptr, r, in, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  // r partial sums, added in a fixed order by a deterministic ATen reduction.
+  if (dlam.defined()) at::sum_out(dlam, parts, {0}, /*keepdim=*/true);
+}
+
+void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous(), "delora_ext: dropout needs contiguous tensors");
+  const int64_t n = src.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(src.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "delora_dropout_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    dropout_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), seed.const_data_ptr<int64_t>(),
+        dropout_threshold(p), opmath_t(1.0 / (1.0 - p)), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+TORCH_LIBRARY_IMPL(delora_ext, CUDA, m) {
+  m.impl("prep", &prep);
+  m.impl("linear_fwd", &linear_fwd);
+  m.impl("adapter_fwd", &adapter_fwd);
+  m.impl("linear_bwd", &linear_bwd);
+  m.impl("merge_", &merge_);
+  m.impl("delta_weight", &delta_weight);
+}
+
+}  // namespace delora_ext

@@ -1,0 +1,74 @@
+// Per-element DeLoRA math shared by the CPU and CUDA kernels.
+//
+// Everything here is a pure function of scalars, compiled for host and device, so the CPU tests exercise
+// exactly the arithmetic the CUDA kernels run. All of it works in the "opmath" type: float for
+// fp32/bf16/fp16 inputs, double for fp64.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DELORA_HD __host__ __device__ __forceinline__
+#else
+#define DELORA_HD inline
+#endif
+
+namespace delora_ext {
+
+// PEFT clamps every row norm of A and column norm of B from below at 1e-4.
+constexpr double kNormEps = 1e-4;
+
+template <typename T>
+DELORA_HD T clamp_norm(T raw) {
+  return raw < T(kNormEps) ? T(kNormEps) : raw;
+}
+
+// autograd through clamp_min(x, eps) passes the gradient where x >= eps (derivatives.yaml), so the norm
+// term of dA/dB exists exactly there.
+template <typename T>
+DELORA_HD bool norm_is_live(T raw) {
+  return raw >= T(kNormEps);
+}
+
+// s_k = λ / (r · max(a_k, eps) · max(b_k, eps)).  λ is read from memory (never a host scalar), may be 0
+// or negative.
+template <typename T>
+DELORA_HD T scale_of(T lam, T a_raw, T b_raw, int64_t r) {
+  return lam / (T(r) * clamp_norm(a_raw) * clamp_norm(b_raw));
+}
+
+// ∂s_k/∂a_k · (1/a_k) = −s_k / a_k² where the clamp is not active, else 0. Multiplying this by
+// gs_k·A[k, j] gives the norm term of dA (likewise for B with b_k).
+template <typename T>
+DELORA_HD T norm_grad_coef(T gs, T s, T raw) {
+  return norm_is_live(raw) ? -gs * s / (raw * raw) : T(0);
+}
+
+// ---- Dropout mask, regenerated from (seed, element index) instead of stored ------------------------
+// A counter-based hash (murmur3's 32-bit finaliser, keyed by the seed) so that forward and backward,
+// CPU and CUDA, and the pure-PyTorch reference all produce the same mask for the same seed. The keep
+// test compares the top 24 bits with p · 2^24.
+DELORA_HD uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+DELORA_HD uint32_t dropout_threshold(double p) {
+  return static_cast<uint32_t>(p * 16777216.0);
+}
+
+DELORA_HD bool dropout_keep(uint64_t seed, uint64_t idx, uint32_t threshold) {
+  const uint32_t seed_lo = static_cast<uint32_t>(seed);
+  const uint32_t seed_hi = static_cast<uint32_t>(seed >> 32);
+  const uint32_t idx_lo = static_cast<uint32_t>(idx);
+  const uint32_t idx_hi = static_cast<uint32_t>(idx >> 32);
+  const uint32_t key = fmix32(seed_lo ^ fmix32(idx_hi ^ seed_hi));
+  const uint32_t h = fmix32((idx_lo * 0x9e3779b1u) ^ key);
+  return (h >> 8) >= threshold;
+}
+
+}  // namespace delora_ext

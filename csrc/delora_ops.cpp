@@ -1,0 +1,346 @@
+// Device-independent host entry points: argument checks, GEMMs through ATen, and calls into the
+// per-device launchers for the DeLoRA-specific passes. See registration.cpp for each op's math.
+#include "delora.h"
+
+#include <c10/core/DeviceGuard.h>
+
+namespace delora_ext {
+namespace {
+
+at::ScalarType opmath_of(const Tensor& A) {
+  return A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_float(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.is_floating_point(), "delora_ext::", op, ": `", name,
+              "` must be a floating-point tensor, got dtype ", t.scalar_type());
+}
+
+void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "delora_ext::", op, ": `", name, "` is on ", t.device(),
+              " but the other tensors are on ", ref.device());
+}
+
+struct Dims {
+  int64_t r, in, out;
+};
+
+// A (r×in), B (out×r), lam (1,), w (in,), all floating point and on one device.
+Dims check_adapter(const char* op, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
+  check_float(op, "A", A);
+  check_float(op, "B", B);
+  check_float(op, "lam", lam);
+  check_float(op, "w", w);
+  TORCH_CHECK(A.dim() == 2, "delora_ext::", op, ": `A` must be 2-D (r, in_features), got shape ",
+              A.sizes());
+  const int64_t r = A.size(0), in = A.size(1);
+  TORCH_CHECK(r > 0, "delora_ext::", op, ": `A` must have r > 0 rows, got shape ", A.sizes());
+  TORCH_CHECK(B.dim() == 2 && B.size(1) == r, "delora_ext::", op,
+              ": `B` must be 2-D (out_features, r) with r = ", r, ", got shape ", B.sizes());
+  TORCH_CHECK(lam.numel() == 1, "delora_ext::", op, ": `lam` must hold exactly one element, got shape ",
+              lam.sizes());
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == in, "delora_ext::", op, ": `w` must have shape (", in,
+              ",), got ", w.sizes());
+  check_same_device(op, "B", B, A);
+  check_same_device(op, "lam", lam, A);
+  check_same_device(op, "w", w, A);
+  return {r, in, B.size(0)};
+}
+
+void check_input(const char* op, const Tensor& x, const Tensor& A, const Dims& d) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d.in, "delora_ext::", op,
+              ": `x` must have last dimension in_features = ", d.in, ", got shape ", x.sizes());
+  check_same_device(op, "x", x, A);
+}
+
+void check_dropout(const char* op, double p, const std::optional<Tensor>& seed, const Tensor& x) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "delora_ext::", op, ": `dropout_p` must be in [0, 1), got ", p);
+  if (p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->defined(), "delora_ext::", op,
+                ": `seed` is required when dropout_p > 0");
+    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, "delora_ext::", op,
+                ": `seed` must be an int64 tensor with one element, got dtype ", seed->scalar_type(),
+                " and shape ", seed->sizes());
+    check_same_device(op, "seed", *seed, x);
+  }
+}
+
+bool is_cuda(const Tensor& t) { return t.device().is_cuda(); }
+
+[[noreturn]] void no_cuda(const char* what) {
+  TORCH_CHECK(false, "delora_ext: ", what,
+              " got CUDA tensors, but this build of delora_ext has no CUDA kernels (rebuild with a CUDA "
+              "toolkit present, see README: Build)");
+}
+
+void launch_prep(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& Af,
+                 Tensor& s, Tensor& a, Tensor& b) {
+  if (is_cuda(A)) {
+#ifdef DELORA_WITH_CUDA
+    prep_cuda(A, B, lam, w, Af, s, a, b);
+#else
+    no_cuda("prep");
+#endif
+  } else {
+    prep_cpu(A, B, lam, w, Af, s, a, b);
+  }
+}
+
+void launch_finalize(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
+                     const Tensor& s, const Tensor& a, const Tensor& b, Tensor& dA, Tensor& dB,
+                     Tensor& dlam) {
+  if (is_cuda(A)) {
+#ifdef DELORA_WITH_CUDA
+    finalize_cuda(M, Q, A, B, w, s, a, b, dA, dB, dlam);
+#else
+    no_cuda("linear_bwd");
+#endif
+  } else {
+    finalize_cpu(M, Q, A, B, w, s, a, b, dA, dB, dlam);
+  }
+}
+
+void launch_dropout(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
+  if (is_cuda(src)) {
+#ifdef DELORA_WITH_CUDA
+    dropout_cuda(src, dst, seed, p);
+#else
+    no_cuda("dropout");
+#endif
+  } else {
+    dropout_cpu(src, dst, seed, p);
+  }
+}
+
+// Adapter-sized operands in opmath, contiguous (no copy when they already are, the usual case).
+struct Folded {
+  Tensor A, B, lam, w;  // opmath copies/views of the parameters
+  Tensor Af, s, a, b;   // A⊙w, scale, raw norms
+};
+
+Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
+  const auto opmath = opmath_of(A);
+  Folded f;
+  f.A = A.to(opmath).contiguous();
+  f.B = B.to(opmath).contiguous();
+  f.lam = lam.to(opmath).reshape({1}).contiguous();
+  f.w = w.to(opmath).contiguous();
+  const int64_t r = A.size(0);
+  f.Af = at::empty_like(f.A);
+  f.s = at::empty({r}, f.A.options());
+  f.a = at::empty({r}, f.A.options());
+  f.b = at::empty({r}, f.A.options());
+  launch_prep(f.A, f.B, f.lam, f.w, f.Af, f.s, f.a, f.b);
+  return f;
+}
+
+// x reshaped to (N, in), contiguous (GEMMs and the dropout pass want a dense row-major operand).
+Tensor rows_of(const Tensor& x, int64_t in) { return x.reshape({-1, in}).contiguous(); }
+
+Tensor dropped(const Tensor& x2, double p, const std::optional<Tensor>& seed) {
+  if (p <= 0.0) return x2;
+  Tensor out = at::empty_like(x2);
+  launch_dropout(x2, out, *seed, p);
+  return out;
+}
+
+std::vector<int64_t> out_shape(const Tensor& x, int64_t out) {
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return shape;
+}
+
+// y2 += ((x_d A'ᵀ) ⊙ s) Bᵀ, returning u = x_d A'ᵀ. The scale is applied to u in opmath so an
+// s of ~1e4 (B at its zero init, or an A row below the clamp) cannot overflow an fp16 B ⊙ s.
+Tensor add_low_rank(Tensor& y2, const Tensor& x_d, const Folded& f) {
+  const auto dt = x_d.scalar_type();
+  Tensor u = at::mm(x_d, f.Af.to(dt).t());
+  Tensor v = (u.to(f.s.scalar_type()) * f.s).to(dt);
+  y2.addmm_(v, f.B.to(dt).t());
+  return u;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> prep(const Tensor& A, const Tensor& B, const Tensor& lam,
+                                                const Tensor& w) {
+  check_adapter("prep", A, B, lam, w);
+  c10::OptionalDeviceGuard guard(A.device());
+  Folded f = fold(A, B, lam, w);
+  return {f.Af, f.s, f.a, f.b};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight,
+                                                              const std::optional<Tensor>& bias,
+                                                              const Tensor& A, const Tensor& B,
+                                                              const Tensor& lam, const Tensor& w,
+                                                              double dropout_p,
+                                                              const std::optional<Tensor>& seed) {
+  const char* op = "linear_fwd";
+  const Dims d = check_adapter(op, A, B, lam, w);
+  check_input(op, x, A, d);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d.out && weight.size(1) == d.in, "delora_ext::", op,
+              ": `weight` must have shape (", d.out, ", ", d.in, "), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "delora_ext::", op, ": `x` has dtype ",
+              x.scalar_type(), " but `weight` has dtype ", weight.scalar_type(),
+              " (they must match, as for nn.Linear)");
+  check_same_device(op, "weight", weight, x);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d.out, "delora_ext::", op,
+                ": `bias` must have shape (", d.out, ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "delora_ext::", op, ": `bias` has dtype ",
+                bias->scalar_type(), " but `x` has dtype ", x.scalar_type());
+    check_same_device(op, "bias", *bias, x);
+  }
+  check_dropout(op, dropout_p, seed, x);
+  c10::OptionalDeviceGuard guard(x.device());
+
+  Folded f = fold(A, B, lam, w);
+  Tensor x2 = rows_of(x, d.in);
+  Tensor y2 = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, weight.t())
+                                                     : at::mm(x2, weight.t());
+  Tensor u = add_low_rank(y2, dropped(x2, dropout_p, seed), f);
+  return {y2.view(out_shape(x, d.out)), u, f.s, f.a, f.b};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& A,
+                                                               const Tensor& B, const Tensor& lam,
+                                                               const Tensor& w, double dropout_p,
+                                                               const std::optional<Tensor>& seed) {
+  const char* op = "adapter_fwd";
+  const Dims d = check_adapter(op, A, B, lam, w);
+  check_input(op, x, A, d);
+  check_dropout(op, dropout_p, seed, x);
+  c10::OptionalDeviceGuard guard(x.device());
+
+  Folded f = fold(A, B, lam, w);
+  Tensor x2 = rows_of(x, d.in);
+  Tensor y2 = at::zeros({x2.size(0), d.out}, x.options());
+  Tensor u = add_low_rank(y2, dropped(x2, dropout_p, seed), f);
+  return {y2.view(out_shape(x, d.out)), u, f.s, f.a, f.b};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
+    const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& weight, const Tensor& A,
+    const Tensor& B, const Tensor& lam, const Tensor& w, const Tensor& u, const Tensor& s,
+    const Tensor& a_norm, const Tensor& b_norm, double dropout_p, const std::optional<Tensor>& seed,
+    std::array<bool, 4> output_mask) {
+  const char* op = "linear_bwd";
+  const Dims d = check_adapter(op, A, B, lam, w);
+  check_input(op, x, A, d);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == d.out &&
+                  grad_y.numel() / d.out == x.numel() / d.in,
+              "delora_ext::", op, ": `grad_y` must have shape (..., ", d.out, ") with as many rows as `x`, got ",
+              grad_y.sizes(), " for x of shape ", x.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "delora_ext::", op, ": `grad_y` has dtype ",
+              grad_y.scalar_type(), " but `x` has dtype ", x.scalar_type());
+  const int64_t N = x.numel() / d.in;
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == N && u.size(1) == d.r, "delora_ext::", op,
+              ": `u` must have shape (", N, ", ", d.r, "), got ", u.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"s", s}, {"a_norm", a_norm},
+                                {"b_norm", b_norm}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == d.r, "delora_ext::", op, ": `", name, "` must have shape (",
+                d.r, ",), got ", t.sizes());
+  }
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (has_weight) {
+    TORCH_CHECK(weight->dim() == 2 && weight->size(0) == d.out && weight->size(1) == d.in,
+                "delora_ext::", op, ": `weight` must have shape (", d.out, ", ", d.in, "), got ",
+                weight->sizes());
+  }
+  check_dropout(op, dropout_p, seed, x);
+  c10::OptionalDeviceGuard guard(x.device());
+
+  const auto dt = x.scalar_type();
+  const auto opmath = opmath_of(A);
+  const bool want_x = output_mask[0], want_A = output_mask[1], want_B = output_mask[2],
+             want_lam = output_mask[3];
+  const bool want_param = want_A || want_B || want_lam;
+
+  Tensor g2 = grad_y.reshape({-1, d.out}).contiguous();
+  Tensor A_op = A.to(opmath).contiguous(), B_op = B.to(opmath).contiguous(),
+         w_op = w.to(opmath).contiguous();
+  Tensor s_op = s.to(opmath).contiguous(), a_op = a_norm.to(opmath).contiguous(),
+         b_op = b_norm.to(opmath).contiguous();
+
+  Tensor grad_x, grad_A, grad_B, grad_lam;
+  Tensor x2, x_d;
+  if (want_A) {
+    x2 = rows_of(x, d.in);
+    x_d = dropped(x2, dropout_p, seed);
+  }
+  // GB = g B (N×r, unscaled): the scaled G = GB ⊙ s is formed in opmath only where it is consumed.
+  Tensor GB;
+  if (want_x || want_A) GB = at::mm(g2, B_op.to(dt));
+
+  if (want_x) {
+    Tensor Af = (A_op * w_op).to(dt);
+    Tensor G = (GB.to(opmath) * s_op).to(dt);
+    if (dropout_p > 0.0) {
+      Tensor t = at::mm(G, Af);
+      launch_dropout(t, t, *seed, dropout_p);
+      grad_x = has_weight ? t.addmm_(g2, *weight) : t;
+    } else {
+      grad_x = has_weight ? at::mm(g2, *weight).addmm_(G, Af) : at::mm(G, Af);
+    }
+    grad_x = grad_x.view(x.sizes());
+  }
+  if (want_param) {
+    Tensor M = at::mm(g2.t(), u.to(dt));  // out×r
+    Tensor Q = want_A ? at::mm(GB.t(), x_d) : Tensor();
+    Tensor dA = want_A ? at::empty_like(A_op) : Tensor();
+    Tensor dB = want_B ? at::empty_like(B_op) : Tensor();
+    Tensor dlam = want_lam ? at::empty({1}, A_op.options()) : Tensor();
+    launch_finalize(M.contiguous(), Q, A_op, B_op, w_op, s_op, a_op, b_op, dA, dB, dlam);
+    if (want_A) grad_A = dA.to(A.scalar_type());
+    if (want_B) grad_B = dB.to(B.scalar_type());
+    if (want_lam) grad_lam = dlam.to(lam.scalar_type()).view(lam.sizes());
+  }
+  // Outputs that were not asked for come back as empty tensors (a custom op cannot return None).
+  auto or_empty = [&](Tensor& t, const Tensor& like) {
+    if (!t.defined()) t = at::empty({0}, like.options());
+  };
+  or_empty(grad_x, x);
+  or_empty(grad_A, A);
+  or_empty(grad_B, B);
+  or_empty(grad_lam, lam);
+  return {grad_x, grad_A, grad_B, grad_lam};
+}
+
+void merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
+            double alpha) {
+  const char* op = "merge_";
+  const Dims d = check_adapter(op, A, B, lam, w);
+  check_float(op, "weight", weight);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d.out && weight.size(1) == d.in, "delora_ext::", op,
+              ": `weight` must have shape (", d.out, ", ", d.in, "), got ", weight.sizes());
+  check_same_device(op, "weight", weight, A);
+  c10::OptionalDeviceGuard guard(weight.device());
+
+  Folded f = fold(A, B, lam, w);
+  const auto opmath = f.Af.scalar_type();
+  Tensor Bs = f.B * (f.s * alpha);  // out×r, opmath
+  if (weight.scalar_type() == opmath) {
+    // W += B' A' in one pass, accumulating in W's own (opmath) precision; addmm_ writes W in place.
+    weight.addmm_(Bs, f.Af);
+    return;
+  }
+  // Low-precision W: each block of rows is widened to opmath, updated, and rounded once. The block keeps
+  // the temporary at ~4 M elements instead of out×in.
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(d.in, 1));
+  for (int64_t r0 = 0; r0 < d.out; r0 += rows) {
+    const int64_t n = std::min(rows, d.out - r0);
+    Tensor blk = weight.narrow(0, r0, n);
+    blk.copy_(at::addmm(blk.to(opmath), Bs.narrow(0, r0, n), f.Af));
+  }
+}
+
+Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
+  check_adapter("delta_weight", A, B, lam, w);
+  c10::OptionalDeviceGuard guard(A.device());
+  Folded f = fold(A, B, lam, w);
+  return at::mm(f.B * f.s, f.Af);
+}
+
+}  // namespace delora_ext

@@ -1,0 +1,109 @@
+// Every delora_ext op schema, with its math, and the pybind11 module delora_ext._C.
+//
+// Notation: x is (..., in) flattened to N×in rows; A (r×in), B (out×r), λ (1,), w (in,) are the adapter;
+// a_k = ‖A[k,:]‖₂, b_k = ‖B[:,k]‖₂ (raw), s_k = λ / (r·max(a_k,1e-4)·max(b_k,1e-4)); A' = A⊙w;
+// x_d = x ⊙ keep(seed)/(1−p) when dropout_p > 0, else x. Norms, s and reductions run in fp32 (fp64 for
+// fp64 adapters); GEMMs in x's dtype with fp32 accumulation.
+#include <ATen/autocast_mode.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "delora.h"
+
+#ifndef DELORA_TORCH_VERSION
+#define DELORA_TORCH_VERSION "unknown"
+#endif
+#ifndef DELORA_CUDA_ARCHS
+#define DELORA_CUDA_ARCHS ""
+#endif
+#ifndef DELORA_CUDA_TOOLKIT
+#define DELORA_CUDA_TOOLKIT ""
+#endif
+
+TORCH_LIBRARY(delora_ext, m) {
+  // (A' = A⊙w, s, a, b): everything the GEMMs need, in one pass over A and B.
+  m.def("prep(Tensor A, Tensor B, Tensor lam, Tensor w) -> (Tensor A_folded, Tensor s, Tensor a_norm, "
+        "Tensor b_norm)");
+  // y = x Wᵀ + bias + ((x_d A'ᵀ) ⊙ s) Bᵀ ; also returns u = x_d A'ᵀ (N×r, x's dtype), s, a, b for backward.
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor lam, Tensor w, "
+        "float dropout_p, Tensor? seed) -> (Tensor y, Tensor u, Tensor s, Tensor a_norm, Tensor b_norm)");
+  // delta = ((x_d A'ᵀ) ⊙ s) Bᵀ alone, for bases that are not a plain linear layer; same extra outputs.
+  m.def("adapter_fwd(Tensor x, Tensor A, Tensor B, Tensor lam, Tensor w, float dropout_p, Tensor? seed) "
+        "-> (Tensor delta, Tensor u, Tensor s, Tensor a_norm, Tensor b_norm)");
+  // With g = grad_y, GB = g B, G = GB ⊙ s, M = gᵀu, gs_k = Σ_o M[o,k] B[o,k]:
+  //   dx = g W (if weight given) + ((G A') ⊙ keep/(1−p))
+  //   dA = (Gᵀ x_d) ⊙ w − (gs·s/a²) ⊙ A        (second term only where a_k ≥ 1e-4, as autograd of clamp_min)
+  //   dB = M ⊙ s − B ⊙ (gs·s/b²)               (second term only where b_k ≥ 1e-4)
+  //   dλ = Σ_k gs_k / (r·max(a_k,eps)·max(b_k,eps))
+  // output_mask selects (dx, dA, dB, dλ); an unselected output is an empty tensor.
+  m.def("linear_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor A, Tensor B, Tensor lam, Tensor w, "
+        "Tensor u, Tensor s, Tensor a_norm, Tensor b_norm, float dropout_p, Tensor? seed, bool[4] output_mask) "
+        "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_lam)");
+  // weight += alpha · (B ⊙ s)(A ⊙ w) in place: one rounding per element, no out×in temporary
+  // (alpha = 1 merges, −1 unmerges).
+  m.def("merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lam, Tensor w, float alpha) -> ()");
+  // ΔW = (B ⊙ s)(A ⊙ w), out×in, in fp32 (fp64 for fp64 adapters).
+  m.def("delta_weight(Tensor A, Tensor B, Tensor lam, Tensor w) -> Tensor");
+}
+
+namespace delora_ext {
+namespace {
+
+// Autocast: x, weight and bias follow the autocast dtype like nn.Linear's; the adapter (A, B, λ, w) keeps
+// its own dtype (fp32 master weights), and the op computes norms and s in fp32 regardless.
+template <c10::DeviceType device, c10::DispatchKey key>
+struct Autocast {
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd(
+      const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A,
+      const Tensor& B, const Tensor& lam, const Tensor& w, double p, const std::optional<Tensor>& seed) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+    const auto dt = at::autocast::get_autocast_dtype(device);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("delora_ext::linear_fwd", "")
+                         .typed<decltype(delora_ext::linear_fwd)>();
+    return op.call(at::autocast::cached_cast(dt, x, device), at::autocast::cached_cast(dt, weight, device),
+                   at::autocast::cached_cast(dt, bias, device), A, B, lam, w, p, seed);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd(
+      const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, double p,
+      const std::optional<Tensor>& seed) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+    const auto dt = at::autocast::get_autocast_dtype(device);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("delora_ext::adapter_fwd", "")
+                         .typed<decltype(delora_ext::adapter_fwd)>();
+    return op.call(at::autocast::cached_cast(dt, x, device), A, B, lam, w, p, seed);
+  }
+};
+
+using AutocastCPU = Autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
+using AutocastCUDA = Autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>;
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(delora_ext, AutocastCPU, m) {
+  m.impl("linear_fwd", &AutocastCPU::linear_fwd);
+  m.impl("adapter_fwd", &AutocastCPU::adapter_fwd);
+}
+TORCH_LIBRARY_IMPL(delora_ext, AutocastCUDA, m) {
+  m.impl("linear_fwd", &AutocastCUDA::linear_fwd);
+  m.impl("adapter_fwd", &AutocastCUDA::adapter_fwd);
+}
+
+}  // namespace delora_ext
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "delora_ext native ops (registered as torch.ops.delora_ext.*) and build information";
+  m.def("build_info", [] {
+    pybind11::dict d;
+    d["torch_version"] = DELORA_TORCH_VERSION;
+#ifdef DELORA_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+    d["cuda_archs"] = DELORA_CUDA_ARCHS;
+    d["cuda_toolkit"] = DELORA_CUDA_TOOLKIT;
+    return d;
+  });
+}

@@ -1,0 +1,235 @@
+"""The only module that touches ``torch.ops.delora_ext``: loading the native library, fake (meta)
+implementations for torch.compile, autograd, and the Python entry points the layer calls.
+
+Autocast is handled natively (AutocastCPU/AutocastCUDA kernels in csrc/registration.cpp): x, weight and bias
+follow the autocast dtype, A, B, λ and w keep theirs, norms and s are always fp32, and each gradient comes back
+in its parameter's dtype.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import reference as ref
+
+__all__ = [
+    "NATIVE",
+    "native_error",
+    "has_kernel",
+    "build_info",
+    "linear",
+    "adapter",
+    "merge_",
+    "delta_weight",
+    "prep",
+]
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+REBUILD_CMD = f"pip install --no-build-isolation --no-deps --force-reinstall {os.path.dirname(_PKG_DIR)}"
+
+NATIVE = False  # True when delora_ext._C is loaded and matches the running torch
+native_error: str | None = None
+_C = None
+
+
+def _load_native() -> None:
+    global NATIVE, native_error, _C
+    stamp = os.path.join(_PKG_DIR, "_build_torch_version.txt")
+    try:
+        with open(stamp) as f:
+            built_for = f.read().strip()
+    except OSError:
+        built_for = None
+    if built_for is not None and built_for != torch.__version__:
+        # Importing a library built against another torch can fail to link or, worse, load with a broken ABI.
+        native_error = f"delora_ext._C was built for torch {built_for} but torch {torch.__version__} is running"
+        return
+    try:
+        from . import _C as native  # noqa: F401  (registers torch.ops.delora_ext.*)
+    except ImportError as e:
+        native_error = f"delora_ext._C could not be imported ({e})"
+        return
+    info = native.build_info()
+    if info["torch_version"] != torch.__version__:
+        native_error = (f"delora_ext._C was built for torch {info['torch_version']} "
+                        f"but torch {torch.__version__} is running")
+        return
+    _C = native
+    NATIVE = True
+
+
+_load_native()
+if not NATIVE:
+    warnings.warn(f"{native_error}; using the pure-PyTorch reference. Rebuild with: {REBUILD_CMD}",
+                  RuntimeWarning, stacklevel=2)
+
+# The CUDA kernels compile in CI but have not yet run on a GPU (see README: Status). Until a GPU run has
+# validated them, layers use the reference on CUDA tensors unless DELORA_EXT_NATIVE_CUDA=1 is set.
+CUDA_VALIDATED = os.environ.get("DELORA_EXT_NATIVE_CUDA", "0") == "1"
+
+
+def build_info() -> dict:
+    """Torch version, compiled kernels (cpu / cuda with arch list) and the CUDA toolkit used for the build."""
+    info = {"native": NATIVE, "running_torch": torch.__version__, "error": native_error}
+    if NATIVE:
+        b = dict(_C.build_info())
+        info.update(
+            built_for_torch=b["torch_version"],
+            kernels=["cpu"] + (["cuda"] if b["cuda"] else []),
+            cuda_archs=b["cuda_archs"] or None,
+            cuda_toolkit=b["cuda_toolkit"] or None,
+            cuda_kernels_used_by_layers=bool(b["cuda"]) and CUDA_VALIDATED,
+        )
+    return info
+
+
+def has_kernel(device: torch.device | str) -> bool:
+    """Whether layers route tensors on ``device`` through the native ops."""
+    dev = torch.device(device).type
+    if not NATIVE:
+        return False
+    if dev == "cpu":
+        return True
+    if dev == "cuda":
+        return bool(_C.build_info()["cuda"]) and CUDA_VALIDATED
+    return False
+
+
+if NATIVE:
+    _ops = torch.ops.delora_ext
+
+    def _opmath(A: torch.Tensor) -> torch.dtype:
+        return torch.float64 if A.dtype == torch.float64 else torch.float32
+
+    def _rows(x: torch.Tensor, in_features: int) -> int:
+        return x.numel() // in_features if in_features else 0
+
+    @torch.library.register_fake("delora_ext::prep")
+    def _prep_fake(A, B, lam, w):
+        r = A.shape[0]
+        om = _opmath(A)
+        return A.new_empty(A.shape, dtype=om), A.new_empty(r, dtype=om), A.new_empty(r, dtype=om), A.new_empty(r, dtype=om)
+
+    def _fwd_fake(x, out_features, A):
+        r, in_f = A.shape
+        om = _opmath(A)
+        y = x.new_empty((*x.shape[:-1], out_features))
+        u = x.new_empty((_rows(x, in_f), r))
+        return y, u, A.new_empty(r, dtype=om), A.new_empty(r, dtype=om), A.new_empty(r, dtype=om)
+
+    @torch.library.register_fake("delora_ext::linear_fwd")
+    def _linear_fwd_fake(x, weight, bias, A, B, lam, w, dropout_p, seed):
+        torch._check(x.dtype == weight.dtype, lambda: "delora_ext::linear_fwd: `x` and `weight` dtypes differ")
+        return _fwd_fake(x, weight.shape[0], A)
+
+    @torch.library.register_fake("delora_ext::adapter_fwd")
+    def _adapter_fwd_fake(x, A, B, lam, w, dropout_p, seed):
+        return _fwd_fake(x, B.shape[0], A)
+
+    @torch.library.register_fake("delora_ext::linear_bwd")
+    def _linear_bwd_fake(grad_y, x, weight, A, B, lam, w, u, s, a_norm, b_norm, dropout_p, seed, output_mask):
+        def pick(flag, like):
+            return torch.empty_like(like, memory_format=torch.contiguous_format) if flag else like.new_empty(0)
+
+        return pick(output_mask[0], x), pick(output_mask[1], A), pick(output_mask[2], B), pick(output_mask[3], lam)
+
+    @torch.library.register_fake("delora_ext::merge_")
+    def _merge_fake(weight, A, B, lam, w, alpha):
+        return None
+
+    @torch.library.register_fake("delora_ext::delta_weight")
+    def _delta_weight_fake(A, B, lam, w):
+        return A.new_empty((B.shape[0], A.shape[1]), dtype=_opmath(A))
+
+    # ---- autograd -----------------------------------------------------------------------------------
+    # Saved for backward: x (by reference), u (N×r) and the r-sized s, a, b; the parameters are referenced,
+    # not copied. Nothing tokens×in is created for backward.
+    def _setup_linear(ctx, inputs, output):
+        x, weight, bias, A, B, lam, w, dropout_p, seed = inputs
+        _, u, s, a, b = output
+        ctx.dropout_p = dropout_p
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, A, B, lam, w, u, s, a, b, seed)
+        ctx.mark_non_differentiable(u, s, a, b)
+
+    def _linear_backward(ctx, grad_y, *_unused):
+        x, weight, A, B, lam, w, u, s, a, b, seed = ctx.saved_tensors
+        nx, nW, nb, nA, nB, nlam = ctx.needs_input_grad[:6]
+        gx = gW = gb = gA = gB = glam = None
+        if grad_y is not None:
+            if nx or nA or nB or nlam:
+                gx, gA, gB, glam = _ops.linear_bwd(grad_y, x, weight, A, B, lam, w, u, s, a, b,
+                                                   ctx.dropout_p, seed, [nx, nA, nB, nlam])
+            if nW or nb:
+                g2 = grad_y.reshape(-1, grad_y.shape[-1])
+                if nW:
+                    gW = (g2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+                if nb:
+                    gb = g2.sum(0)
+        return (gx if nx else None, gW, gb, gA if nA else None, gB if nB else None, glam if nlam else None,
+                None, None, None)
+
+    torch.library.register_autograd("delora_ext::linear_fwd", _linear_backward, setup_context=_setup_linear)
+
+    def _setup_adapter(ctx, inputs, output):
+        x, A, B, lam, w, dropout_p, seed = inputs
+        _, u, s, a, b = output
+        ctx.dropout_p = dropout_p
+        ctx.save_for_backward(x, A, B, lam, w, u, s, a, b, seed)
+        ctx.mark_non_differentiable(u, s, a, b)
+
+    def _adapter_backward(ctx, grad_y, *_unused):
+        x, A, B, lam, w, u, s, a, b, seed = ctx.saved_tensors
+        nx, nA, nB, nlam = ctx.needs_input_grad[:4]
+        if grad_y is None or not (nx or nA or nB or nlam):
+            return (None,) * 7
+        gx, gA, gB, glam = _ops.linear_bwd(grad_y, x, None, A, B, lam, w, u, s, a, b, ctx.dropout_p, seed,
+                                           [nx, nA, nB, nlam])
+        return (gx if nx else None, gA if nA else None, gB if nB else None, glam if nlam else None, None, None, None)
+
+    torch.library.register_autograd("delora_ext::adapter_fwd", _adapter_backward, setup_context=_setup_adapter)
+
+
+def _seed_for(x: torch.Tensor, dropout_p: float):
+    if dropout_p <= 0.0:
+        return None
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+
+
+def linear(x, weight, bias, A, B, lam, w, dropout_p: float = 0.0):
+    """The whole adapted layer, y = x Wᵀ + bias + DeLoRA(x), through the native op (autograd-aware).
+
+    x: (..., in); weight: (out, in) in x's dtype; bias: (out,) or None; A: (r, in); B: (out, r); lam: (1,);
+    w: (in,). ``dropout_p`` > 0 applies DeLoRA's module dropout to the adapter input (pass 0 in eval).
+    Returns y: (..., out) in x's dtype.
+    """
+    return _ops.linear_fwd(x, weight, bias, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
+
+
+def adapter(x, A, B, lam, w, dropout_p: float = 0.0):
+    """The DeLoRA term alone, ((x_d ⊙ w) Aᵀ ⊙ s) Bᵀ: (..., out) in x's dtype, for non-Linear bases."""
+    return _ops.adapter_fwd(x, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
+
+
+def merge_(weight, A, B, lam, w, alpha: float = 1.0) -> None:
+    """weight += alpha · ΔW in place (no out×in temporary); alpha = -1 unmerges."""
+    with torch.no_grad():
+        if NATIVE and (weight.device.type == "cpu" or has_kernel(weight.device)):
+            _ops.merge_(weight, A, B, lam, w, float(alpha))
+        else:
+            weight.add_(ref.delta_weight_ref(A, B, lam, w).to(weight.dtype), alpha=alpha)
+
+
+def delta_weight(A, B, lam, w) -> torch.Tensor:
+    """ΔW = (B ⊙ s)(A ⊙ w), (out, in), fp32 (fp64 for fp64 adapters)."""
+    if NATIVE and (A.device.type == "cpu" or has_kernel(A.device)):
+        return _ops.delta_weight(A, B, lam, w)
+    om = torch.float64 if A.dtype == torch.float64 else torch.float32
+    return ref.delta_weight_ref(A.to(om), B.to(om), lam.to(om), w.to(om))
+
+
+def prep(A, B, lam, w):
+    """(A ⊙ w, s, raw row norms of A, raw column norms of B), in fp32 (fp64 for fp64 adapters)."""
+    return _ops.prep(A, B, lam, w)
