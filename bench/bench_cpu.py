@@ -1,0 +1,703 @@
+#!/usr/bin/env python
+"""CPU benchmark of delora_ext's ``DeLoRALinear`` against a frozen ``nn.Linear``, PEFT's ``DeloraLinear``,
+PEFT's LoRA of the same rank and the pure-PyTorch reference (``delora_ext.reference.linear_ref``).
+
+    python bench/bench_cpu.py [--quick] [--out FILE]
+
+Everything runs in one process. Measured, fp32, for N ∈ {512, 4096} tokens, (in, out) ∈ {(1024, 1024),
+(1024, 4096), (4096, 1024)}, r ∈ {8, 16, 32}:
+
+1. Training-step time: forward plus backward of a fixed random output gradient, with every trainable
+   parameter's ``.grad`` reset to None before each step (as ``optimizer.zero_grad()``). Two input modes:
+   ``x_grad`` (x requires grad, as for a layer inside a network) and ``x_nograd`` (x does not, as for the
+   first adapted layer). The frozen ``nn.Linear`` has nothing to differentiate in ``x_nograd``, so its
+   ``x_nograd`` step is the forward alone. Variants are interleaved round-robin (random order each round,
+   fixed seed) after warm-up rounds; medians and ratios to the frozen ``nn.Linear`` of the same mode.
+2. Saved-activation bytes: the storages packed by ``torch.autograd.graph.saved_tensors_hooks`` during one
+   forward, each storage counted once, excluding the layer's parameters and buffers and x itself (matched
+   by ``untyped_storage().data_ptr()``).
+3. Merge: wall time of ``layer.merge()`` (ours vs PEFT's, fp32 weight, unmerged again between repeats) and
+   the peak extra memory during one merge, from the torch profiler's allocation events
+   (``profile_memory=True``): every allocation and free made through c10's CPU allocator, summed in time
+   order. Allocations made by MKL/oneDNN internally (GEMM packing buffers) bypass that allocator and are not
+   seen; neither is Python's heap.
+
+``--quick`` runs only the headline configuration (N=4096, 1024×1024, r=16) with fewer repeats (CI smoke).
+``main(argv)`` is the entry point, so ``python -m delora_ext bench`` can call it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+HEADLINE = {"N": 4096, "in": 1024, "out": 1024, "r": 16}
+FULL_NS = (512, 4096)
+FULL_SHAPES = ((1024, 1024), (1024, 4096), (4096, 1024))
+FULL_RANKS = (8, 16, 32)
+SEQ = 512  # x is (N // SEQ, SEQ, in): batches of 512-token sequences, as inside a transformer
+VARIANTS = ("frozen", "ours", "peft_delora", "peft_lora", "ref")
+LABELS = {
+    "frozen": "frozen nn.Linear",
+    "ours": "delora_ext",
+    "peft_delora": "PEFT DeLoRA",
+    "peft_lora": "PEFT LoRA",
+    "ref": "reference",
+}
+MODES = ("x_grad", "x_nograd")
+TARGETS = {"step_vs_frozen": 1.10, "step_vs_peft_delora": 0.90, "step_vs_peft_lora": 1.0, "saved_vs_peft_delora": 1 / 20}
+
+# Repeats (timed rounds after warm-up) per N, chosen so the full run takes ~9 min on 2 cores.
+FULL_REPEATS = {512: 21, 4096: 9}
+FULL_WARMUP = 2
+QUICK_REPEATS = 5
+QUICK_WARMUP = 1
+MERGE_REPEATS = {"full": 15, "quick": 5}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# environment
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in flags]
+    except OSError:
+        pass
+    return []
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except OSError:
+        return None
+
+
+def _other_busy_processes(limit: int = 5) -> list[str]:
+    """Other processes that used CPU recently (a contended machine makes OpenMP timings meaningless)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    procs = []
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if p.pid != me:
+                p.cpu_percent(None)
+                procs.append(p)
+        except Exception:
+            pass
+    time.sleep(0.5)
+    busy = []
+    for p in procs:
+        try:
+            c = p.cpu_percent(None)
+            if c > 10:
+                busy.append((c, f"{p.info['name']}({p.pid}) {c:.0f}%"))
+        except Exception:
+            pass
+    return [b for _, b in sorted(busy, reverse=True)[:limit]]
+
+
+def environment(args) -> dict:
+    import delora_ext
+    try:
+        import peft
+        peft_version = peft.__version__
+    except Exception as e:  # pragma: no cover
+        peft_version = f"unavailable ({e})"
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft_version,
+        "delora_ext": getattr(delora_ext, "__version__", "?"),
+        "build_info": delora_ext.build_info(),
+        "torch_num_threads": torch.get_num_threads(),
+        "command": " ".join([os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "bench_cpu.py"]
+                            + list(args.argv)),
+        "mode": "quick" if args.quick else "full",
+        "loadavg_start": _loadavg(),
+        "busy_processes_start": _other_busy_processes(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the variants
+class _Wrap(nn.Module):
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class RefDeLoRA(nn.Module):
+    """The pure-PyTorch reference as a layer: linear_ref with the same parameters as ours."""
+
+    def __init__(self, base: nn.Linear, A, B, lam, w):
+        super().__init__()
+        from delora_ext.reference import linear_ref
+        self._linear_ref = linear_ref
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.delora_A = nn.Parameter(A.detach().clone())
+        self.delora_B = nn.Parameter(B.detach().clone())
+        self.delora_lambda = nn.Parameter(lam.detach().clone())
+        self.register_buffer("delora_w_norm", w.detach().clone())
+
+    def forward(self, x):
+        b = self.base_layer
+        return self._linear_ref(x, b.weight, b.bias, self.delora_A, self.delora_B, self.delora_lambda,
+                                self.delora_w_norm)
+
+
+def _frozen(template: nn.Linear) -> nn.Linear:
+    lin = copy.deepcopy(template)
+    for p in lin.parameters():
+        p.requires_grad_(False)
+    return lin
+
+
+def build_ours(template: nn.Linear, r: int):
+    import delora_ext
+    return delora_ext.DeLoRALinear(copy.deepcopy(template), r=r, init_weights=False)
+
+
+def build_peft_delora(template: nn.Linear, r: int, ours):
+    import peft
+    model = peft.get_peft_model(_Wrap(copy.deepcopy(template)),
+                                peft.DeloraConfig(r=r, target_modules=["lin"], init_weights=False))
+    layer = model.base_model.model.lin
+    with torch.no_grad():  # same values as ours, so outputs can be compared
+        for name in ("delora_A", "delora_B", "delora_lambda"):
+            getattr(layer, name)["default"].copy_(getattr(ours, name)["default"])
+        layer.delora_w_norm["default"].copy_(ours.delora_w_norm["default"])
+    return layer, model
+
+
+def build_peft_lora(template: nn.Linear, r: int):
+    import peft
+    model = peft.get_peft_model(_Wrap(copy.deepcopy(template)),
+                                peft.LoraConfig(r=r, lora_alpha=r, target_modules=["lin"], init_lora_weights=False))
+    return model.base_model.model.lin, model
+
+
+def build_ref(template: nn.Linear, ours):
+    return RefDeLoRA(copy.deepcopy(template), ours.delora_A["default"], ours.delora_B["default"],
+                     ours.delora_lambda["default"], ours.delora_w_norm["default"])
+
+
+def trainable(layer: nn.Module) -> list[nn.Parameter]:
+    return [p for p in layer.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. step time
+def make_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    params = trainable(layer)
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        y = layer(x)
+        if y.requires_grad:
+            y.backward(g)
+
+    return step
+
+
+def _median(v):
+    return statistics.median(v) if v else float("nan")
+
+
+def _iqr(v):
+    if len(v) < 4:
+        return float("nan")
+    q = statistics.quantiles(v, n=4)
+    return q[2] - q[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. saved activations
+def saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> dict:
+    excluded = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
+    excluded.add(x.untyped_storage().data_ptr())
+    seen: dict[int, dict] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in excluded and ptr not in seen and st.nbytes() > 0:
+            seen[ptr] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "bytes": st.nbytes()}
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    del y
+    items = sorted(seen.values(), key=lambda d: -d["bytes"])
+    return {"bytes": sum(d["bytes"] for d in items), "tensors": items}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. merge
+def _allocation_events(prof) -> list[tuple[int, int]]:
+    """(time_ns, signed bytes) of every CPU allocator event recorded by the profiler, in time order."""
+    alloc_tag = torch._C._profiler._EventType.Allocation
+    out = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        n = stack.pop()
+        if n.tag == alloc_tag and str(n.extra_fields.device).startswith("cpu"):
+            out.append((n.start_time_ns, int(n.extra_fields.alloc_size)))
+        stack.extend(n.children)
+    out.sort()
+    return out
+
+
+def merge_memory(fn) -> dict:
+    """Peak extra bytes (running sum of allocations minus frees, from 0) and the largest single allocation."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = _allocation_events(prof)
+    run = peak = largest = 0
+    for _, nbytes in events:
+        run += nbytes
+        peak = max(peak, run)
+        largest = max(largest, nbytes)
+    return {"peak_extra_bytes": peak, "largest_alloc_bytes": largest, "n_allocs": sum(1 for _, b in events if b > 0)}
+
+
+def bench_merge(in_f: int, out_f: int, r: int, repeats: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    template = nn.Linear(in_f, out_f)
+    ours = build_ours(template, r)
+    peft_layer, peft_model = build_peft_delora(template, r, ours)
+    layers = {"ours": ours, "peft_delora": peft_layer}
+    w0 = template.weight.detach().clone()
+    # correctness: both merges give the same weight
+    ours.merge()
+    peft_layer.merge()
+    merge_diff = (ours.base_layer.weight - peft_layer.base_layer.weight).abs().max().item()
+    ours.unmerge()
+    peft_layer.unmerge()
+    unmerge_diff = max((ours.base_layer.weight - w0).abs().max().item(),
+                       (peft_layer.base_layer.weight - w0).abs().max().item())
+    times = {k: {"merge": [], "unmerge": []} for k in layers}
+    rng = random.Random(seed)
+    names = list(layers)
+    for i in range(repeats + 1):
+        rng.shuffle(names)
+        for k in names:
+            layer = layers[k]
+            t0 = time.perf_counter()
+            layer.merge()
+            t1 = time.perf_counter()
+            layer.unmerge()
+            t2 = time.perf_counter()
+            if i > 0:  # the first round is warm-up
+                times[k]["merge"].append(t1 - t0)
+                times[k]["unmerge"].append(t2 - t1)
+    res = {"in": in_f, "out": out_f, "r": r, "out_x_in_bytes": out_f * in_f * 4,
+           "max_abs_diff_merged_weight_ours_vs_peft": merge_diff, "max_abs_diff_after_unmerge": unmerge_diff}
+    for k, layer in layers.items():
+        mem = merge_memory(layer.merge)
+        layer.unmerge()
+        res[k] = {
+            "merge_ms": _median(times[k]["merge"]) * 1e3,
+            "unmerge_ms": _median(times[k]["unmerge"]) * 1e3,
+            "merge_samples_ms": [t * 1e3 for t in times[k]["merge"]],
+            **mem,
+            "out_x_in_temporary": mem["largest_alloc_bytes"] >= out_f * in_f * 4,
+        }
+    del peft_model
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# profiler breakdown of one step
+def profile_steps(step, steps: int = 3) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    rows = []
+    for ev in prof.key_averages():
+        rows.append({"op": ev.key, "self_ms_per_step": ev.self_cpu_time_total / 1e3 / steps,
+                     "total_ms_per_step": ev.cpu_time_total / 1e3 / steps, "calls_per_step": ev.count / steps})
+    rows.sort(key=lambda d: -d["self_ms_per_step"])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+def run_group(N: int, in_f: int, out_f: int, ranks, repeats: int, warmup: int, seed: int, log) -> dict:
+    """Build every variant for one (N, in, out), check outputs agree, time them round-robin."""
+    torch.manual_seed(seed)
+    template = nn.Linear(in_f, out_f)
+    x_data = torch.randn(N // SEQ if N >= SEQ else 1, min(N, SEQ), in_f)
+    g = torch.randn(*x_data.shape[:-1], out_f)
+    xs = {"x_grad": x_data.clone().requires_grad_(True), "x_nograd": x_data}
+    layers: dict[tuple, nn.Module] = {("frozen", None): _frozen(template)}
+    keep = []  # PEFT model wrappers, kept alive
+    for r in ranks:
+        ours = build_ours(template, r)
+        peft_d, m1 = build_peft_delora(template, r, ours)
+        peft_l, m2 = build_peft_lora(template, r)
+        keep += [m1, m2]
+        layers[("ours", r)] = ours
+        layers[("peft_delora", r)] = peft_d
+        layers[("peft_lora", r)] = peft_l
+        layers[("ref", r)] = build_ref(template, ours)
+
+    # outputs agree (ours vs PEFT DeLoRA vs reference), relative to max |y|
+    agree = {}
+    with torch.no_grad():
+        for r in ranks:
+            y_o = layers[("ours", r)](x_data)
+            y_p = layers[("peft_delora", r)](x_data)
+            y_r = layers[("ref", r)](x_data)
+            scale = y_p.abs().max().item()
+            agree[r] = {"rel_max_diff_ours_vs_peft": (y_o - y_p).abs().max().item() / scale,
+                        "rel_max_diff_ours_vs_ref": (y_o - y_r).abs().max().item() / scale}
+            del y_o, y_p, y_r
+
+    saved = {}
+    for (v, r), layer in layers.items():
+        for mode, x in xs.items():
+            saved[(v, r, mode)] = saved_activation_bytes(layer, x)
+
+    items = [((v, r, mode), make_step(layer, xs[mode], g)) for (v, r), layer in layers.items() for mode in MODES]
+    samples = {k: [] for k, _ in items}
+    rng = random.Random(seed)
+    order = list(range(len(items)))
+    t_group = time.perf_counter()
+    gc.collect()
+    gc.disable()
+    try:
+        for rep in range(warmup + repeats):
+            rng.shuffle(order)
+            for i in order:
+                key, step = items[i]
+                t0 = time.perf_counter()
+                step()
+                dt = time.perf_counter() - t0
+                if rep >= warmup:
+                    samples[key].append(dt)
+    finally:
+        gc.enable()
+    wall = time.perf_counter() - t_group
+    log(f"  N={N} {in_f}x{out_f} r={list(ranks)}: {len(items)} steps x {warmup}+{repeats} rounds in {wall:.1f} s")
+
+    rows = []
+    for r in ranks:
+        for mode in MODES:
+            frozen_med = _median(samples[("frozen", None, mode)])
+            row = {"N": N, "in": in_f, "out": out_f, "r": r, "mode": mode, **agree[r]}
+            for v in VARIANTS:
+                key = (v, None if v == "frozen" else r, mode)
+                med = _median(samples[key])
+                row[v] = {"median_ms": med * 1e3, "iqr_ms": _iqr(samples[key]) * 1e3,
+                          "min_ms": min(samples[key]) * 1e3, "ratio_to_frozen": med / frozen_med,
+                          "samples_ms": [round(t * 1e3, 4) for t in samples[key]],
+                          "saved_bytes": saved[key]["bytes"], "saved_tensors": saved[key]["tensors"]}
+            rows.append(row)
+    extra = {"layers": layers, "xs": xs, "g": g, "keep": keep}
+    return {"rows": rows, "wall_s": wall, "_extra": extra}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reporting
+def _fmt_bytes(b: float) -> str:
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= k:
+            return f"{b / k:.1f} {unit}"
+    return f"{int(b)} B"
+
+
+def evaluate_targets(rows, merges) -> list[dict]:
+    h = next((r for r in rows if r["N"] == HEADLINE["N"] and r["in"] == HEADLINE["in"]
+              and r["out"] == HEADLINE["out"] and r["r"] == HEADLINE["r"] and r["mode"] == "x_grad"), None)
+    m = next((m for m in merges if m["in"] == HEADLINE["in"] and m["out"] == HEADLINE["out"]
+              and m["r"] == HEADLINE["r"]), None)
+    out = []
+    if h is not None:
+        o = h["ours"]["median_ms"]
+        for name, other, limit in (("step ≤ 1.10× frozen nn.Linear", "frozen", TARGETS["step_vs_frozen"]),
+                                   ("step ≤ 0.90× PEFT DeLoRA", "peft_delora", TARGETS["step_vs_peft_delora"]),
+                                   ("step ≤ 1.00× PEFT LoRA", "peft_lora", TARGETS["step_vs_peft_lora"])):
+            ratio = o / h[other]["median_ms"]
+            out.append({"target": name, "value": f"{ratio:.3f}×  ({o:.2f} ms vs {h[other]['median_ms']:.2f} ms)",
+                        "met": ratio <= limit})
+        so, sp = h["ours"]["saved_bytes"], h["peft_delora"]["saved_bytes"]
+        out.append({"target": "saved activations ≤ 1/20 of PEFT DeLoRA",
+                    "value": f"{so / sp:.4f}  ({_fmt_bytes(so)} vs {_fmt_bytes(sp)})",
+                    "met": so <= sp * TARGETS["saved_vs_peft_delora"]})
+    if m is not None:
+        mo = m["ours"]
+        out.append({"target": "merge allocates no out×in temporary",
+                    "value": f"largest alloc {_fmt_bytes(mo['largest_alloc_bytes'])}, peak extra "
+                             f"{_fmt_bytes(mo['peak_extra_bytes'])} (out×in = {_fmt_bytes(m['out_x_in_bytes'])}); "
+                             f"PEFT: {_fmt_bytes(m['peft_delora']['peak_extra_bytes'])}",
+                    "met": not mo["out_x_in_temporary"] and mo["peak_extra_bytes"] < m["out_x_in_bytes"]})
+    return out
+
+
+def render_markdown(res: dict) -> str:
+    env = res["environment"]
+    L = []
+    L.append(f"# delora_ext CPU benchmark ({env['mode']})")
+    L.append("")
+    L.append(f"- date: {env['date']}")
+    L.append(f"- machine: {env['nproc']} CPUs (affinity {env['affinity']}), {env['cpu_model']}, "
+             f"flags {' '.join(env['cpu_flags'])}")
+    L.append(f"- torch {env['torch']}, torch.get_num_threads() = {env['torch_num_threads']}, peft {env['peft']}, "
+             f"python {env['python']}")
+    L.append(f"- delora_ext {env['delora_ext']} build_info: `{json.dumps(env['build_info'])}`")
+    L.append(f"- command: `{env['command']}`; wall time {res['wall_s']:.0f} s")
+    L.append(f"- load average (1/5/15 min) at start {env['loadavg_start']}, at end {env.get('loadavg_end')}; "
+             f"other busy processes at start: {', '.join(env['busy_processes_start']) or 'none'}; at end: "
+             f"{', '.join(env.get('busy_processes_end') or []) or 'none'}")
+    L.append(f"- fp32; x is (N/{SEQ}, {SEQ}, in); step = forward + backward of a fixed random dL/dy, trainable "
+             f"grads set to None before each step; ours/PEFT DeLoRA/reference share A, B, λ, w (B random, "
+             f"init_weights=False); LoRA: r = lora_alpha, init_lora_weights=False")
+    L.append(f"- repeats (timed rounds after {res['warmup']} warm-up rounds, variants interleaved in a shuffled "
+             f"round-robin): {res['repeats']}; figures are medians")
+    L.append("")
+    L.append("## Targets (N=4096, 1024×1024, r=16, fp32, x requires grad)")
+    L.append("")
+    L.append("| target | value | met |")
+    L.append("|---|---|---|")
+    for t in res["targets"]:
+        L.append(f"| {t['target']} | {t['value']} | {'met' if t['met'] else '**not met**'} |")
+    L.append("")
+    for mode, title in (("x_grad", "x requires grad (layer inside a network)"),
+                        ("x_nograd", "x without grad (first adapted layer; frozen = forward only)")):
+        L.append(f"## Step time, {title}: median ms (ratio to frozen nn.Linear)")
+        L.append("")
+        L.append("| N | in×out | r | frozen | delora_ext | PEFT DeLoRA | PEFT LoRA | reference | ours/PEFT DeLoRA | ours/LoRA |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in res["rows"]:
+            if r["mode"] != mode:
+                continue
+            cells = [f"{r['frozen']['median_ms']:.2f}"]
+            for v in ("ours", "peft_delora", "peft_lora", "ref"):
+                cells.append(f"{r[v]['median_ms']:.2f} ({r[v]['ratio_to_frozen']:.2f})")
+            cells.append(f"{r['ours']['median_ms'] / r['peft_delora']['median_ms']:.2f}")
+            cells.append(f"{r['ours']['median_ms'] / r['peft_lora']['median_ms']:.2f}")
+            L.append(f"| {r['N']} | {r['in']}×{r['out']} | {r['r']} | " + " | ".join(cells) + " |")
+        L.append("")
+    L.append("## Saved activations (x requires grad / x without grad), excluding parameters, buffers and x")
+    L.append("")
+    L.append("| N | in×out | r | frozen | delora_ext | PEFT DeLoRA | PEFT LoRA | reference | ours/PEFT DeLoRA |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    by = {(r["N"], r["in"], r["out"], r["r"], r["mode"]): r for r in res["rows"]}
+    for r in res["rows"]:
+        if r["mode"] != "x_grad":
+            continue
+        r2 = by.get((r["N"], r["in"], r["out"], r["r"], "x_nograd"))
+        cells = []
+        for v in VARIANTS:
+            cells.append(f"{_fmt_bytes(r[v]['saved_bytes'])} / {_fmt_bytes(r2[v]['saved_bytes']) if r2 else '-'}")
+        pd = r["peft_delora"]["saved_bytes"]
+        cells.append(f"{r['ours']['saved_bytes'] / pd:.4f}" if pd else "-")
+        L.append(f"| {r['N']} | {r['in']}×{r['out']} | {r['r']} | " + " | ".join(cells) + " |")
+    L.append("")
+    h = next((r for r in res["rows"] if r["N"] == HEADLINE["N"] and r["in"] == HEADLINE["in"] and
+              r["out"] == HEADLINE["out"] and r["r"] == HEADLINE["r"] and r["mode"] == "x_grad"), None)
+    if h:
+        L.append("Saved tensors at the headline configuration (x requires grad):")
+        L.append("")
+        for v in VARIANTS:
+            ts = ", ".join(f"{t['dtype']}{t['shape']}" for t in h[v]["saved_tensors"]) or "none"
+            L.append(f"- {LABELS[v]}: {ts}")
+        L.append("")
+    L.append("## Merge (fp32 weight): median ms, peak extra memory, largest single allocation")
+    L.append("")
+    L.append("Memory: torch profiler allocation events (profile_memory=True) summed in time order: every "
+             "allocation/free through c10's CPU allocator during one merge(). MKL/oneDNN-internal scratch and "
+             "Python objects are not seen.")
+    L.append("")
+    L.append("| in×out | r | out×in bytes | ours merge ms | ours peak extra | ours largest alloc | PEFT merge ms | "
+             "PEFT peak extra | PEFT largest alloc | max |ΔW ours − PEFT| |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for m in res["merges"]:
+        o, p = m["ours"], m["peft_delora"]
+        L.append(f"| {m['in']}×{m['out']} | {m['r']} | {_fmt_bytes(m['out_x_in_bytes'])} | {o['merge_ms']:.2f} | "
+                 f"{_fmt_bytes(o['peak_extra_bytes'])} | {_fmt_bytes(o['largest_alloc_bytes'])} | {p['merge_ms']:.2f} | "
+                 f"{_fmt_bytes(p['peak_extra_bytes'])} | {_fmt_bytes(p['largest_alloc_bytes'])} | "
+                 f"{m['max_abs_diff_merged_weight_ours_vs_peft']:.1e} |")
+    L.append("")
+    if res.get("profile"):
+        L.append(f"## Profiler breakdown at the headline configuration (ms per step, self CPU time, "
+                 f"{res['profile_steps']} steps)")
+        L.append("")
+        for name, rows in res["profile"].items():
+            tot = sum(r["self_ms_per_step"] for r in rows)
+            L.append(f"### {name} (sum of self time {tot:.2f} ms/step)")
+            L.append("")
+            L.append("| op | self ms/step | total ms/step | calls/step |")
+            L.append("|---|---|---|---|")
+            for r in rows[:14]:
+                L.append(f"| {r['op']} | {r['self_ms_per_step']:.3f} | {r['total_ms_per_step']:.3f} | "
+                         f"{r['calls_per_step']:g} |")
+            L.append("")
+    L.append("## Agreement (max |y − y_PEFT| / max |y_PEFT|, forward)")
+    L.append("")
+    worst_p = max(r["rel_max_diff_ours_vs_peft"] for r in res["rows"])
+    worst_r = max(r["rel_max_diff_ours_vs_ref"] for r in res["rows"])
+    L.append(f"- worst over all configurations: ours vs PEFT {worst_p:.1e}, ours vs reference {worst_r:.1e}")
+    L.append("")
+    return "\n".join(L)
+
+
+def _strip_private(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_private(v) for k, v in obj.items() if not (isinstance(k, str) and k.startswith("_"))}
+    if isinstance(obj, list):
+        return [_strip_private(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="bench_cpu.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="only the headline configuration (N=4096, 1024x1024, r=16), fewer repeats (CI smoke)")
+    ap.add_argument("--out", default=None,
+                    help="output path; FILE.md and FILE.json are written (a .md/.json suffix is stripped). "
+                         "Default: bench/results/cpu-<date>[-quick]")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per group (default: per N, see source)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds per group")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
+    ap.add_argument("--strict", action="store_true", help="exit with status 1 when a target is not met")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.argv = argv
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import delora_ext  # noqa: F401  (fail early, before any timing)
+    import peft  # noqa: F401
+    import warnings
+    warnings.filterwarnings("ignore", message=".*Already unmerged.*")
+
+    t_start = time.perf_counter()
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    env = environment(args)
+    log(f"delora_ext CPU benchmark ({env['mode']}): torch {env['torch']}, {env['torch_num_threads']} threads, "
+        f"{env['cpu_model']}")
+    if env["busy_processes_start"]:
+        log(f"WARNING: other processes are using the CPU ({', '.join(env['busy_processes_start'])}); with "
+            f"{env['nproc']} cores the timings will be noisy (OpenMP barriers wait for descheduled threads)")
+
+    if args.quick:
+        groups = [(HEADLINE["N"], HEADLINE["in"], HEADLINE["out"], (HEADLINE["r"],))]
+        merge_cfgs = [(HEADLINE["in"], HEADLINE["out"], HEADLINE["r"])]
+    else:
+        groups = [(N, i, o, FULL_RANKS) for N in FULL_NS for (i, o) in FULL_SHAPES]
+        merge_cfgs = [(i, o, r) for (i, o) in FULL_SHAPES for r in FULL_RANKS]
+    warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else FULL_WARMUP)
+
+    def repeats_for(N):
+        if args.repeats is not None:
+            return args.repeats
+        return QUICK_REPEATS if args.quick else FULL_REPEATS.get(N, 9)
+
+    rows, repeats_used, profile = [], {}, {}
+    n_profile_steps = 3
+    for gi, (N, i, o, ranks) in enumerate(groups):
+        reps = repeats_for(N)
+        repeats_used[N] = reps
+        g = run_group(N, i, o, ranks, reps, warmup, args.seed + gi, log)
+        rows += g["rows"]
+        ex = g["_extra"]
+        if not args.no_profile and (N, i, o) == (HEADLINE["N"], HEADLINE["in"], HEADLINE["out"]):
+            for label, key, mode in (("delora_ext, x requires grad", ("ours", HEADLINE["r"]), "x_grad"),
+                                     ("frozen nn.Linear, x requires grad", ("frozen", None), "x_grad"),
+                                     ("PEFT DeLoRA, x requires grad", ("peft_delora", HEADLINE["r"]), "x_grad"),
+                                     ("delora_ext, x without grad", ("ours", HEADLINE["r"]), "x_nograd")):
+                profile[label] = profile_steps(make_step(ex["layers"][key], ex["xs"][mode], ex["g"]),
+                                               n_profile_steps)
+        del g, ex
+        gc.collect()
+
+    merges = []
+    mrep = MERGE_REPEATS["quick" if args.quick else "full"]
+    t0 = time.perf_counter()
+    for (i, o, r) in merge_cfgs:
+        merges.append(bench_merge(i, o, r, mrep, args.seed))
+    log(f"  merge: {len(merge_cfgs)} configurations x {mrep} repeats in {time.perf_counter() - t0:.1f} s")
+
+    res = {"environment": env, "headline": HEADLINE, "seq": SEQ, "warmup": warmup, "repeats": repeats_used,
+           "targets_spec": TARGETS, "rows": rows, "merges": merges, "profile": profile,
+           "profile_steps": n_profile_steps}
+    env["loadavg_end"] = _loadavg()
+    env["busy_processes_end"] = _other_busy_processes()
+    res["targets"] = evaluate_targets(rows, merges)
+    res["wall_s"] = time.perf_counter() - t_start
+    md = render_markdown(res)
+
+    if args.out:
+        base = args.out
+        for suf in (".md", ".json"):
+            if base.endswith(suf):
+                base = base[: -len(suf)]
+    else:
+        date = _dt.date.today().isoformat()
+        base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            f"cpu-{date}" + ("-quick" if args.quick else ""))
+    os.makedirs(os.path.dirname(os.path.abspath(base)) or ".", exist_ok=True)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    with open(base + ".json", "w") as f:
+        json.dump(_strip_private({**res, "markdown": md}), f, indent=1, default=str)
+    print(md)
+    log(f"wrote {base}.md and {base}.json ({res['wall_s']:.0f} s)")
+    met = all(t["met"] for t in res["targets"])
+    return 0 if (met or not args.strict) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Parity with Hugging Face PEFT's DeloraLinear: same weights -> same output, gradients and merged weight."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from delora_ext import DeLoRALinear
+
+from conftest import assert_close, make_x
+
+peft = pytest.importorskip("peft")
+
+
+class _Wrap(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _pair(in_f, out, r, lam=15.0, init_weights=False, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out, bias=bias)
+    cfg = peft.DeloraConfig(r=r, delora_lambda=lam, target_modules=["lin"], init_weights=init_weights)
+    pm = peft.get_peft_model(_Wrap(copy.deepcopy(lin)), cfg)
+    theirs = pm.base_model.model.lin
+    ours = DeLoRALinear(copy.deepcopy(lin), r=r, delora_lambda=lam, init_weights=init_weights)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def test_state_dict_keys_and_shapes_equal_peft():
+    ours, theirs = _pair(24, 16, 4)
+    a = {k: (tuple(v.shape), v.dtype) for k, v in ours.state_dict().items()}
+    b = {k: (tuple(v.shape), v.dtype) for k, v in theirs.state_dict().items()}
+    assert a == b
+
+
+@pytest.mark.parametrize("in_f,out,r,lam", [(64, 48, 8, 15.0), (7, 33, 1, 3.0), (128, 64, 16, -2.0)])
+@pytest.mark.parametrize("init_weights", [True, False])
+@pytest.mark.parametrize("shape", [(9,), (2, 5)])
+def test_outputs_gradients_and_merge_equal_peft(in_f, out, r, lam, init_weights, shape):
+    ours, theirs = _pair(in_f, out, r, lam, init_weights)
+    x1 = make_x(shape, in_f).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    g = torch.randn(*shape, out)
+    y1, y2 = ours(x1), theirs(x2)
+    assert_close(y1, y2, 1e-5, "output")
+    y1.backward(g)
+    y2.backward(g)
+    assert_close(x1.grad, x2.grad, 1e-5, "dx")
+    for name in ("delora_A", "delora_B", "delora_lambda"):
+        assert_close(getattr(ours, name)["default"].grad, getattr(theirs, name)["default"].grad, 1e-5, name)
+    ours.merge()
+    theirs.merge()
+    assert_close(ours.base_layer.weight, theirs.base_layer.weight, 1e-5, "merged weight")
+    assert_close(ours.get_delta_weight(), theirs.get_delta_weight("default"), 1e-5, "delta weight")
+
+
+def test_peft_saves_an_extra_activation_we_do_not():
+    """PEFT's forward saves x ⊙ w (N×in); ours saves u (N×r) beside x."""
+    N, in_f, out, r = 256, 128, 64, 4
+    ours, theirs = _pair(in_f, out, r)
+
+    def saved_bytes(layer):
+        x = torch.randn(N, in_f, requires_grad=True)
+        exclude = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters(), *layer.buffers()]}
+        total = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in exclude:
+                total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x).sum().backward()
+        return sum(total)
+
+    mine, peft_bytes = saved_bytes(ours), saved_bytes(theirs)
+    assert peft_bytes >= N * in_f * 4
+    assert mine * 20 <= peft_bytes, (mine, peft_bytes)
