@@ -1,8 +1,16 @@
 """delora_ext: DeLoRA fine-tuning for PyTorch as a native C++/CUDA extension, numerically compatible with
 Hugging Face PEFT's ``DeloraConfig`` adapters."""
 from . import ops, reference
+from .config import DeLoRAConfig
+from .io import adapter_state_dict, export_lora, load_adapter, save_adapter
 from .layer import DeLoRALinear
 from .ops import build_info
+from .patching import (delete_adapter, disable_adapters, merge, merge_and_unload, patch, set_adapter,
+                       trainable_parameters, unmerge, unpatch)
 
 __version__ = "0.1.0"
-__all__ = ["DeLoRALinear", "build_info", "ops", "reference", "__version__"]
+__all__ = [
+    "DeLoRAConfig", "DeLoRALinear", "adapter_state_dict", "build_info", "delete_adapter", "disable_adapters",
+    "export_lora", "load_adapter", "merge", "merge_and_unload", "ops", "patch", "reference", "save_adapter",
+    "set_adapter", "trainable_parameters", "unmerge", "unpatch", "__version__",
+]

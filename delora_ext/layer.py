@@ -42,6 +42,22 @@ class BufferDict(nn.Module):
         return self._buffers.keys()
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 family): y = x W + b with W stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def supported_base(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _plain_forward(module: nn.Module) -> bool:
+    """Whether the base layer computes exactly x Wᵀ + b, so the fused native op can replace its forward."""
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    return is_conv1d(module) and type(module).__module__.startswith("transformers.")
+
+
 def _check_lambda(value, name: str = "delora_lambda") -> float:
     try:
         v = float(value)
@@ -69,17 +85,18 @@ class DeLoRALinear(nn.Module):
     = column norms of the base weight, computed in fp32 when the adapter is created.
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int = 8, delora_lambda: float = 15.0, module_dropout: float = 0.0,
-                 init_weights: bool = True, adapter_name: str = "default") -> None:
+    def __init__(self, base_layer: nn.Module, r: int = 8, delora_lambda: float = 15.0, module_dropout: float = 0.0,
+                 init_weights: bool | str = True, adapter_name: str = "default",
+                 w_norm: torch.Tensor | None = None) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"`base_layer` must be an nn.Linear (or subclass), got {type(base_layer).__name__}")
-        if not base_layer.weight.is_floating_point():
-            raise TypeError(f"`base_layer.weight` must be floating point to compute DeLoRA's column norms w, "
-                            f"got dtype {base_layer.weight.dtype}")
+        if not supported_base(base_layer):
+            raise TypeError(f"`base_layer` must be an nn.Linear (or subclass) or transformers' Conv1D, "
+                            f"got {type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        if is_conv1d(base_layer):
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r: dict[str, int] = {}
         self.module_dropout: dict[str, float] = {}
         self.delora_A = nn.ParameterDict()
@@ -91,45 +108,140 @@ class DeLoRALinear(nn.Module):
         self._disable_adapters = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights)
+        self.delora_A0 = BufferDict()  # paper init: the frozen initial adapter, subtracted (see update_layer)
+        self.delora_B0 = BufferDict()
+        self.delora_lambda0 = BufferDict()
+        self._w_pending: set[str] = set()  # adapters whose w waits for the base weight to leave the meta device
+        self._load_w_keys: set[str] = set()
+        self.register_load_state_dict_post_hook(DeLoRALinear._after_load)
+        self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights, w_norm=w_norm)
+
+    def weight_oi(self) -> torch.Tensor:
+        """The base weight as (out, in) (a transposed view for Conv1D, whose weight is stored (in, out))."""
+        w = self.base_layer.weight
+        return w.t() if is_conv1d(self.base_layer) else w
 
     # ---- adapters ----------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, delora_lambda: float = 15.0, module_dropout: float = 0.0,
-                     init_weights: bool = True) -> None:
-        """Create adapter ``adapter_name`` and make it active. w is taken from the unmerged base weight."""
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"`adapter_name` must be a non-empty string, got {adapter_name!r}")
+                     init_weights: bool | str = True, w_norm: torch.Tensor | None = None,
+                     activate: bool = True) -> None:
+        """Create adapter ``adapter_name`` (and make it active unless ``activate=False``).
+
+        ``init_weights``: True (PEFT): B = 0; False: B random; ``"paper"``: A and B random and the initial update
+        subtracted as a frozen second low-rank term (buffers ``delora_A0/B0/lambda0``), so W is never modified and
+        the output is unchanged at step 0. ``w_norm`` (in,) overrides the column norms, required when the base
+        weight is not floating point. w is taken from the unmerged base weight; on the meta device it is computed
+        once the real weight arrives (first forward, merge or state_dict load), never guessed.
+        """
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.delora_A:
+            raise ValueError(f"`adapter_name`: adapter {adapter_name!r} already exists in this layer")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
         lam = _check_lambda(delora_lambda)
         p = float(module_dropout)
         if not 0.0 <= p < 1.0:
             raise ValueError(f"`module_dropout` must be in [0, 1), got {module_dropout!r}")
+        if init_weights not in (True, False, "paper"):
+            raise ValueError(f"`init_weights` must be True, False or 'paper', got {init_weights!r}")
         weight = self.base_layer.weight
         dev = weight.device
+        if w_norm is not None:
+            w_norm = torch.as_tensor(w_norm)
+            if w_norm.shape != (self.in_features,) or not w_norm.is_floating_point():
+                raise ValueError(f"`w_norm` must be a floating tensor of shape ({self.in_features},), "
+                                 f"got {w_norm.dtype} {tuple(w_norm.shape)}")
+            w = w_norm.detach().to(device=dev, dtype=torch.float32).clone()
+        elif not weight.is_floating_point():
+            raise TypeError(f"`base_layer.weight` must be floating point to compute DeLoRA's column norms w "
+                            f"(got dtype {weight.dtype}); pass `w_norm` (the pretrained weight's column norms)")
+        elif dev.type == "meta":
+            w = torch.empty(self.in_features, device=dev, dtype=torch.float32)
+        else:
+            w = self._column_norms_unmerged()
         A = torch.empty(r, self.in_features, device=dev, dtype=torch.float32)
         B = torch.empty(self.out_features, r, device=dev, dtype=torch.float32)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init_weights:
-            nn.init.zeros_(B)
-        else:
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        with torch.no_grad():
-            w = ref.column_norms_ref(weight)
-            if self.merged_adapters and dev.type != "meta":
-                # Take w from the pretrained weight, not one that already carries merged adapters.
-                unmerged = weight.detach().to(torch.float32).clone()
-                for name in self.merged_adapters:
-                    unmerged -= self.get_delta_weight(name).to(torch.float32)
-                w = ref.column_norms_ref(unmerged)
+        if dev.type != "meta":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init_weights is True:
+                nn.init.zeros_(B)
+            else:
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         self.r[adapter_name] = r
         self.module_dropout[adapter_name] = p
         self.delora_A[adapter_name] = nn.Parameter(A)
         self.delora_B[adapter_name] = nn.Parameter(B)
         self.delora_lambda[adapter_name] = nn.Parameter(torch.full((1,), lam, device=dev, dtype=torch.float32))
         self.delora_w_norm[adapter_name] = w
-        if adapter_name not in self.active_adapters:
+        if init_weights == "paper":
+            self.delora_A0[adapter_name] = A.detach().clone()
+            self.delora_B0[adapter_name] = B.detach().clone()
+            self.delora_lambda0[adapter_name] = torch.full((1,), lam, device=dev, dtype=torch.float32)
+        if w_norm is None and dev.type == "meta":
+            self._w_pending.add(adapter_name)
+        if activate and adapter_name not in self.active_adapters:
             self.active_adapters.append(adapter_name)
+
+    def _column_norms_unmerged(self) -> torch.Tensor:
+        """fp32 column norms of the pretrained weight: the current weight minus whatever is merged into it."""
+        with torch.no_grad():
+            W = self.weight_oi()
+            if not self.merged_adapters:
+                return ref.column_norms_ref(W)
+            unmerged = W.detach().to(torch.float32).clone()
+            for name in self.merged_adapters:
+                ops.merge_(unmerged, *self._params(name), alpha=-1.0)
+                if name in self.delora_A0:
+                    ops.merge_(unmerged, *self._params0(name), alpha=1.0)
+            return ref.column_norms_ref(unmerged)
+
+    def resolve_w(self) -> None:
+        """Compute w for adapters created while the base weight was on the meta device."""
+        if not self._w_pending:
+            return
+        weight = self.base_layer.weight
+        if weight.device.type == "meta":
+            raise RuntimeError("DeLoRALinear: the base weight is still on the meta device; load the real weights "
+                               "(or an adapter file carrying delora_w_norm) before running or merging")
+        w = ref.column_norms_ref(self.weight_oi())
+        for name in sorted(self._w_pending):
+            self.delora_w_norm[name] = w.to(weight.device).clone()
+            for store in (self.delora_A, self.delora_B, self.delora_lambda):
+                if store[name].device.type == "meta":
+                    raise RuntimeError(f"DeLoRALinear: adapter {name!r} parameters are still on the meta device")
+        self._w_pending.clear()
+
+    @staticmethod
+    def _after_load(module: "DeLoRALinear", incompatible_keys) -> None:
+        # A state_dict that carries delora_w_norm settles w; otherwise compute it once the real weight is here.
+        module._w_pending -= module._load_w_keys
+        module._load_w_keys = set()
+        if module._w_pending and module.base_layer.weight.device.type != "meta":
+            module.resolve_w()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._load_w_keys = {n for n in self.delora_w_norm.keys() if f"{prefix}delora_w_norm.{n}" in state_dict}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (unmerging it first if it is merged)."""
+        if adapter_name not in self.delora_A:
+            raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; this layer has {list(self.delora_A)}")
+        if adapter_name in self.merged_adapters:
+            with torch.no_grad():
+                self._apply_delta(self.weight_oi(), adapter_name, -1.0)
+            self.merged_adapters.remove(adapter_name)
+        for store in (self.delora_A, self.delora_B, self.delora_lambda, self.delora_w_norm, self.delora_A0,
+                      self.delora_B0, self.delora_lambda0):
+            if adapter_name in store:
+                del store[adapter_name]
+        self.r.pop(adapter_name)
+        self.module_dropout.pop(adapter_name)
+        self._w_pending.discard(adapter_name)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
         """Make ``adapter_names`` the active adapters (several are summed)."""
@@ -156,6 +268,16 @@ class DeLoRALinear(nn.Module):
     def _params(self, name: str):
         return (self.delora_A[name], self.delora_B[name], self.delora_lambda[name], self.delora_w_norm[name])
 
+    def _params0(self, name: str):
+        """The frozen initial adapter of a paper-init adapter."""
+        return (self.delora_A0[name], self.delora_B0[name], self.delora_lambda0[name], self.delora_w_norm[name])
+
+    def _apply_delta(self, W: torch.Tensor, name: str, alpha: float) -> None:
+        """W += alpha · (ΔW − ΔW₀) in place, for the (out, in) view W."""
+        ops.merge_(W, *self._params(name), alpha=alpha)
+        if name in self.delora_A0:
+            ops.merge_(W, *self._params0(name), alpha=-alpha)
+
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
@@ -169,34 +291,49 @@ class DeLoRALinear(nn.Module):
         names = [n for n in self.active_adapters if n in self.delora_A]
         if not names:
             return base(x, *args, **kwargs)
+        if self._w_pending:
+            self.resolve_w()
         native = ops.has_kernel(x.device)
         if not native:
             _warn_once(f"ref-{x.device.type}", f"delora_ext: no native kernel for {x.device.type} tensors "
                        f"({ops.native_error or 'not enabled for this device'}); using the PyTorch reference")
-        plain = type(base).forward is nn.Linear.forward and not args and not kwargs
+        fused = native and _plain_forward(base) and not args and not kwargs and base.weight.is_floating_point()
         y = None
-        for i, name in enumerate(names):
+        for name in names:
             A, B, lam, w = self._params(name)
             p = self.module_dropout[name] if self.training else 0.0
-            if native and i == 0 and plain:
-                y = ops.linear(x, base.weight, base.bias, A, B, lam, w, p)
-                continue
-            if y is None:
-                y = base(x, *args, **kwargs)
-            if native:
-                y = y + ops.adapter(x, A, B, lam, w, p).to(y.dtype)
+            if y is None and fused:
+                y = ops.linear(x, self.weight_oi(), base.bias, A, B, lam, w, p)
             else:
-                x_d = nn.functional.dropout(x, p) if p > 0 else x
-                y = y + ref.adapter_ref(x_d, A, B, lam, w).to(y.dtype)
+                if y is None:
+                    y = base(x, *args, **kwargs)
+                y = y + self._adapter_term(x, A, B, lam, w, p, native).to(y.dtype)
+            if name in self.delora_A0:
+                # paper init: subtract the frozen initial update (−λ₀ flips its sign). It stands for a change of
+                # W (the paper's W ← W₀ − ΔW₀), so it sees no dropout and carries no gradient.
+                A0, B0, lam0, _ = self._params0(name)
+                y = y + self._adapter_term(x, A0, B0, -lam0, w, 0.0, native).to(y.dtype)
         return y
+
+    @staticmethod
+    def _adapter_term(x, A, B, lam, w, p, native):
+        if native:
+            return ops.adapter(x, A, B, lam, w, p)
+        x_d = nn.functional.dropout(x, p) if p > 0 else x
+        return ref.adapter_ref(x_d, A, B, lam, w)
 
     # ---- merge -------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter: str = "default") -> torch.Tensor:
-        """ΔW of ``adapter``: (out, in), fp32."""
+        """ΔW of ``adapter`` (minus its frozen initial update for paper init): (out, in), fp32."""
         if adapter not in self.delora_A:
             raise ValueError(f"Adapter {adapter} not found.")
+        if self._w_pending:
+            self.resolve_w()
         with torch.no_grad():
-            return ops.delta_weight(*self._params(adapter))
+            d = ops.delta_weight(*self._params(adapter))
+            if adapter in self.delora_A0:
+                d = d - ops.delta_weight(*self._params0(adapter))
+            return d
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' ΔW to the base weight in place (default: the active adapters).
@@ -215,35 +352,43 @@ class DeLoRALinear(nn.Module):
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
+        weight = self.base_layer.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"cannot merge into a base weight of dtype {weight.dtype}; merging needs a floating "
+                            f"point weight")
+        if self._w_pending:
+            self.resolve_w()
         for n in names:
             if not bool(torch.isfinite(self.delora_lambda[n]).all()):
                 raise ValueError(f"delora_lambda[{n!r}] is not finite ({self.delora_lambda[n].item()}); refusing to merge")
-        weight = self.base_layer.weight
         with torch.no_grad():
             if safe_merge:
-                new = weight.detach().clone()
+                new = self.weight_oi().detach().clone()
                 for n in names:
-                    ops.merge_(new, *self._params(n), alpha=1.0)
+                    self._apply_delta(new, n, 1.0)
                     if not bool(torch.isfinite(new).all()):
                         raise ValueError(f"NaNs detected in the merged weights. The adapter {n} seems to be broken")
-                weight.copy_(new)
+                self.weight_oi().copy_(new)
             else:
                 for n in names:
-                    ops.merge_(weight, *self._params(n), alpha=1.0)
+                    self._apply_delta(self.weight_oi(), n, 1.0)
         self.merged_adapters.extend(names)
 
-    def unmerge(self) -> None:
-        """Subtract every merged adapter's ΔW from the base weight, in reverse merge order."""
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        """Subtract merged adapters' ΔW from the base weight (default: all, in reverse merge order)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        names = list(reversed(self.merged_adapters)) if adapter_names is None else \
+            [n for n in reversed(self.merged_adapters) if n in adapter_names]
         with torch.no_grad():
-            while self.merged_adapters:
-                n = self.merged_adapters.pop()
-                ops.merge_(self.base_layer.weight, *self._params(n), alpha=-1.0)
+            for n in names:
+                self._apply_delta(self.weight_oi(), n, -1.0)
+                self.merged_adapters.remove(n)
 
     def extra_repr(self) -> str:
-        ads = ", ".join(f"{n}(r={self.r[n]}, dropout={self.module_dropout[n]})" for n in self.delora_A)
+        ads = ", ".join(f"{n}(r={self.r[n]}, dropout={self.module_dropout[n]}"
+                        f"{', paper init' if n in self.delora_A0 else ''})" for n in self.delora_A)
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ads}], "
                 f"active={self.active_adapters}, merged={self.merged_adapters}, "
                 f"disabled={self._disable_adapters}")

@@ -216,7 +216,7 @@ def adapter(x, A, B, lam, w, dropout_p: float = 0.0):
 def merge_(weight, A, B, lam, w, alpha: float = 1.0) -> None:
     """weight += alpha · ΔW in place (no out×in temporary); alpha = -1 unmerges."""
     with torch.no_grad():
-        if NATIVE and (weight.device.type == "cpu" or has_kernel(weight.device)):
+        if has_kernel(weight.device):
             _ops.merge_(weight, A, B, lam, w, float(alpha))
         else:
             weight.add_(ref.delta_weight_ref(A, B, lam, w).to(weight.dtype), alpha=alpha)
@@ -224,7 +224,7 @@ def merge_(weight, A, B, lam, w, alpha: float = 1.0) -> None:
 
 def delta_weight(A, B, lam, w) -> torch.Tensor:
     """ΔW = (B ⊙ s)(A ⊙ w), (out, in), fp32 (fp64 for fp64 adapters)."""
-    if NATIVE and (A.device.type == "cpu" or has_kernel(A.device)):
+    if has_kernel(A.device):
         return _ops.delta_weight(A, B, lam, w)
     om = torch.float64 if A.dtype == torch.float64 else torch.float32
     return ref.delta_weight_ref(A.to(om), B.to(om), lam.to(om), w.to(om))
@@ -232,4 +232,7 @@ def delta_weight(A, B, lam, w) -> torch.Tensor:
 
 def prep(A, B, lam, w):
     """(A ⊙ w, s, raw row norms of A, raw column norms of B), in fp32 (fp64 for fp64 adapters)."""
-    return _ops.prep(A, B, lam, w)
+    if has_kernel(A.device):
+        return _ops.prep(A, B, lam, w)
+    om = torch.float64 if A.dtype == torch.float64 else torch.float32
+    return ref.prep_ref(A.to(om), B.to(om), lam.to(om), w.to(om))

@@ -1,0 +1,132 @@
+"""``DeLoRAConfig``: PEFT's ``DeloraConfig`` fields, names, defaults and matching rules, without PEFT."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Union
+
+# transformers model_type -> default target modules (PEFT's TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING,
+# which is its LoRA mapping), for target_modules=None.
+DEFAULT_TARGET_MODULES = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"], "llama": ["q_proj", "v_proj"], "gpt_bigcode": ["c_attn"],
+    "falcon": ["query_key_value"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
+}
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclasses.dataclass
+class DeLoRAConfig:
+    """DeLoRA adapter configuration; every field is PEFT's ``DeloraConfig`` field of the same name.
+
+    ``init_weights`` also accepts ``"paper"`` (the paper's init, see ``DeLoRALinear.update_layer``); such an
+    adapter cannot be saved for PEFT, which has no field for the frozen initial update.
+    """
+
+    r: int = 8
+    delora_lambda: float = 15
+    module_dropout: float = 0.0
+    target_modules: Optional[Union[list, str]] = None
+    exclude_modules: Optional[Union[list, str]] = None
+    bias: str = "none"
+    init_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list, int]] = None
+    layers_pattern: Optional[Union[list, str]] = None
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    lambda_pattern: dict = dataclasses.field(default_factory=dict)
+    modules_to_save: Optional[list] = None
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
+        if self.bias not in ("none", "all", "delora_only"):
+            raise ValueError(f"`bias` must be 'none', 'all' or 'delora_only', got {self.bias!r}")
+        if self.init_weights not in (True, False, "paper"):
+            raise ValueError(f"`init_weights` must be True, False or 'paper', got {self.init_weights!r}")
+        if not 0.0 <= float(self.module_dropout) < 1.0:
+            raise ValueError(f"`module_dropout` must be in [0, 1), got {self.module_dropout!r}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` only makes sense with `layers_to_transform`")
+        for name in ("rank_pattern", "lambda_pattern"):
+            if getattr(self, name) is None:
+                setattr(self, name, {})
+
+    # ---- PEFT's adapter_config.json -------------------------------------------------------------------
+    PEFT_FIELDS = ("r", "delora_lambda", "module_dropout", "target_modules", "exclude_modules", "bias",
+                   "init_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "lambda_pattern",
+                   "modules_to_save")
+
+    def to_peft_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.PEFT_FIELDS}
+        d.update(peft_type="DELORA", task_type=None, inference_mode=False, base_model_name_or_path=None,
+                 revision=None, auto_mapping=None)
+        return d
+
+    @classmethod
+    def from_peft_dict(cls, d: dict) -> "DeLoRAConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"adapter config must be a JSON object, got {type(d).__name__}")
+        pt = d.get("peft_type")
+        if pt != "DELORA":
+            raise ValueError(f"adapter config is for peft_type {pt!r}, not 'DELORA'")
+        return cls(**{k: d[k] for k in cls.PEFT_FIELDS if k in d})
+
+    def rank_for(self, key: str) -> int:
+        return self.rank_pattern.get(_pattern_key(self.rank_pattern, key), self.r)
+
+    def lambda_for(self, key: str) -> float:
+        return self.lambda_pattern.get(_pattern_key(self.lambda_pattern, key), self.delora_lambda)
+
+
+def _pattern_key(patterns, key: str) -> str:
+    """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return key
+
+
+def _listed(spec, key: str) -> bool:
+    """PEFT's rule: a string is a regex (full match); a list matches exactly or as a '.'-suffix."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return key in spec or any(key.endswith(f".{t}") for t in spec)
+
+
+def matches(config: DeLoRAConfig, key: str, target_modules) -> bool:
+    """Whether module ``key`` is targeted (PEFT's check_target_module_exists)."""
+    if config.exclude_modules and _listed(config.exclude_modules, key):
+        return False
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    if key in target_modules:
+        return True
+    found = any(key.endswith(f".{t}") for t in target_modules)
+    idx = config.layers_to_transform
+    if found and idx is not None and (not isinstance(idx, list) or len(idx) > 0):
+        m = None
+        if not config.layers_pattern:
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            pats = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern
+            for pat in pats:
+                m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", key)
+                if m:
+                    break
+        if m is None:
+            return False
+        layer = int(m.group("idx"))
+        return layer == idx if isinstance(idx, int) else layer in idx
+    return found

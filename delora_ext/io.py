@@ -1,0 +1,256 @@
+"""Adapter files in PEFT's format (safetensors only), loading with full validation, and exact LoRA export.
+
+Layout (as PEFT's ``save_pretrained``): ``<dir>/adapter_config.json`` + ``<dir>/adapter_model.safetensors`` for the
+adapter named "default", ``<dir>/<name>/...`` for any other; tensor keys ``base_model.model.<module path>.delora_A``
+(adapter name stripped), ``.delora_B``, ``.delora_lambda``, ``.delora_w_norm``; modules_to_save parameters as
+``base_model.model.<module path>.<param>``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import ops
+from .config import DeLoRAConfig, matches
+from .layer import DeLoRALinear, is_conv1d, supported_base
+from .patching import _candidates, _require_state, _resolve_targets, delora_layers, get_state, patch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PARAM_KEYS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
+PAPER_KEYS = ("delora_A0", "delora_B0", "delora_lambda0")
+
+
+def _adapter_dir(directory: str, name: str) -> str:
+    return directory if name == "default" else os.path.join(directory, name)
+
+
+def _atomic_write(path: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _modules_to_save(model, cfg: DeLoRAConfig):
+    if not cfg.modules_to_save:
+        return {}
+    return {n: m for n, m in model.named_modules()
+            if n and any(n == s or n.endswith("." + s) for s in cfg.modules_to_save)}
+
+
+def adapter_state_dict(model, adapter_name: str = "default", for_peft: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors ``save_adapter`` writes for one adapter, keyed as PEFT keys them (CPU, contiguous)."""
+    state = _require_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in delora_layers(model).items():
+        if adapter_name not in layer.delora_A:
+            continue
+        if adapter_name in layer.delora_A0 and for_peft:
+            raise ValueError(f"adapter {adapter_name!r} uses the paper's init (a frozen initial update in "
+                             f"{path}.delora_A0/B0/lambda0) which PEFT cannot represent; save with "
+                             f"for_peft=False (loads in delora_ext only) or use export_lora (exact, rank 2r)")
+        layer.resolve_w()
+        keys = PARAM_KEYS + (PAPER_KEYS if adapter_name in layer.delora_A0 else ())
+        for k in keys:
+            t = getattr(layer, k)[adapter_name]
+            out[f"{PREFIX}{path}.{k}"] = t.detach().to("cpu").contiguous()
+    for mpath, mod in _modules_to_save(model, state.configs[adapter_name]).items():
+        for pname, p in mod.state_dict().items():
+            out[f"{PREFIX}{mpath}.{pname}"] = p.detach().to("cpu").contiguous()
+    return out
+
+
+def save_adapter(model, directory: str, adapter_names: list[str] | None = None, for_peft: bool = True) -> None:
+    """Save adapters in PEFT's format (loadable by ``peft.PeftModel.from_pretrained`` when ``for_peft``).
+
+    ``for_peft=False`` also saves paper-init adapters, with their frozen initial update under extra keys
+    (``.delora_A0``, ``.delora_B0``, ``.delora_lambda0``) that only delora_ext reads.
+    """
+    state = _require_state(model)
+    names = list(state.configs) if adapter_names is None else list(adapter_names)
+    payloads = {n: (adapter_state_dict(model, n, for_peft), state.configs[n]) for n in names}  # fail before writing
+    for n, (tensors, cfg) in payloads.items():
+        d = _adapter_dir(directory, n)
+        os.makedirs(d, exist_ok=True)
+        cfg_dict = cfg.to_peft_dict()
+        cfg_dict["inference_mode"] = True
+        _atomic_write(os.path.join(d, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        _atomic_write(os.path.join(d, CONFIG_NAME),
+                      lambda p: open(p, "w").write(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n"))
+
+
+def _read_config(d: str) -> DeLoRAConfig:
+    path = os.path.join(d, CONFIG_NAME)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {d}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    try:
+        return DeLoRAConfig.from_peft_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _read_tensors(d: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(d, WEIGHTS_NAME)
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(d, "adapter_model.bin")):
+            raise ValueError(f"{d} holds adapter_model.bin (pickle); delora_ext loads safetensors only")
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
+
+
+def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple]:
+    """key -> shape the file must hold for ``cfg`` on ``model``, without touching the model."""
+    state = get_state(model)
+    targets = _resolve_targets(model, cfg)
+    exp: dict[str, tuple] = {}
+    for path, mod in _candidates(model):
+        if not path or not matches(cfg, path, targets):
+            continue
+        if isinstance(mod, DeLoRALinear):
+            if adapter_name in mod.delora_A:
+                r = mod.r[adapter_name]
+            else:
+                r = cfg.rank_for(path)
+            in_f, out_f = mod.in_features, mod.out_features
+        elif supported_base(mod):
+            r = cfg.rank_for(path)
+            out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else mod.weight.shape
+        else:
+            continue
+        shapes = {"delora_A": (r, in_f), "delora_B": (out_f, r), "delora_lambda": (1,), "delora_w_norm": (in_f,)}
+        if cfg.init_weights == "paper":
+            shapes.update(delora_A0=(r, in_f), delora_B0=(out_f, r), delora_lambda0=(1,))
+        for k, shp in shapes.items():
+            exp[f"{PREFIX}{path}.{k}"] = tuple(shp)
+    for mpath, mod in _modules_to_save(model, cfg).items():
+        if state is not None and isinstance(mod, DeLoRALinear):
+            continue
+        for pname, p in mod.state_dict().items():
+            exp[f"{PREFIX}{mpath}.{pname}"] = tuple(p.shape)
+    return exp
+
+
+def load_adapter(model, directory: str, adapter_name: str = "default", is_trainable: bool = True):
+    """Load an adapter saved by ``save_adapter`` or by PEFT (``save_pretrained``) into ``model``; returns it.
+
+    ``directory`` holds ``adapter_config.json`` and ``adapter_model.safetensors``. The model is patched with the
+    file's config if it does not have ``adapter_name`` yet. Everything (config, every key, shape and dtype) is
+    checked before the model is touched: on any error the model is exactly as before and the message names the
+    first offending key. Floating tensors of another dtype are cast to the parameter's dtype.
+    """
+    cfg = _read_config(directory)
+    tensors = _read_tensors(directory)
+    state = get_state(model)
+    if state is not None and adapter_name in state.configs and state.configs[adapter_name] != cfg:
+        raise ValueError(f"adapter {adapter_name!r} exists on the model with another config; "
+                         f"delete_adapter it first or load under another name")
+    expected = _expected(model, cfg, adapter_name)
+    if not any(k.endswith(".delora_A") for k in expected):
+        raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: target_modules={cfg.target_modules!r} "
+                         f"match no module of this model")
+    for k in sorted(expected):
+        if k not in tensors:
+            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: missing key {k!r}")
+    for k in sorted(tensors):
+        if k not in expected:
+            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: unexpected key {k!r} "
+                             f"(not part of this adapter on this model)")
+        t = tensors[k]
+        if not t.is_floating_point():
+            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: key {k!r} has dtype {t.dtype}; "
+                             f"a floating-point tensor is required")
+        if tuple(t.shape) != expected[k]:
+            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: key {k!r} has shape {tuple(t.shape)}, "
+                             f"expected {expected[k]}")
+    patch(model, cfg, adapter_name=adapter_name)
+    layers = delora_layers(model)
+    with torch.no_grad():
+        for k, t in tensors.items():
+            path, _, attr = k[len(PREFIX):].rpartition(".")
+            if attr in PARAM_KEYS + PAPER_KEYS and path in layers:
+                layer = layers[path]
+                store = getattr(layer, attr)
+                dst = store[adapter_name]
+                if attr in PAPER_KEYS or attr == "delora_w_norm":
+                    store[adapter_name] = t.to(device=dst.device, dtype=torch.float32).clone()
+                else:
+                    dst.copy_(t.to(dst.dtype))
+                if attr == "delora_w_norm":
+                    layer._w_pending.discard(adapter_name)
+            else:
+                mpath, _, pname = k[len(PREFIX):].rpartition(".")
+                dst = model.get_submodule(mpath).state_dict()[pname] if mpath else model.state_dict()[pname]
+                dst.copy_(t.to(dst.dtype))
+    if not is_trainable:
+        for layer in layers.values():
+            for store in (layer.delora_A, layer.delora_B, layer.delora_lambda):
+                if adapter_name in store:
+                    store[adapter_name].requires_grad_(False)
+    return model
+
+
+def export_lora(model, directory: str, adapter_name: str = "default") -> None:
+    """Write a PEFT LoRA adapter whose outputs equal this DeLoRA adapter's: lora_A = A ⊙ w, lora_B = B ⊙ s,
+    lora_alpha = r (scaling 1). A paper-init adapter exports as rank 2r: [A' ; A₀'] and [B' | −B₀']."""
+    state = _require_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
+    cfg = state.configs[adapter_name]
+    tensors, ranks, conv = {}, {}, False
+    with torch.no_grad():
+        for path, layer in delora_layers(model).items():
+            if adapter_name not in layer.delora_A:
+                continue
+            layer.resolve_w()
+            Af, s, _, _ = ops.prep(*layer._params(adapter_name))
+            Bs = layer.delora_B[adapter_name].float() * s
+            if adapter_name in layer.delora_A0:
+                A0, B0, lam0, w = layer._params0(adapter_name)
+                A0f, s0, _, _ = ops.prep(A0, B0, lam0, w)
+                Af = torch.cat([Af, A0f], 0)
+                Bs = torch.cat([Bs, -(B0.float() * s0)], 1)
+            tensors[f"{PREFIX}{path}.lora_A.weight"] = Af.float().cpu().contiguous()
+            tensors[f"{PREFIX}{path}.lora_B.weight"] = Bs.float().cpu().contiguous()
+            ranks[path] = Af.shape[0]
+            conv = conv or is_conv1d(layer.base_layer)
+    for mpath, mod in _modules_to_save(model, cfg).items():
+        for pname, p in mod.state_dict().items():
+            tensors[f"{PREFIX}{mpath}.{pname}"] = p.detach().cpu().contiguous()
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {re.escape(p): r for p, r in ranks.items() if r != r0}
+    lora_cfg = {
+        "peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": r0, "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": cfg.bias,
+        "fan_in_fan_out": conv, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": cfg.modules_to_save, "inference_mode": True, "base_model_name_or_path": None,
+        "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    }
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(os.path.join(directory, CONFIG_NAME),
+                  lambda p: open(p, "w").write(json.dumps(lora_cfg, indent=2, sort_keys=True) + "\n"))
+

@@ -1,0 +1,280 @@
+"""Turning a model's linear layers into DeLoRA layers, and the adapter lifecycle on a whole model.
+
+Modules are replaced per instance (never by patching a class). The original modules stay inside the DeLoRA
+layers as ``base_layer``, so ``unpatch`` puts back the very same objects.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, DeLoRAConfig, matches
+from .layer import DeLoRALinear, supported_base
+
+STATE_ATTR = "_delora_ext_state"
+
+
+@dataclasses.dataclass
+class PatchState:
+    """What delora_ext keeps on a patched model (as the attribute ``_delora_ext_state``)."""
+
+    configs: dict  # adapter name -> DeLoRAConfig
+    requires_grad: list  # (parameter, requires_grad before the first patch)
+    active: list
+
+
+def get_state(model: nn.Module) -> PatchState | None:
+    return getattr(model, STATE_ATTR, None)
+
+
+def delora_layers(model: nn.Module) -> dict[str, DeLoRALinear]:
+    """Module path -> DeLoRALinear, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DeLoRALinear)}
+
+
+def _resolve_targets(model: nn.Module, config: DeLoRAConfig):
+    tm = config.target_modules
+    if tm is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(f"`target_modules` is None and there is no default for model_type {model_type!r}; "
+                             f"pass target_modules (names, a regex, or 'all-linear')")
+        return DEFAULT_TARGET_MODULES[model_type]
+    if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
+        names = [n for n, m in model.named_modules() if supported_base(m) or isinstance(m, DeLoRALinear)]
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out_emb is not None:
+            names = [n for n in names if model.get_submodule(n) is not out_emb]
+        return names
+    return tm
+
+
+def _candidates(model: nn.Module):
+    """(path, module) pairs a config can target: DeLoRA layers and bare linear layers outside them."""
+    inside: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(mod, DeLoRALinear):
+            inside.append(name)
+        yield name, mod
+
+
+def _set_trainable(model: nn.Module, state: PatchState) -> None:
+    """Only the active adapters' parameters train (plus biases per each config's `bias`, and modules_to_save)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in delora_layers(model).values():
+        for n in layer.active_adapters:
+            for store in (layer.delora_A, layer.delora_B, layer.delora_lambda):
+                if n in store:
+                    store[n].requires_grad_(True)
+    for name in state.active:
+        cfg = state.configs.get(name)
+        if cfg is None:
+            continue
+        if cfg.bias == "all":
+            for pname, p in model.named_parameters():
+                if pname.endswith("bias"):
+                    p.requires_grad_(True)
+        elif cfg.bias == "delora_only":
+            for layer in delora_layers(model).values():
+                if getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+        for mname, mod in model.named_modules():
+            if cfg.modules_to_save and any(mname == m or mname.endswith("." + m) for m in cfg.modules_to_save):
+                for p in mod.parameters():
+                    p.requires_grad_(True)
+
+
+def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: str = "default", **kwargs) -> nn.Module:
+    """Replace the targeted linear layers of ``model`` by ``DeLoRALinear`` and return ``model``.
+
+    ``config`` is a ``DeLoRAConfig`` (or its fields as keyword arguments). On a patched model this adds adapter
+    ``adapter_name`` (the same name with the same config is a no-op; with another config, an error); an added
+    adapter is not active until ``set_adapter``. Everything but the active adapters' parameters is frozen (biases
+    per ``bias``). All-or-nothing: if any module cannot be adapted, the model is left as it was.
+    """
+    if config is None:
+        config = DeLoRAConfig(**kwargs)
+    elif kwargs:
+        config = dataclasses.replace(config, **kwargs)
+    if not isinstance(config, DeLoRAConfig):
+        raise TypeError(f"`config` must be a DeLoRAConfig, got {type(config).__name__}")
+    state = get_state(model)
+    if state is not None and adapter_name in state.configs:
+        if state.configs[adapter_name] == config:
+            return model
+        raise ValueError(f"adapter {adapter_name!r} already exists on this model with a different config "
+                         f"({state.configs[adapter_name]}); delete_adapter it first or pick another name")
+    targets = _resolve_targets(model, config)
+    seen, to_wrap, to_extend = [], [], []
+    for name, mod in _candidates(model):
+        if not name:
+            continue
+        seen.append(name)
+        if not matches(config, name, targets):
+            continue
+        if isinstance(mod, DeLoRALinear):
+            to_extend.append((name, mod))
+        elif supported_base(mod):
+            to_wrap.append((name, mod))
+        elif isinstance(targets, list) and (name in targets or any(name.endswith("." + t) for t in targets)):
+            raise TypeError(f"target module {name!r} is a {type(mod).__name__}; DeLoRA supports nn.Linear "
+                            f"(and subclasses) and transformers' Conv1D")
+    if not to_wrap and not to_extend:
+        raise ValueError(f"no module matched target_modules={config.target_modules!r} "
+                         f"(exclude_modules={config.exclude_modules!r}); modules seen include: {seen[:8]}")
+
+    first = state is None
+    if first:
+        state = PatchState(configs={}, requires_grad=[(p, p.requires_grad) for p in model.parameters()],
+                           active=[adapter_name])
+    activate = first or adapter_name in state.active
+    new_layers, extended = {}, []
+    try:
+        for name, mod in to_wrap:
+            layer = DeLoRALinear.__new__(DeLoRALinear)
+            rg = [(p, p.requires_grad) for p in mod.parameters()]
+            try:
+                DeLoRALinear.__init__(layer, mod, r=config.rank_for(name), delora_lambda=config.lambda_for(name),
+                                      module_dropout=config.module_dropout, init_weights=config.init_weights,
+                                      adapter_name=adapter_name)
+            finally:
+                for p, flag in rg:  # the constructor freezes the base; restore until the patch commits
+                    p.requires_grad_(flag)
+            if not activate:
+                layer.active_adapters = []
+            new_layers[name] = layer
+        for name, layer in to_extend:
+            layer.update_layer(adapter_name, r=config.rank_for(name), delora_lambda=config.lambda_for(name),
+                               module_dropout=config.module_dropout, init_weights=config.init_weights,
+                               activate=activate)
+            extended.append(layer)
+    except Exception:
+        for layer in extended:
+            layer.delete_adapter(adapter_name)
+        raise
+    for name, layer in new_layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    state.configs[adapter_name] = config
+    if first:
+        setattr(model, STATE_ATTR, state)
+    _set_trainable(model, state)
+    return model
+
+
+def _require_state(model: nn.Module) -> PatchState:
+    state = get_state(model)
+    if state is None:
+        raise ValueError("`model` has not been patched by delora_ext.patch")
+    return state
+
+
+def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
+    """Make ``adapter_names`` the active adapters (several are summed) and the only trainable ones."""
+    state = _require_state(model)
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    for n in names:
+        if n not in state.configs:
+            raise ValueError(f"`adapter_names`: unknown adapter {n!r}; the model has {list(state.configs)}")
+    for layer in delora_layers(model).values():
+        layer.active_adapters = [n for n in names if n in layer.delora_A]
+    state.active = names
+    _set_trainable(model, state)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter from every layer (unmerging it where it is merged)."""
+    state = _require_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
+    for layer in delora_layers(model).values():
+        if adapter_name in layer.delora_A:
+            layer.delete_adapter(adapter_name)
+    del state.configs[adapter_name]
+    state.active = [n for n in state.active if n != adapter_name]
+    _set_trainable(model, state)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes as its base model (merged adapters are unmerged first)."""
+    _require_state(model)
+    layers = list(delora_layers(model).values())
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    """Merge adapters (default: the active ones) into every DeLoRA layer's weight, in place.
+
+    If a layer fails (safe_merge finds a non-finite weight, a λ is not finite, ...), the layers merged so far
+    are unmerged again before the error propagates.
+    """
+    _require_state(model)
+    done: list[tuple[DeLoRALinear, list[str]]] = []
+    try:
+        for layer in delora_layers(model).values():
+            before = list(layer.merged_adapters)
+            names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
+            if names == []:
+                continue
+            layer.merge(safe_merge=safe_merge, adapter_names=names)
+            done.append((layer, [n for n in layer.merged_adapters if n not in before]))
+    except Exception:
+        for layer, names in reversed(done):
+            if names:
+                layer.unmerge(names)
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    """Unmerge every merged adapter of every layer."""
+    _require_state(model)
+    for layer in delora_layers(model).values():
+        if layer.merged:
+            layer.unmerge()
+
+
+def _restore(model: nn.Module, state: PatchState) -> None:
+    for name, layer in delora_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    for p, flag in state.requires_grad:
+        p.requires_grad_(flag)
+    delattr(model, STATE_ATTR)
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge the adapters and put plain modules (with the merged weights) back; returns ``model``."""
+    state = _require_state(model)
+    merge(model, safe_merge=safe_merge, adapter_names=adapter_names)
+    _restore(model, state)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the original modules back (unmerging first); their weights are bit-identical if nothing was merged."""
+    state = _require_state(model)
+    unmerge(model)
+    _restore(model, state)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
