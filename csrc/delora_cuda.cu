@@ -83,7 +83,8 @@ __global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restri
 }
 
 template <typename scalar_t>
-__global__ void dropout_kernel(const scalar_t* __restrict__ src, scalar_t* dst, const int64_t* __restrict__ seed,
+__global__ void dropout_kernel(const scalar_t* src, scalar_t* dst,  // may alias (in-place use in backward)
+                               const int64_t* __restrict__ seed,
                                uint32_t threshold, at::opmath_type<scalar_t> scale, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
   const uint64_t seed_v = static_cast<uint64_t>(seed[0]);

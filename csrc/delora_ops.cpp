@@ -1,6 +1,7 @@
 // Device-independent host entry points: argument checks, GEMMs through ATen, and calls into the
 // per-device launchers for the DeLoRA-specific passes. See registration.cpp for each op's math.
 #include "delora.h"
+#include "delora_math.h"
 
 #include <c10/core/DeviceGuard.h>
 
@@ -151,13 +152,27 @@ std::vector<int64_t> out_shape(const Tensor& x, int64_t out) {
   return shape;
 }
 
-// y2 += ((x_d A'ᵀ) ⊙ s) Bᵀ, returning u = x_d A'ᵀ. The scale is applied to u in opmath so an
-// s of ~1e4 (B at its zero init, or an A row below the clamp) cannot overflow an fp16 B ⊙ s.
+// s_k = λ/(r·â_k) · 1/b̂_k split into two factors that are each bounded by the data they scale:
+// ‖u_k‖·λ/(r·â_k) ≤ |λ|/r·‖x⊙w‖ and ‖B_k‖/b̂_k ≤ 1 (â, b̂ the clamped norms). Applying s whole to u or to B
+// instead overflows fp16 when a norm sits below the clamp (B = 0 at PEFT's init gives s ~ 1e4·λ/r), which turns
+// the exact 0 of the DeLoRA term into inf·0 = NaN.
+struct SplitScale {
+  Tensor s_a;    // λ / (r·â)   (r,), opmath
+  Tensor inv_b;  // 1 / b̂       (r,), opmath
+};
+
+SplitScale split_scale(const Tensor& s, const Tensor& b_raw) {
+  Tensor b_hat = b_raw.clamp_min(kNormEps);
+  return {s * b_hat, b_hat.reciprocal()};
+}
+
+// y2 += ((x_d A'ᵀ) ⊙ s) Bᵀ, returning u = x_d A'ᵀ (x's dtype, saved for backward).
 Tensor add_low_rank(Tensor& y2, const Tensor& x_d, const Folded& f) {
   const auto dt = x_d.scalar_type();
   Tensor u = at::mm(x_d, f.Af.to(dt).t());
-  Tensor v = (u.to(f.s.scalar_type()) * f.s).to(dt);
-  y2.addmm_(v, f.B.to(dt).t());
+  const SplitScale sc = split_scale(f.s, f.b);
+  Tensor v = (u.to(f.s.scalar_type()) * sc.s_a).to(dt);
+  y2.addmm_(v, (f.B * sc.inv_b).to(dt).t());
   return u;
 }
 
@@ -275,8 +290,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   if (want_x || want_A) GB = at::mm(g2, B_op.to(dt));
 
   if (want_x) {
-    Tensor Af = (A_op * w_op).to(dt);
-    Tensor G = (GB.to(opmath) * s_op).to(dt);
+    // dx_adapter = (GB ⊙ s) A' = (GB ⊙ 1/b̂)(A' ⊙ λ/(r·â)): each factor bounded, as in the forward.
+    const SplitScale sc = split_scale(s_op, b_op);
+    Tensor Af = (A_op * w_op * sc.s_a.unsqueeze(1)).to(dt);
+    Tensor G = (GB.to(opmath) * sc.inv_b).to(dt);
     if (dropout_p > 0.0) {
       Tensor t = at::mm(G, Af);
       launch_dropout(t, t, *seed, dropout_p);

@@ -152,11 +152,11 @@ def test_merge_is_in_place_on_views():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("param_dtype", ["same", "fp32"])
 def test_low_precision_within_2x_of_torch(dtype, param_dtype):
+    """Mean relative error over several upstream gradients (one sample of a scalar such as dλ is noise)."""
     in_f, out, r = 96, 80, 8
     A, B, lam, w = make_adapter(r, in_f, out, "random", torch.float64)
     W, b = make_base(in_f, out, torch.float64)
     x = make_x((64,), in_f, torch.float64)
-    g = torch.randn(64, out, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
 
     def run(fn, x, W, b, A, B, lam, w, g):
         x, A, B, lam = [t.detach().clone().requires_grad_() for t in (x, A, B, lam)]
@@ -164,15 +164,35 @@ def test_low_precision_within_2x_of_torch(dtype, param_dtype):
         grads = torch.autograd.grad(y, [x, A, B, lam], g.to(y.dtype))
         return [y, *grads]
 
-    args64 = (x, W, b, A, B, lam, w, g)
-    budget = low_precision_budget(lambda *a: run(ref.linear_ref, *a), args64, dtype)
-    exp = run(ref.linear_ref, *args64)
     pd = dtype if param_dtype == "same" else torch.float32
-    got = run(ops.linear, x.to(dtype), W.to(dtype), b.to(dtype), A.to(pd), B.to(pd), lam.to(pd), w.to(pd), g.to(dtype))
-    floor = 0.1 * torch.finfo(dtype).eps
-    for name, gt, e, bud in zip(["y", "dx", "dA", "dB", "dlam"], got, exp, budget):
-        err = rel_err(gt, e)
-        assert err <= 2 * bud + floor, f"{name}: error {err:.3e} vs torch's own {bud:.3e} in {dtype}"
+    ours, torchs = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    seeds = range(8)
+    for seed in seeds:
+        g = torch.randn(64, out, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        args64 = (x, W, b, A, B, lam, w, g)
+        torchs += torch.tensor(low_precision_budget(lambda *a: run(ref.linear_ref, *a), args64, dtype))
+        exp = run(ref.linear_ref, *args64)
+        got = run(ops.linear, x.to(dtype), W.to(dtype), b.to(dtype), A.to(pd), B.to(pd), lam.to(pd), w.to(pd),
+                  g.to(dtype))
+        ours += torch.tensor([rel_err(gt, e) for gt, e in zip(got, exp)])
+    ours, torchs = ours / len(seeds), torchs / len(seeds)
+    for name, err, bud in zip(["y", "dx", "dA", "dB", "dlam"], ours.tolist(), torchs.tolist()):
+        assert err <= 2 * bud, f"{name}: mean error {err:.3e} vs torch's own {bud:.3e} in {dtype}"
+
+
+@pytest.mark.parametrize("r", [1, 4, 8])
+def test_fp16_zero_B_init_is_exact_not_nan(r):
+    """B = 0 gives s ~ 1e4·λ/r through the clamp; u ⊙ s rounded to fp16 would be inf and inf·0 = NaN.
+    PEFT (fp32 scaling) returns exactly the base output, and so must we, in forward and backward."""
+    A, B, lam, w = make_adapter(r, 64, 32, "zeroB", torch.float32)
+    W, b = make_base(64, 32)
+    x = (4 * make_x((16,), 64)).half().requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    y = ops.linear(x, W.half(), b.half(), A, B, lam, w)
+    assert torch.equal(y, torch.nn.functional.linear(x, W.half(), b.half()))
+    gx, gA, gB = torch.autograd.grad(y.float().sum(), [x, A, B])
+    assert torch.isfinite(gx).all() and torch.isfinite(gA).all() and torch.isfinite(gB).all()
 
 
 def test_fp16_clamped_row_does_not_overflow():
