@@ -1,0 +1,988 @@
+#!/usr/bin/env python
+"""GPU benchmark of delora_ext's ``DeLoRALinear`` against a frozen ``F.linear``, PEFT's ``DeloraLinear``, PEFT's
+LoRA of the same rank and the pure-PyTorch reference (``delora_ext.reference.linear_ref``).
+
+    python bench/bench_gpu.py [--device cuda|cpu] [--quick] [--out FILE] [--sections ...]
+
+One process; bf16 x, W and bias with fp32 adapter parameters (A, B, λ, w; PEFT's defaults give the same);
+in = out = 4096; x is (N, in) and requires grad (a layer inside a network); our layer is built with
+``init_weights=False`` (B random) and PEFT DeLoRA and the reference share its A, B, λ, w.
+
+Sections (all by default):
+  steps     forward, backward (of a fixed random dL/dy) and full step, r = 32 at N ∈ {16, 2048, 8192} and
+            r ∈ {16, 64} at N = 8192. CUDA events around each phase; variants interleaved in a shuffled
+            round-robin; L2 flushed (a 256 MiB memset) before every timed step; medians over the rounds.
+            Also: agreement of every DeLoRA variant's output and gradients with an fp32 reference, and the
+            forward's TFLOP/s for the frozen layer (the GEMM ceiling actually reached).
+  launches  CUDA kernels (and memcpy/memset) per forward and per backward, counted with torch.profiler,
+            at N = 16 and N = 8192 (r = 32), plus each step's peak extra device memory.
+  graphs    N = 16 no-grad forward (decode), eager and captured in a torch.cuda.CUDAGraph, per layer over a
+            chain of 8 independent layers (8 × 32 MiB of weights, more than the 60 MB L2).
+  merge     ``layer.merge()`` on a bf16 and an fp32 4096×4096 weight (and the ``ops.merge_`` op alone, and
+            PEFT's merge) against a device-to-device copy of the same weight in the same run, L2 flushed
+            before each; GB/s counts the weight read once and written once for all of them.
+
+Targets (N = 8192, r = 32): step ≤ 1.20× frozen step; ≥ 1.3× faster than PEFT DeLoRA; ≤ 1.05× PEFT LoRA;
+merge ≥ 80 % of copy bandwidth (bf16 and fp32); N = 16 graphed forward ≤ 1.5× the graphed frozen forward.
+
+``--device cpu --quick`` runs every code path with tiny shapes on the CPU (wall-clock timers; CUDA graphs,
+CUDA kernel counts and device memory are skipped with a note): a smoke test, not a measurement.
+``--device cuda --quick`` is the same tiny run on a GPU (graphs included).
+
+Writes FILE.md and FILE.json (``--out``; default bench/out/gpu/bench_gpu) and prints the markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import glob
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+# The benchmark measures the native CUDA kernels: route DeLoRALinear's CUDA tensors through them unless the
+# caller says otherwise (ops.py keeps the reference on CUDA by default until a GPU run validates the kernels).
+os.environ.setdefault("DELORA_EXT_NATIVE_CUDA", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("frozen", "ours", "peft_delora", "peft_lora", "ref")
+LABELS = {"frozen": "frozen F.linear", "ours": "delora_ext", "peft_delora": "PEFT DeLoRA",
+          "peft_lora": "PEFT LoRA", "ref": "reference"}
+PHASES = ("fwd", "bwd", "step")
+TARGETS = {
+    "step_vs_frozen": 1.20,          # ours step / frozen step ≤
+    "speedup_vs_peft_delora": 1.30,  # PEFT DeLoRA step / ours step ≥
+    "step_vs_peft_lora": 1.05,       # ours step / PEFT LoRA step ≤
+    "merge_bw_fraction": 0.80,       # merge GB/s / copy GB/s ≥
+    "graph_fwd_vs_frozen": 1.50,     # ours graphed N=16 forward / frozen graphed forward ≤
+}
+
+
+class Config:
+    def __init__(self, quick: bool, device: torch.device, scale: float):
+        self.quick = quick
+        if quick:
+            self.in_f = self.out_f = 128
+            self.groups = [(4, (8,)), (64, (4, 8, 16))]
+            self.head = {"N": 64, "r": 8}
+            self.small_n = 4
+            self.launch_ns = (4, 64)
+            self.merge_shape = (128, 128)
+            self.chain = 3
+            rounds = {4: 4, 64: 4}
+            self.warmup = 1
+            self.graph_rounds, self.merge_rounds = 4, 4
+        else:
+            self.in_f = self.out_f = 4096
+            self.groups = [(16, (32,)), (2048, (32,)), (8192, (16, 32, 64))]
+            self.head = {"N": 8192, "r": 32}
+            self.small_n = 16
+            self.launch_ns = (16, 8192)
+            self.merge_shape = (4096, 4096)
+            self.chain = 8
+            # Time per round (one step of each variant, plus a 256 MiB flush and a synchronise before each):
+            # N=16 is launch-bound (~0.2-1 ms per step), N=8192 ~0.7-2 ms per step and 13 variants, so the
+            # steps section takes a few seconds; imports, layer set-up and the profiler dominate the run.
+            rounds = {16: 100, 2048: 80, 8192: 80}
+            self.warmup = 5
+            self.graph_rounds, self.merge_rounds = 100, 50
+        self.rounds = {n: max(2, int(round(k * scale))) for n, k in rounds.items()}
+        self.graph_rounds = max(2, int(round(self.graph_rounds * scale)))
+        self.merge_rounds = max(2, int(round(self.merge_rounds * scale)))
+        self.r_small = 32 if not quick else 8  # rank of the launch-count and graph sections
+        self.dtype = torch.bfloat16
+        self.device = device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timing
+class Clock:
+    """CUDA events on a GPU (recorded in stream order, read after a synchronize), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._pool: list = []
+        self._next = 0
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        if self._next == len(self._pool):
+            self._pool.append(torch.cuda.Event(enable_timing=True))
+        e = self._pool[self._next]
+        self._next += 1
+        e.record()
+        return e
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset(self):
+        """Events may be reused once their times were read (after sync)."""
+        self._next = 0
+
+
+class L2Flush:
+    """Before each timed region: zero a 256 MiB buffer (4x the H200's L2) so the region starts with a cold
+    cache, then synchronise so the device is idle when the start event is recorded. Without the synchronise,
+    launch-bound regions (N=16 eager) would hide their host overhead behind the queued memset."""
+
+    def __init__(self, device: torch.device):
+        self.buf = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.zero_()
+            torch.cuda.synchronize()
+
+
+def _median(v):
+    return statistics.median(v) if v else float("nan")
+
+
+def _iqr(v):
+    if len(v) < 4:
+        return float("nan")
+    q = statistics.quantiles(v, n=4)
+    return q[2] - q[0]
+
+
+def _summary(v: list[float]) -> dict:
+    return {"median_ms": _median(v), "iqr_ms": _iqr(v), "min_ms": min(v) if v else float("nan"), "n": len(v),
+            "samples_ms": [round(t, 5) for t in v]}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    d = b.norm().item()
+    return (a - b).norm().item() / d if d else (a - b).norm().item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the variants
+class RefDeLoRA(nn.Module):
+    """The pure-PyTorch reference as a layer: linear_ref with the same parameters as ours."""
+
+    def __init__(self, base: nn.Linear, A, B, lam, w):
+        super().__init__()
+        from delora_ext.reference import linear_ref
+        self._linear_ref = linear_ref
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.delora_A = nn.Parameter(A.detach().clone())
+        self.delora_B = nn.Parameter(B.detach().clone())
+        self.delora_lambda = nn.Parameter(lam.detach().clone())
+        self.register_buffer("delora_w_norm", w.detach().clone())
+
+    def forward(self, x):
+        b = self.base_layer
+        return self._linear_ref(x, b.weight, b.bias, self.delora_A, self.delora_B, self.delora_lambda,
+                                self.delora_w_norm)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _frozen(template: nn.Linear) -> nn.Linear:
+    lin = copy.deepcopy(template)
+    for p in lin.parameters():
+        p.requires_grad_(False)
+    return lin
+
+
+def _fp32_adapters(layer: nn.Module) -> None:
+    """Keep every trainable adapter parameter in fp32 (PEFT's autocast_adapter_dtype does so already)."""
+    for p in layer.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def build_ours(template: nn.Linear, r: int):
+    import delora_ext
+    return delora_ext.DeLoRALinear(copy.deepcopy(template), r=r, init_weights=False)
+
+
+def build_peft_delora(template: nn.Linear, r: int, ours):
+    import peft
+    model = peft.get_peft_model(_Wrap(copy.deepcopy(template)),
+                                peft.DeloraConfig(r=r, target_modules=["lin"], init_weights=False))
+    layer = model.base_model.model.lin
+    _fp32_adapters(layer)
+    with torch.no_grad():  # the same values as ours, so outputs and gradients can be compared
+        for name in ("delora_A", "delora_B", "delora_lambda"):
+            getattr(layer, name)["default"].copy_(getattr(ours, name)["default"])
+        layer.delora_w_norm["default"].copy_(ours.delora_w_norm["default"])
+    return layer  # (not the PEFT wrapper: storing it on the layer would make a module cycle)
+
+
+def build_peft_lora(template: nn.Linear, r: int):
+    import peft
+    model = peft.get_peft_model(_Wrap(copy.deepcopy(template)),
+                                peft.LoraConfig(r=r, lora_alpha=r, target_modules=["lin"], init_lora_weights=False))
+    layer = model.base_model.model.lin
+    _fp32_adapters(layer)
+    return layer
+
+
+def build_ref(template: nn.Linear, ours):
+    return RefDeLoRA(copy.deepcopy(template), ours.delora_A["default"], ours.delora_B["default"],
+                     ours.delora_lambda["default"], ours.delora_w_norm["default"])
+
+
+def build_all(template: nn.Linear, r: int) -> dict:
+    ours = build_ours(template, r)
+    return {"frozen": _frozen(template), "ours": ours, "peft_delora": build_peft_delora(template, r, ours),
+            "peft_lora": build_peft_lora(template, r), "ref": build_ref(template, ours)}
+
+
+def trainable(layer: nn.Module) -> list[nn.Parameter]:
+    return [p for p in layer.parameters() if p.requires_grad]
+
+
+def _param_dtypes(layer: nn.Module) -> dict:
+    return {n: str(p.dtype).replace("torch.", "") for n, p in layer.named_parameters() if p.requires_grad}
+
+
+def _delora_params(layer: nn.Module):
+    """(A, B, λ) of a DeLoRA variant, whatever its container layout."""
+    if isinstance(layer, RefDeLoRA):
+        return layer.delora_A, layer.delora_B, layer.delora_lambda
+    return layer.delora_A["default"], layer.delora_B["default"], layer.delora_lambda["default"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. forward / backward / step
+def agreement(layers: dict, x: torch.Tensor, g: torch.Tensor) -> dict:
+    """Relative errors (Frobenius) of y and of dx, dA, dB, dλ against an fp32 reference, per DeLoRA variant."""
+    from delora_ext.reference import linear_ref
+    ours = layers["ours"]
+    W, b = ours.base_layer.weight, ours.base_layer.bias
+    A, B, lam = [t.detach().clone().requires_grad_() for t in _delora_params(ours)]
+    w = ours.delora_w_norm["default"]
+    x32 = x.detach().float().requires_grad_()
+    y32 = linear_ref(x32, W.float(), None if b is None else b.float(), A, B, lam, w)
+    exp = [y32.detach(), *torch.autograd.grad(y32, [x32, A, B, lam], g.float())]
+    del y32
+    out = {}
+    for v in ("ours", "peft_delora", "ref"):
+        layer = layers[v]
+        xv = x.detach().clone().requires_grad_()
+        params = list(_delora_params(layer))
+        y = layer(xv)
+        got = [y.detach(), *torch.autograd.grad(y, [xv, *params], g)]
+        out[v] = {name: rel_err(a, e) for name, a, e in zip(("y", "dx", "dA", "dB", "dlam"), got, exp)}
+        del y, got
+    return out
+
+
+def time_training(layers: dict, x: torch.Tensor, g: torch.Tensor, rounds: int, warmup: int, clock: Clock,
+                  flush: L2Flush, rng: random.Random) -> dict:
+    """{key: {fwd, bwd, step: summary}} for key in layers; one forward+backward per variant per round."""
+    keys = list(layers)
+    params = {k: trainable(layers[k]) for k in keys}
+    samples = {k: {p: [] for p in PHASES} for k in keys}
+    for rnd in range(warmup + rounds):
+        order = list(keys)
+        rng.shuffle(order)
+        marks = []
+        for k in order:
+            for p in params[k]:
+                p.grad = None
+            x.grad = None
+            flush()
+            t0 = clock.now()
+            y = layers[k](x)
+            t1 = clock.now()
+            y.backward(g)
+            t2 = clock.now()
+            del y
+            marks.append((k, t0, t1, t2))
+        clock.sync()
+        if rnd >= warmup:
+            for k, t0, t1, t2 in marks:
+                samples[k]["fwd"].append(clock.ms(t0, t1))
+                samples[k]["bwd"].append(clock.ms(t1, t2))
+                samples[k]["step"].append(clock.ms(t0, t2))
+        clock.reset()
+    x.grad = None
+    return {k: {p: _summary(samples[k][p]) for p in PHASES} for k in keys}
+
+
+def section_steps(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flush, seed: int, log) -> list[dict]:
+    rows = []
+    dev, dt = cfg.device, cfg.dtype
+    for N, ranks in cfg.groups:
+        t_group = time.perf_counter()
+        gen = torch.Generator(device=dev).manual_seed(seed + N)
+        x = torch.randn(N, cfg.in_f, device=dev, dtype=dt, generator=gen).requires_grad_()
+        g = torch.randn(N, cfg.out_f, device=dev, dtype=dt, generator=gen)
+        layers = {("frozen", None): _frozen(template)}
+        agree, dtypes = {}, {}
+        for r in ranks:
+            torch.manual_seed(seed + 1000 * r + N)
+            built = build_all(template, r)
+            for v in VARIANTS[1:]:
+                layers[(v, r)] = built[v]
+                dtypes[(v, r)] = _param_dtypes(built[v])
+            agree[r] = agreement(built, x, g)
+        timed = time_training(layers, x, g, cfg.rounds[N], cfg.warmup, clock, flush, random.Random(seed + N))
+        for r in ranks:
+            row = {"N": N, "in": cfg.in_f, "out": cfg.out_f, "r": r, "agreement": agree[r]}
+            for v in VARIANTS:
+                key = (v, None if v == "frozen" else r)
+                row[v] = {**timed[key], "param_dtypes": dtypes.get(key, {})}
+                for p in PHASES:
+                    row[v][p]["ratio_to_frozen"] = row[v][p]["median_ms"] / timed[("frozen", None)][p]["median_ms"]
+            fwd_ms = timed[("frozen", None)]["fwd"]["median_ms"]
+            row["frozen_fwd_tflops"] = 2.0 * N * cfg.in_f * cfg.out_f / (fwd_ms * 1e-3) / 1e12
+            rows.append(row)
+        log(f"  steps N={N} r={list(ranks)}: {len(layers)} variants x {cfg.warmup}+{cfg.rounds[N]} rounds in "
+            f"{time.perf_counter() - t_group:.1f} s")
+        del layers, x, g
+        _free(dev)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. kernel launches
+_OP_PREFIXES = ("aten::", "delora_ext::")
+
+
+def _is_outermost_op(e) -> bool:
+    """An ATen/delora_ext op not called from inside another such op (CPU smoke mode's stand-in for a kernel)."""
+    if not e.name.startswith(_OP_PREFIXES):
+        return False
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith(_OP_PREFIXES):
+            return False
+        p = p.cpu_parent
+    return True
+
+
+def _device_event_names(prof, cuda: bool) -> list[str]:
+    from torch.autograd import DeviceType
+    names = []
+    for e in prof.events():
+        if cuda:
+            if e.device_type == DeviceType.CUDA:
+                names.append(e.name)
+        elif e.device_type == DeviceType.CPU and _is_outermost_op(e):
+            names.append(e.name)
+    if cuda and not names:  # older/newer profilers: read the raw kineto events
+        try:
+            for e in prof.profiler.kineto_results.events():
+                if e.device_type() == DeviceType.CUDA:
+                    names.append(e.name())
+        except Exception:
+            pass
+    return names
+
+
+def count_launches(fn, clock: Clock) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
+    clock.sync()
+    with profile(activities=acts) as prof:
+        fn()
+        clock.sync()
+    names = _device_event_names(prof, clock.cuda)
+    mem = [n for n in names if n.startswith(("Memcpy", "Memset", "memcpy", "memset"))]
+    kernels = [n for n in names if n not in mem]
+    return {"kernels": len(kernels), "memcpy_memset": len(mem), "names": kernels + mem}
+
+
+def section_launches(cfg: Config, template: nn.Linear, clock: Clock, seed: int, log) -> list[dict]:
+    out = []
+    dev, dt = cfg.device, cfg.dtype
+    r = cfg.r_small
+    for N in cfg.launch_ns:
+        torch.manual_seed(seed + N)
+        layers = build_all(template, r)
+        x = torch.randn(N, cfg.in_f, device=dev, dtype=dt).requires_grad_()
+        g = torch.randn(N, cfg.out_f, device=dev, dtype=dt)
+        for v, layer in layers.items():
+            for _ in range(3):  # warm-up: cuBLAS handles, workspace, lazy module loading
+                layer(x).backward(g)
+            for p in trainable(layer):
+                p.grad = None
+            x.grad = None
+            fwd = count_launches(lambda: layer(x), clock)
+            y = layer(x)
+            bwd = count_launches(lambda: y.backward(g), clock)
+            del y
+            for p in trainable(layer):
+                p.grad = None
+            x.grad = None
+            peak = None
+            if clock.cuda:
+                clock.sync()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                layer(x).backward(g)
+                clock.sync()
+                peak = torch.cuda.max_memory_allocated() - base
+                for p in trainable(layer):
+                    p.grad = None
+                x.grad = None
+            out.append({"N": N, "r": r, "variant": v, "fwd": fwd, "bwd": bwd, "step_peak_extra_bytes": peak})
+        log(f"  launches N={N}: " + ", ".join(f"{o['variant']} {o['fwd']['kernels']}+{o['bwd']['kernels']}"
+                                              for o in out if o["N"] == N))
+        layers = x = g = y = None  # free before the next N (closures above read these names)
+        _free(dev)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. N=16 forward, eager and CUDA graph
+def section_graphs(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flush, seed: int, log) -> dict:
+    dev, dt, N, r, K = cfg.device, cfg.dtype, cfg.small_n, cfg.r_small, cfg.chain
+    torch.manual_seed(seed)
+    x = torch.randn(N, cfg.in_f, device=dev, dtype=dt)
+    chains = {}
+    for _ in range(K):
+        for v, layer in build_all(template, r).items():
+            chains.setdefault(v, []).append(layer.eval())
+
+    def make_fn(chain):
+        def fn():
+            for layer in chain:
+                layer(x)
+        return fn
+
+    fns = {v: make_fn(c) for v, c in chains.items()}
+    graphs, notes = {}, {}
+    with torch.no_grad():
+        for v, fn in fns.items():
+            fn()
+        if clock.cuda:
+            for v, fn in fns.items():
+                try:
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        for _ in range(3):
+                            fn()
+                    torch.cuda.current_stream().wait_stream(s)
+                    gr = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(gr):
+                        fn()
+                    graphs[v] = gr
+                except Exception as e:  # a capture failure is a finding, not a crash
+                    notes[v] = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    torch.cuda.synchronize()
+        else:
+            notes["all"] = "CUDA graphs need a CUDA device: graph timings skipped (CPU smoke mode)"
+
+        items = [(v, "eager", fns[v]) for v in fns] + [(v, "graph", gr.replay) for v, gr in graphs.items()]
+        samples = {(v, m): [] for v, m, _ in items}
+        rng = random.Random(seed)
+        for rnd in range(cfg.warmup + cfg.graph_rounds):
+            rng.shuffle(items)
+            marks = []
+            for v, m, fn in items:
+                flush()
+                t0 = clock.now()
+                fn()
+                t1 = clock.now()
+                marks.append((v, m, t0, t1))
+            clock.sync()
+            if rnd >= cfg.warmup:
+                for v, m, t0, t1 in marks:
+                    samples[(v, m)].append(clock.ms(t0, t1) / K)
+            clock.reset()
+    res = {"N": N, "r": r, "chain": K, "per_layer": {}, "notes": notes}
+    for v in fns:
+        res["per_layer"][v] = {m: (_summary(samples[(v, m)]) if (v, m) in samples else None)
+                               for m in ("eager", "graph")}
+    for m in ("eager", "graph"):
+        f = res["per_layer"]["frozen"][m]
+        for v in fns:
+            d = res["per_layer"][v][m]
+            if d is not None and f is not None:
+                d["ratio_to_frozen"] = d["median_ms"] / f["median_ms"]
+    log("  graphs N=%d: " % N + ", ".join(
+        f"{v} eager {res['per_layer'][v]['eager']['median_ms'] * 1e3:.1f} us"
+        + (f" graph {res['per_layer'][v]['graph']['median_ms'] * 1e3:.1f} us" if res['per_layer'][v]['graph'] else "")
+        for v in fns))
+    chains = fns = graphs = items = None
+    _free(dev)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. merge
+def section_merge(cfg: Config, clock: Clock, flush: L2Flush, seed: int, log) -> list[dict]:
+    from delora_ext import ops
+    import warnings
+    dev = cfg.device
+    out_f, in_f = cfg.merge_shape
+    r = cfg.r_small
+    res = []
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.manual_seed(seed)
+        template = nn.Linear(in_f, out_f, bias=False, device=dev, dtype=dtype)
+        ours = build_ours(template, r)
+        peft_layer = build_peft_delora(template, r, ours)
+        W = ours.base_layer.weight
+        A, B, lam = _delora_params(ours)
+        w = ours.delora_w_norm["default"]
+        W0 = W.detach().clone()
+        dst = torch.empty_like(W0)
+        with torch.no_grad():
+            from delora_ext.reference import delta_weight_ref
+            exact = W0.double() + delta_weight_ref(A.double(), B.double(), lam.double(), w.double())
+            ours.merge()
+            merged_err = rel_err(W, exact)
+            floor_err = rel_err(exact.to(dtype), exact)  # one rounding of the exact sum: the best possible
+            ours.unmerge()
+            unmerge_err = rel_err(W, W0)
+            del exact
+
+        def ours_layer():
+            ours.merge()
+
+        def ours_layer_undo():
+            ours.unmerge()
+
+        def ours_op():
+            ops.merge_(W, A, B, lam, w, 1.0)
+
+        def ours_op_undo():
+            ops.merge_(W, A, B, lam, w, -1.0)
+
+        def peft_merge():
+            peft_layer.merge()
+
+        def peft_undo():
+            peft_layer.unmerge()
+
+        def d2d_copy():
+            dst.copy_(W0)
+
+        items = [("copy", d2d_copy, None), ("ours_layer", ours_layer, ours_layer_undo), ("ours_op", ours_op, ours_op_undo),
+                 ("peft_delora", peft_merge, peft_undo)]
+        samples = {k: [] for k, _, _ in items}
+        undo_samples = {k: [] for k, _, u in items if u is not None}
+        rng = random.Random(seed)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for rnd in range(cfg.warmup + cfg.merge_rounds):
+                rng.shuffle(items)
+                marks = []
+                for k, fn, undo in items:
+                    flush()
+                    t0 = clock.now()
+                    fn()
+                    t1 = clock.now()
+                    if undo is not None:
+                        flush()
+                        t2 = clock.now()
+                        undo()
+                        t3 = clock.now()
+                        marks.append((k, t0, t1, t2, t3))
+                    else:
+                        marks.append((k, t0, t1, None, None))
+                clock.sync()
+                if rnd >= cfg.warmup:
+                    for k, t0, t1, t2, t3 in marks:
+                        samples[k].append(clock.ms(t0, t1))
+                        if t2 is not None:
+                            undo_samples[k].append(clock.ms(t2, t3))
+                clock.reset()
+        nbytes = 2 * W0.numel() * W0.element_size()  # read once + write once
+        row = {"dtype": str(dtype).replace("torch.", ""), "out": out_f, "in": in_f, "r": r, "bytes_moved": nbytes,
+               "ours_merged_rel_err": merged_err, "one_rounding_rel_err": floor_err,
+               "ours_unmerge_rel_err": unmerge_err, "ours_path": "native" if ops.has_kernel(dev) else "reference"}
+        copy_ms = _median(samples["copy"])
+        for k, _, _ in items:
+            s = _summary(samples[k])
+            s["GB_per_s"] = nbytes / (s["median_ms"] * 1e-3) / 1e9
+            s["fraction_of_copy"] = copy_ms / s["median_ms"]
+            if k in undo_samples:
+                s["undo"] = _summary(undo_samples[k])
+            row[k] = s
+        res.append(row)
+        log(f"  merge {row['dtype']} {out_f}x{in_f}: copy {row['copy']['GB_per_s']:.0f} GB/s, layer.merge "
+            f"{row['ours_layer']['GB_per_s']:.0f} GB/s, op {row['ours_op']['GB_per_s']:.0f} GB/s, PEFT "
+            f"{row['peft_delora']['GB_per_s']:.0f} GB/s")
+        items = template = None  # the next dtype rebinds ours, peft_layer, W0, dst
+        _free(dev)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# environment, targets, report
+def _free(dev: torch.device):
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def source_digest() -> str:
+    """sha256 over the sources that make the measured code (works where .git did not travel)."""
+    h = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(ROOT, "csrc", "*")) + glob.glob(os.path.join(ROOT, "delora_ext", "*.py"))
+                   + [os.path.join(ROOT, "setup.py"), os.path.abspath(__file__)])
+    for f in files:
+        if os.path.isfile(f):
+            h.update(os.path.relpath(f, ROOT).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def environment(args, cfg: Config) -> dict:
+    import delora_ext
+    from delora_ext import ops
+    try:
+        import peft
+        peft_version = peft.__version__
+    except Exception as e:  # pragma: no cover
+        peft_version = f"unavailable ({e})"
+    env = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": str(cfg.device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "peft": peft_version,
+        "delora_ext": getattr(delora_ext, "__version__", "?"),
+        "build_info": delora_ext.build_info(),
+        "ours_path": "native" if ops.has_kernel(cfg.device) else "reference",
+        "DELORA_EXT_NATIVE_CUDA": os.environ.get("DELORA_EXT_NATIVE_CUDA"),
+        "commit": args.commit or os.environ.get("DELORA_COMMIT") or _git_commit() or "unknown",
+        "source_digest": source_digest(),
+        "command": " ".join(["bench/bench_gpu.py"] + list(args.argv)),
+        "mode": "quick" if cfg.quick else "full",
+        "cpu_count": os.cpu_count(),
+    }
+    if cfg.device.type == "cuda":
+        p = torch.cuda.get_device_properties(cfg.device)
+        env.update(gpu=p.name, sm_count=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   l2_bytes=getattr(p, "L2_cache_size", None), capability=f"{p.major}.{p.minor}",
+                   allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                   allow_bf16_reduced_precision_reduction=torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,"
+                                            "clocks.mem,power.draw,temperature.gpu", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    return env
+
+
+def _find_row(rows, N, r):
+    return next((x for x in rows if x["N"] == N and x["r"] == r), None)
+
+
+def evaluate_targets(res: dict, cfg: Config) -> list[dict]:
+    out = []
+    h = _find_row(res.get("steps") or [], cfg.head["N"], cfg.head["r"])
+    if h is not None:
+        o = h["ours"]["step"]["median_ms"]
+        fz, pd, pl = (h[k]["step"]["median_ms"] for k in ("frozen", "peft_delora", "peft_lora"))
+        out.append({"target": f"step ≤ {TARGETS['step_vs_frozen']:.2f}× frozen base step",
+                    "value": f"{o / fz:.3f}×  ({o * 1e3:.0f} vs {fz * 1e3:.0f} µs)", "met": o / fz <= TARGETS["step_vs_frozen"]})
+        out.append({"target": f"≥ {TARGETS['speedup_vs_peft_delora']:.2f}× faster than PEFT DeLoRA (step)",
+                    "value": f"{pd / o:.3f}×  ({pd * 1e3:.0f} vs {o * 1e3:.0f} µs)",
+                    "met": pd / o >= TARGETS["speedup_vs_peft_delora"]})
+        out.append({"target": f"step ≤ {TARGETS['step_vs_peft_lora']:.2f}× PEFT LoRA (within 5 %)",
+                    "value": f"{o / pl:.3f}×  ({o * 1e3:.0f} vs {pl * 1e3:.0f} µs)",
+                    "met": o / pl <= TARGETS["step_vs_peft_lora"]})
+    for m in res.get("merge") or []:
+        frac = m["ours_layer"]["fraction_of_copy"]
+        out.append({"target": f"{m['dtype']} layer.merge ≥ {TARGETS['merge_bw_fraction']:.0%} of copy bandwidth",
+                    "value": f"{frac:.0%}  ({m['ours_layer']['GB_per_s']:.0f} vs {m['copy']['GB_per_s']:.0f} GB/s; "
+                             f"op alone {m['ours_op']['fraction_of_copy']:.0%})",
+                    "met": frac >= TARGETS["merge_bw_fraction"]})
+    gr = res.get("graphs")
+    if gr:
+        o, f = gr["per_layer"]["ours"]["graph"], gr["per_layer"]["frozen"]["graph"]
+        name = f"N={gr['N']} graphed forward ≤ {TARGETS['graph_fwd_vs_frozen']:.1f}× frozen graphed forward"
+        if o is None or f is None:
+            out.append({"target": name, "value": "not measured: " + "; ".join(f"{k}: {v}" for k, v in gr["notes"].items()),
+                        "met": False})
+        else:
+            ratio = o["median_ms"] / f["median_ms"]
+            out.append({"target": name, "value": f"{ratio:.3f}×  ({o['median_ms'] * 1e3:.1f} vs {f['median_ms'] * 1e3:.1f} µs)",
+                        "met": ratio <= TARGETS["graph_fwd_vs_frozen"]})
+    return out
+
+
+def _us(ms) -> str:
+    return "–" if ms is None or (isinstance(ms, float) and math.isnan(ms)) else f"{ms * 1e3:.1f}"
+
+
+def _fmt_bytes(b) -> str:
+    if b is None:
+        return "n/a"
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= k:
+            return f"{b / k:.1f} {unit}"
+    return f"{int(b)} B"
+
+
+def render_markdown(res: dict, cfg: Config) -> str:
+    env = res["environment"]
+    L = [f"# delora_ext GPU benchmark ({env['mode']}, {env['device']})", ""]
+    if cfg.device.type == "cuda":
+        L.append(f"- device: {env.get('gpu')} (sm_{env.get('capability', '?').replace('.', '')}, {env.get('sm_count')} SMs, "
+                 f"{env.get('gpu_memory_gib')} GiB, L2 {_fmt_bytes(env.get('l2_bytes'))}); nvidia-smi "
+                 f"(driver, SM clock, max SM clock, mem clock, power, temp): {env.get('driver')}")
+    else:
+        L.append("- device: CPU — **smoke run, not a measurement** (wall-clock timers; no CUDA graphs, kernel counts "
+                 "or device memory)")
+    L.append(f"- date {env['date']}; commit `{env['commit']}`; source digest `{env['source_digest']}`")
+    L.append(f"- torch {env['torch']} (CUDA {env['torch_cuda']}), peft {env['peft']}, python {env['python']}; "
+             f"delora_ext path for our layer: **{env['ours_path']}**; build_info `{json.dumps(env['build_info'])}`")
+    L.append(f"- command `{env['command']}`; wall time {res['wall_s']:.0f} s")
+    L.append(f"- bf16 x, W, bias; fp32 adapters; in = out = {cfg.in_f}; x (N, in) requires grad; ours with "
+             f"init_weights=False, PEFT DeLoRA and the reference share its A, B, λ, w; LoRA: lora_alpha = r, "
+             f"init_lora_weights=False. CUDA events, variants shuffled each round, L2 flushed before each timed "
+             f"region, medians; warm-up {cfg.warmup} rounds, timed rounds {res.get('rounds')}")
+    if res.get("errors"):
+        L.append("")
+        L.append("**Sections that failed:** " + "; ".join(f"{k}: {v.splitlines()[-1]}" for k, v in res["errors"].items()))
+    L.append("")
+    L.append(f"## Targets (N={cfg.head['N']}, r={cfg.head['r']})")
+    L.append("")
+    L.append("| target | value | met |")
+    L.append("|---|---|---|")
+    for t in res["targets"]:
+        L.append(f"| {t['target']} | {t['value']} | {'met' if t['met'] else '**not met**'} |")
+    L.append("")
+    if res.get("steps"):
+        L.append("## Training: median µs (ratio to frozen)")
+        L.append("")
+        L.append("| N | r | phase | frozen | delora_ext | PEFT DeLoRA | PEFT LoRA | reference | ours / PEFT DeLoRA | ours / LoRA |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for row in res["steps"]:
+            for p in PHASES:
+                cells = [_us(row["frozen"][p]["median_ms"])]
+                for v in VARIANTS[1:]:
+                    cells.append(f"{_us(row[v][p]['median_ms'])} ({row[v][p]['ratio_to_frozen']:.2f})")
+                o = row["ours"][p]["median_ms"]
+                cells.append(f"{o / row['peft_delora'][p]['median_ms']:.2f}")
+                cells.append(f"{o / row['peft_lora'][p]['median_ms']:.2f}")
+                L.append(f"| {row['N']} | {row['r']} | {p} | " + " | ".join(cells) + " |")
+        L.append("")
+        L.append("Frozen forward GEMM rate: " + ", ".join(f"N={row['N']}: {row['frozen_fwd_tflops']:.3g} TFLOP/s"
+                                                         for row in res["steps"] if row["r"] == cfg.head["r"]))
+        L.append("")
+        L.append("### Agreement with an fp32 reference (relative Frobenius error: y / dx / dA / dB / dλ)")
+        L.append("")
+        L.append("| N | r | delora_ext | PEFT DeLoRA | reference (bf16) |")
+        L.append("|---|---|---|---|---|")
+        for row in res["steps"]:
+            cells = []
+            for v in ("ours", "peft_delora", "ref"):
+                a = row["agreement"][v]
+                cells.append(" / ".join(f"{a[k]:.1e}" for k in ("y", "dx", "dA", "dB", "dlam")))
+            L.append(f"| {row['N']} | {row['r']} | " + " | ".join(cells) + " |")
+        L.append("")
+    if res.get("launches"):
+        L.append(f"## Launches per forward / backward (r={cfg.r_small}), peak extra memory of one step")
+        L.append("")
+        note = "CUDA kernels (+ memcpy/memset)" if cfg.device.type == "cuda" else \
+            "CPU smoke mode: top-level ATen ops, not kernels"
+        L.append(f"Counted with torch.profiler: {note}.")
+        L.append("")
+        L.append("| N | variant | fwd kernels | bwd kernels | fwd memcpy/memset | bwd memcpy/memset | step peak extra |")
+        L.append("|---|---|---|---|---|---|---|")
+        for o in res["launches"]:
+            L.append(f"| {o['N']} | {LABELS[o['variant']]} | {o['fwd']['kernels']} | {o['bwd']['kernels']} | "
+                     f"{o['fwd']['memcpy_memset']} | {o['bwd']['memcpy_memset']} | {_fmt_bytes(o['step_peak_extra_bytes'])} |")
+        L.append("")
+        ours_fwd = next((o for o in res["launches"] if o["variant"] == "ours"), None)
+        if ours_fwd:
+            L.append(f"delora_ext forward at N={ours_fwd['N']}: `{', '.join(ours_fwd['fwd']['names'])}`")
+            L.append("")
+    gr = res.get("graphs")
+    if gr:
+        L.append(f"## N={gr['N']} no-grad forward: µs per layer (chain of {gr['chain']} layers), ratio to frozen")
+        L.append("")
+        L.append("| variant | eager | CUDA graph |")
+        L.append("|---|---|---|")
+        for v, d in gr["per_layer"].items():
+            cells = []
+            for m in ("eager", "graph"):
+                s = d[m]
+                cells.append("–" if s is None else f"{_us(s['median_ms'])} ({s.get('ratio_to_frozen', float('nan')):.2f})")
+            L.append(f"| {LABELS[v]} | " + " | ".join(cells) + " |")
+        for k, v in gr["notes"].items():
+            L.append(f"\n- {k}: {v}")
+        L.append("")
+    if res.get("merge"):
+        L.append("## Merge vs device-to-device copy of the same weight (GB/s = 2 × weight bytes / time)")
+        L.append("")
+        L.append("| dtype | out×in | copy | layer.merge | ops.merge_ | PEFT merge | layer.unmerge | "
+                 "merged W rel. err (one rounding) |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for m in res["merge"]:
+            def c(k):
+                return f"{_us(m[k]['median_ms'])} µs, {m[k]['GB_per_s']:.0f} GB/s ({m[k]['fraction_of_copy']:.0%})"
+            L.append(f"| {m['dtype']} | {m['out']}×{m['in']} | {c('copy')} | {c('ours_layer')} | {c('ours_op')} | "
+                     f"{c('peft_delora')} | {_us(m['ours_layer']['undo']['median_ms'])} µs | "
+                     f"{m['ours_merged_rel_err']:.1e} ({m['one_rounding_rel_err']:.1e}) |")
+        L.append("")
+    return "\n".join(L)
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {str(k): _strip(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strip(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="bench_gpu.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test of every code path)")
+    ap.add_argument("--out", default=None, help="FILE.md and FILE.json are written (a .md/.json suffix is "
+                                                "stripped); default bench/out/gpu/bench_gpu[-quick]")
+    ap.add_argument("--sections", default="steps,launches,graphs,merge",
+                    help="comma-separated subset of steps,launches,graphs,merge")
+    ap.add_argument("--rounds-scale", type=float, default=1.0, help="multiply every round count")
+    ap.add_argument("--commit", default=None, help="commit to record (default: $DELORA_COMMIT, else git)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.argv = argv
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - {"steps", "launches", "graphs", "merge"}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu.py: --device cuda but no CUDA device is visible (use --device cpu --quick for a smoke run)",
+              file=sys.stderr)
+        return 2
+    if device.type == "cpu" and not args.quick:
+        print("bench_gpu.py: --device cpu runs only with --quick (a smoke test; 4096-wide layers on a CPU would take "
+              "hours)", file=sys.stderr)
+        return 2
+    cfg = Config(args.quick, device, args.rounds_scale)
+
+    import warnings
+    warnings.filterwarnings("ignore", message=".*Already unmerged.*")
+    warnings.filterwarnings("ignore", message=".*no native kernel.*")
+    import delora_ext  # noqa: F401  (fail early, before any timing)
+    import peft  # noqa: F401
+
+    t_start = time.perf_counter()
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    env = environment(args, cfg)
+    log(f"delora_ext GPU benchmark ({env['mode']}, {device}{', ' + env['gpu'] if 'gpu' in env else ''}): torch "
+        f"{env['torch']}, our layer's path: {env['ours_path']}, commit {env['commit']}, digest {env['source_digest']}")
+    if device.type == "cuda" and env["ours_path"] != "native":
+        log("WARNING: delora_ext's native CUDA kernels are not in use (see build_info); 'delora_ext' below is the "
+            "PyTorch reference")
+
+    if args.out:
+        base = args.out
+        for suf in (".md", ".json"):
+            if base.endswith(suf):
+                base = base[: -len(suf)]
+    else:
+        base = os.path.join(ROOT, "bench", "out", "gpu", "bench_gpu" + ("-quick" if args.quick else ""))
+    os.makedirs(os.path.dirname(os.path.abspath(base)) or ".", exist_ok=True)
+
+    torch.manual_seed(args.seed)
+    template = nn.Linear(cfg.in_f, cfg.out_f, device=device, dtype=cfg.dtype)
+    clock, flush = Clock(device), L2Flush(device)
+    res = {"environment": env, "targets_spec": TARGETS, "head": cfg.head, "rounds": cfg.rounds,
+           "warmup": cfg.warmup, "graph_rounds": cfg.graph_rounds, "merge_rounds": cfg.merge_rounds, "errors": {}}
+
+    def write(final: bool):
+        res["wall_s"] = time.perf_counter() - t_start
+        try:
+            res["targets"] = evaluate_targets(res, cfg)
+            md = render_markdown(res, cfg)
+        except Exception:  # still write the JSON
+            res["errors"]["report"] = traceback.format_exc()
+            res.setdefault("targets", [])
+            md = "# delora_ext GPU benchmark: rendering the report failed\n\n```\n" + res["errors"]["report"] + "```"
+        with open(base + ".md", "w") as f:
+            f.write(md + "\n")
+        with open(base + ".json", "w") as f:
+            json.dump(_strip({**res, "markdown": md, "complete": final}), f, indent=1, default=str)
+        return md
+
+    runners = {
+        "steps": lambda: section_steps(cfg, template, clock, flush, args.seed, log),
+        "launches": lambda: section_launches(cfg, template, clock, args.seed, log),
+        "graphs": lambda: section_graphs(cfg, template, clock, flush, args.seed, log),
+        "merge": lambda: section_merge(cfg, clock, flush, args.seed, log),
+    }
+    for name in sections:
+        t0 = time.perf_counter()
+        try:
+            res[name] = runners[name]()
+        except Exception:  # one broken section must not lose the others
+            res["errors"][name] = traceback.format_exc()
+            log(f"  section {name} FAILED:\n{res['errors'][name]}")
+            if device.type == "cuda":
+                try:
+                    torch.cuda.synchronize()
+                except Exception:
+                    pass
+            _free(device)
+        log(f"  section {name}: {time.perf_counter() - t0:.1f} s")
+        write(final=False)  # partial results survive a later crash or timeout
+
+    md = write(final=True)
+    print(md)
+    log(f"wrote {base}.md and {base}.json ({res['wall_s']:.0f} s)")
+    if res["errors"]:
+        return 1
+    met = all(t["met"] for t in res["targets"])
+    return 0 if (met or not args.strict) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
