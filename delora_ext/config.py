@@ -55,6 +55,10 @@ class DeLoRAConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            # as PEFT: a regex (or "all-linear") is matched as is, so layers_to_transform would be silently ignored
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str "
+                             f"({self.target_modules!r}); list the module names instead")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` only makes sense with `layers_to_transform`")
         for name in ("rank_pattern", "lambda_pattern"):

@@ -3,7 +3,8 @@
 Layout (as PEFT's ``save_pretrained``): ``<dir>/adapter_config.json`` + ``<dir>/adapter_model.safetensors`` for the
 adapter named "default", ``<dir>/<name>/...`` for any other; tensor keys ``base_model.model.<module path>.delora_A``
 (adapter name stripped), ``.delora_B``, ``.delora_lambda``, ``.delora_w_norm``; modules_to_save parameters as
-``base_model.model.<module path>.<param>``.
+``base_model.model.<module path>.<param>``; with bias="all" every bias and with bias="delora_only" the adapted
+layers' biases, keyed as in the patched model (``<module path>.base_layer.bias`` for an adapted layer).
 """
 from __future__ import annotations
 
@@ -44,11 +45,41 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def _untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of tensors that share storage with an earlier one (tied weights, e.g. BERT's decoder bias):
+    safetensors refuses to write shared tensors."""
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        ptr = (t.device, t.untyped_storage().data_ptr())
+        out[k] = t.clone() if ptr in seen and t.numel() else t
+        seen.add(ptr)
+    return out
+
+
 def _modules_to_save(model, cfg: DeLoRAConfig):
     if not cfg.modules_to_save:
         return {}
     return {n: m for n, m in model.named_modules()
             if n and any(n == s or n.endswith("." + s) for s in cfg.modules_to_save)}
+
+
+def _is_bias_key(key: str) -> bool:
+    """A state_dict key of a bias (``....bias``), not an adapter tensor of an adapter named "bias"."""
+    parent, _, last = key.rpartition(".")
+    return last == "bias" and parent.rpartition(".")[2] not in PARAM_KEYS + PAPER_KEYS
+
+
+def _bias_tensors(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The biases ``cfg.bias`` trains, keyed as in the patched model's state_dict; PEFT saves them with the adapter:
+    bias="all": every bias of the model; "delora_only": the base-layer biases of the adapter's layers."""
+    if cfg.bias == "none":
+        return {}
+    sd = model.state_dict()
+    if cfg.bias == "all":
+        keys = [k for k in sd if _is_bias_key(k)]
+    else:
+        keys = [f"{p}.base_layer.bias" for p, layer in delora_layers(model).items() if adapter_name in layer.delora_A]
+    return {k: sd[k] for k in keys if k in sd}
 
 
 def adapter_state_dict(model, adapter_name: str = "default", for_peft: bool = True) -> dict[str, torch.Tensor]:
@@ -72,6 +103,8 @@ def adapter_state_dict(model, adapter_name: str = "default", for_peft: bool = Tr
     for mpath, mod in _modules_to_save(model, state.configs[adapter_name]).items():
         for pname, p in mod.state_dict().items():
             out[f"{PREFIX}{mpath}.{pname}"] = p.detach().to("cpu").contiguous()
+    for k, t in _bias_tensors(model, state.configs[adapter_name], adapter_name).items():
+        out[f"{PREFIX}{k}"] = t.detach().to("cpu").contiguous()
     return out
 
 
@@ -83,7 +116,8 @@ def save_adapter(model, directory: str, adapter_names: list[str] | None = None, 
     """
     state = _require_state(model)
     names = list(state.configs) if adapter_names is None else list(adapter_names)
-    payloads = {n: (adapter_state_dict(model, n, for_peft), state.configs[n]) for n in names}  # fail before writing
+    payloads = {n: (_untied(adapter_state_dict(model, n, for_peft)), state.configs[n])
+                for n in names}  # fail before writing
     for n, (tensors, cfg) in payloads.items():
         d = _adapter_dir(directory, n)
         os.makedirs(d, exist_ok=True)
@@ -122,14 +156,25 @@ def _read_tensors(d: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
 
 
-def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple]:
-    """key -> shape the file must hold for ``cfg`` on ``model``, without touching the model."""
+REQUIRED, OPTIONAL = "required", "optional"
+
+
+def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple[tuple, str]]:
+    """key -> (shape, kind) of what a file may hold for ``cfg`` on ``model``, without touching the model.
+
+    kind: REQUIRED (must be in the file) or OPTIONAL (loaded if present: biases beyond those ``cfg.bias`` trains).
+    """
     state = get_state(model)
     targets = _resolve_targets(model, cfg)
-    exp: dict[str, tuple] = {}
+    exp: dict[str, tuple[tuple, str]] = {}
+    wrap, adapted = set(), set()
     for path, mod in _candidates(model):
         if not path or not matches(cfg, path, targets):
             continue
+        if isinstance(mod, DeLoRALinear) or supported_base(mod):
+            adapted.add(path)
+            if not isinstance(mod, DeLoRALinear):
+                wrap.add(path)
         if isinstance(mod, DeLoRALinear):
             if adapter_name in mod.delora_A:
                 r = mod.r[adapter_name]
@@ -145,20 +190,45 @@ def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple]:
         if cfg.init_weights == "paper":
             shapes.update(delora_A0=(r, in_f), delora_B0=(out_f, r), delora_lambda0=(1,))
         for k, shp in shapes.items():
-            exp[f"{PREFIX}{path}.{k}"] = tuple(shp)
-    for mpath, mod in _modules_to_save(model, cfg).items():
+            exp[f"{PREFIX}{path}.{k}"] = (tuple(shp), REQUIRED)
+    to_save = _modules_to_save(model, cfg)
+    for mpath, mod in to_save.items():
         if state is not None and isinstance(mod, DeLoRALinear):
             continue
         for pname, p in mod.state_dict().items():
-            exp[f"{PREFIX}{mpath}.{pname}"] = tuple(p.shape)
+            exp[f"{PREFIX}{mpath}.{pname}"] = (tuple(p.shape), REQUIRED)
+    if cfg.bias != "none":
+        for k, t in model.state_dict().items():
+            if not _is_bias_key(k):
+                continue
+            mpath, _, pname = k.rpartition(".")
+            if mpath in wrap:  # the key this bias will have once its module is wrapped
+                mpath = f"{mpath}.base_layer"
+            trained = cfg.bias == "all" or (mpath.endswith(".base_layer") and mpath[:-len(".base_layer")] in adapted)
+            key = f"{PREFIX}{mpath}.{pname}"
+            if exp.get(key, (None, None))[1] != REQUIRED:
+                exp[key] = (tuple(t.shape), REQUIRED if trained else OPTIONAL)
     return exp
+
+
+def _peft_wrapper_copy(model, cfg: DeLoRAConfig, key: str) -> bool:
+    """Whether ``key`` is a bias PEFT's bias="all" also writes from inside its modules_to_save wrapper
+    (``<module>.modules_to_save[.<adapter>].<...>.bias``, ``<module>.original_module.<...>.bias``): the trained
+    values are in the file under ``<module>.<...>.bias`` too, so these copies are accepted and not loaded."""
+    if cfg.bias != "all" or not key.startswith(PREFIX) or not _is_bias_key(key):
+        return False
+    k = key[len(PREFIX):]
+    return any(k.startswith(f"{m}.modules_to_save.") or k.startswith(f"{m}.original_module.")
+               for m in _modules_to_save(model, cfg))
 
 
 def load_adapter(model, directory: str, adapter_name: str = "default", is_trainable: bool = True):
     """Load an adapter saved by ``save_adapter`` or by PEFT (``save_pretrained``) into ``model``; returns it.
 
+    ``is_trainable=False`` freezes every parameter (inference, as PEFT's ``inference_mode``).
     ``directory`` holds ``adapter_config.json`` and ``adapter_model.safetensors``. The model is patched with the
-    file's config if it does not have ``adapter_name`` yet. Everything (config, every key, shape and dtype) is
+    file's config if it does not have ``adapter_name`` yet. Biases the config trains (``bias`` "all" or
+    "delora_only") are part of the adapter and loaded with it. Everything (config, every key, shape and dtype) is
     checked before the model is touched: on any error the model is exactly as before and the message names the
     first offending key. Floating tensors of another dtype are cast to the parameter's dtype.
     """
@@ -173,23 +243,27 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
         raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: target_modules={cfg.target_modules!r} "
                          f"match no module of this model")
     for k in sorted(expected):
-        if k not in tensors:
+        if k not in tensors and expected[k][1] == REQUIRED:
             raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: missing key {k!r}")
     for k in sorted(tensors):
         if k not in expected:
+            if _peft_wrapper_copy(model, cfg, k):
+                continue
             raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: unexpected key {k!r} "
                              f"(not part of this adapter on this model)")
         t = tensors[k]
         if not t.is_floating_point():
             raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: key {k!r} has dtype {t.dtype}; "
                              f"a floating-point tensor is required")
-        if tuple(t.shape) != expected[k]:
+        if tuple(t.shape) != expected[k][0]:
             raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: key {k!r} has shape {tuple(t.shape)}, "
-                             f"expected {expected[k]}")
+                             f"expected {expected[k][0]}")
     patch(model, cfg, adapter_name=adapter_name)
     layers = delora_layers(model)
     with torch.no_grad():
         for k, t in tensors.items():
+            if k not in expected:  # a PEFT wrapper copy (see _peft_wrapper_copy)
+                continue
             path, _, attr = k[len(PREFIX):].rpartition(".")
             if attr in PARAM_KEYS + PAPER_KEYS and path in layers:
                 layer = layers[path]
@@ -205,11 +279,9 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
                 mpath, _, pname = k[len(PREFIX):].rpartition(".")
                 dst = model.get_submodule(mpath).state_dict()[pname] if mpath else model.state_dict()[pname]
                 dst.copy_(t.to(dst.dtype))
-    if not is_trainable:
-        for layer in layers.values():
-            for store in (layer.delora_A, layer.delora_B, layer.delora_lambda):
-                if adapter_name in store:
-                    store[adapter_name].requires_grad_(False)
+    if not is_trainable:  # inference: nothing trains, as PEFT's inference_mode
+        for p in model.parameters():
+            p.requires_grad_(False)
     return model
 
 
@@ -240,15 +312,19 @@ def export_lora(model, directory: str, adapter_name: str = "default") -> None:
     for mpath, mod in _modules_to_save(model, cfg).items():
         for pname, p in mod.state_dict().items():
             tensors[f"{PREFIX}{mpath}.{pname}"] = p.detach().cpu().contiguous()
+    for k, t in _bias_tensors(model, cfg, adapter_name).items():
+        tensors[f"{PREFIX}{k}"] = t.detach().cpu().contiguous()
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(p): r for p, r in ranks.items() if r != r0}
     lora_cfg = {
         "peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": r0, "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": cfg.bias,
+        "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "lora_dropout": 0.0,
+        "bias": {"delora_only": "lora_only"}.get(cfg.bias, cfg.bias),
         "fan_in_fan_out": conv, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
         "modules_to_save": cfg.modules_to_save, "inference_mode": True, "base_model_name_or_path": None,
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
+    tensors = _untied(tensors)
     os.makedirs(directory, exist_ok=True)
     _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(os.path.join(directory, CONFIG_NAME),

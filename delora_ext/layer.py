@@ -116,6 +116,15 @@ class DeLoRALinear(nn.Module):
         self.register_load_state_dict_post_hook(DeLoRALinear._after_load)
         self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights, w_norm=w_norm)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (models such as T5 read ``module.weight.dtype``; PEFT passes it through too)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
     def weight_oi(self) -> torch.Tensor:
         """The base weight as (out, in) (a transposed view for Conv1D, whose weight is stored (in, out))."""
         w = self.base_layer.weight

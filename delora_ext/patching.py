@@ -112,11 +112,12 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
         raise ValueError(f"adapter {adapter_name!r} already exists on this model with a different config "
                          f"({state.configs[adapter_name]}); delete_adapter it first or pick another name")
     targets = _resolve_targets(model, config)
-    seen, to_wrap, to_extend = [], [], []
+    adaptable, to_wrap, to_extend = [], [], []
     for name, mod in _candidates(model):
         if not name:
             continue
-        seen.append(name)
+        if isinstance(mod, DeLoRALinear) or supported_base(mod):
+            adaptable.append(name)
         if not matches(config, name, targets):
             continue
         if isinstance(mod, DeLoRALinear):
@@ -127,8 +128,10 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
             raise TypeError(f"target module {name!r} is a {type(mod).__name__}; DeLoRA supports nn.Linear "
                             f"(and subclasses) and transformers' Conv1D")
     if not to_wrap and not to_extend:
+        more = f" ... ({len(adaptable)} in all)" if len(adaptable) > 12 else ""
         raise ValueError(f"no module matched target_modules={config.target_modules!r} "
-                         f"(exclude_modules={config.exclude_modules!r}); modules seen include: {seen[:8]}")
+                         f"(exclude_modules={config.exclude_modules!r}); the model's adaptable modules "
+                         f"(nn.Linear, Conv1D) are: {adaptable[:12]}{more}")
 
     first = state is None
     if first:
