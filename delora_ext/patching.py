@@ -6,6 +6,7 @@ layers as ``base_layer``, so ``unpatch`` puts back the very same objects.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from typing import Iterable
 
@@ -25,6 +26,9 @@ class PatchState:
     configs: dict  # adapter name -> DeLoRAConfig
     requires_grad: list  # (parameter, requires_grad before the first patch)
     active: list
+    # modules_to_save: path -> the original module. The model holds a trained copy instead (as PEFT's
+    # ModulesToSaveWrapper), so a tied weight (T5's lm_head is the input embedding) is not trained in place.
+    saved_originals: dict = dataclasses.field(default_factory=dict)
 
 
 def get_state(model: nn.Module) -> PatchState | None:
@@ -163,14 +167,26 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
             layer.delete_adapter(adapter_name)
         raise
     for name, layer in new_layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        _set_module(model, name, layer)
+    for mname, mod in list(model.named_modules()):
+        if (mname and config.modules_to_save and mname not in state.saved_originals
+                and not isinstance(mod, DeLoRALinear)
+                and not any(mname.startswith(o + ".") for o in state.saved_originals)
+                and any(mname == m or mname.endswith("." + m) for m in config.modules_to_save)):
+            twin = copy.deepcopy(mod)
+            _set_module(model, mname, twin)
+            state.saved_originals[mname] = mod
     state.configs[adapter_name] = config
     if first:
         setattr(model, STATE_ATTR, state)
     _set_trainable(model, state)
     return model
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
 
 
 def _require_state(model: nn.Module) -> PatchState:
@@ -251,11 +267,12 @@ def unmerge(model: nn.Module) -> None:
             layer.unmerge()
 
 
-def _restore(model: nn.Module, state: PatchState) -> None:
+def _restore(model: nn.Module, state: PatchState, keep_saved_copies: bool) -> None:
     for name, layer in delora_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+        _set_module(model, name, layer.base_layer)
+    if not keep_saved_copies:
+        for name, original in state.saved_originals.items():
+            _set_module(model, name, original)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     delattr(model, STATE_ATTR)
@@ -265,7 +282,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
     """Merge the adapters and put plain modules (with the merged weights) back; returns ``model``."""
     state = _require_state(model)
     merge(model, safe_merge=safe_merge, adapter_names=adapter_names)
-    _restore(model, state)
+    _restore(model, state, keep_saved_copies=True)  # the trained modules_to_save stay, as PEFT's
     return model
 
 
@@ -273,7 +290,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Put the original modules back (unmerging first); their weights are bit-identical if nothing was merged."""
     state = _require_state(model)
     unmerge(model)
-    _restore(model, state)
+    _restore(model, state, keep_saved_copies=False)
     return model
 
 

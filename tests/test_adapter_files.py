@@ -179,9 +179,6 @@ def test_peft_modules_to_save_loads_in_delora_ext(tmp_path):
     assert_close(_out(ours, arch), _peft_out(pm, arch), 1e-5, "PEFT modules_to_save in delora_ext")
 
 
-@pytest.mark.xfail(strict=True, reason="bug in delora_ext/patching.py: modules_to_save are trained in place, so a "
-                   "module whose weight is tied (T5's lm_head is the input embedding) drags the input embedding along; "
-                   "PEFT trains a copy (ModulesToSaveWrapper), so the same adapter file gives other outputs")
 @pytest.mark.parametrize("direction", ["peft->ours", "ours->peft"])
 def test_modules_to_save_with_tied_weights_matches_peft(direction, tmp_path):
     arch = "t5"
