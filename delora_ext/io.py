@@ -45,6 +45,28 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def _unwrap(model):
+    """The patched model inside the wrappers training code holds it by: torch.compile's OptimizedModule
+    (``_orig_mod``; its submodule paths all start with ``_orig_mod.``), DistributedDataParallel and DataParallel
+    (``module``; they do not expose the model's attributes, so the patch state would not be found). FSDP2's
+    ``fully_shard`` keeps the model object itself (its parameters become DTensors, see ``_full``)."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s whole value as a plain CPU tensor. An FSDP2-sharded parameter (a DTensor) is all-gathered first:
+    a collective, so on an FSDP2 model every rank must call save_adapter / adapter_state_dict."""
+    if callable(getattr(t, "full_tensor", None)):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous()
+
+
 def _untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies of tensors that share storage with an earlier one (tied weights, e.g. BERT's decoder bias):
     safetensors refuses to write shared tensors."""
@@ -83,7 +105,11 @@ def _bias_tensors(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, torc
 
 
 def adapter_state_dict(model, adapter_name: str = "default", for_peft: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors ``save_adapter`` writes for one adapter, keyed as PEFT keys them (CPU, contiguous)."""
+    """The tensors ``save_adapter`` writes for one adapter, keyed as PEFT keys them (CPU, contiguous).
+
+    ``model`` may be wrapped (torch.compile, DDP); with FSDP2 call it on every rank (sharded tensors are gathered).
+    """
+    model = _unwrap(model)
     state = _require_state(model)
     if adapter_name not in state.configs:
         raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
@@ -99,12 +125,12 @@ def adapter_state_dict(model, adapter_name: str = "default", for_peft: bool = Tr
         keys = PARAM_KEYS + (PAPER_KEYS if adapter_name in layer.delora_A0 else ())
         for k in keys:
             t = getattr(layer, k)[adapter_name]
-            out[f"{PREFIX}{path}.{k}"] = t.detach().to("cpu").contiguous()
+            out[f"{PREFIX}{path}.{k}"] = _full(t)
     for mpath, mod in _modules_to_save(model, state.configs[adapter_name]).items():
         for pname, p in mod.state_dict().items():
-            out[f"{PREFIX}{mpath}.{pname}"] = p.detach().to("cpu").contiguous()
+            out[f"{PREFIX}{mpath}.{pname}"] = _full(p)
     for k, t in _bias_tensors(model, state.configs[adapter_name], adapter_name).items():
-        out[f"{PREFIX}{k}"] = t.detach().to("cpu").contiguous()
+        out[f"{PREFIX}{k}"] = _full(t)
     return out
 
 
@@ -113,7 +139,11 @@ def save_adapter(model, directory: str, adapter_names: list[str] | None = None, 
 
     ``for_peft=False`` also saves paper-init adapters, with their frozen initial update under extra keys
     (``.delora_A0``, ``.delora_B0``, ``.delora_lambda0``) that only delora_ext reads.
+
+    ``model`` may be wrapped (torch.compile, DDP). On an FSDP2-sharded model call it on every rank: the shards are
+    gathered (a collective) and every rank writes the same files (atomically).
     """
+    model = _unwrap(model)
     state = _require_state(model)
     names = list(state.configs) if adapter_names is None else list(adapter_names)
     payloads = {n: (_untied(adapter_state_dict(model, n, for_peft)), state.configs[n])
@@ -230,8 +260,11 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
     file's config if it does not have ``adapter_name`` yet. Biases the config trains (``bias`` "all" or
     "delora_only") are part of the adapter and loaded with it. Everything (config, every key, shape and dtype) is
     checked before the model is touched: on any error the model is exactly as before and the message names the
-    first offending key. Floating tensors of another dtype are cast to the parameter's dtype.
+    first offending key. Floating tensors of another dtype are cast to the parameter's dtype. ``model`` may be
+    wrapped (torch.compile, DDP; the wrapper is returned); loading into an FSDP2-sharded model is not supported
+    (load first, then shard).
     """
+    wrapper, model = model, _unwrap(model)
     cfg = _read_config(directory)
     tensors = _read_tensors(directory)
     state = get_state(model)
@@ -282,12 +315,13 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
     if not is_trainable:  # inference: nothing trains, as PEFT's inference_mode
         for p in model.parameters():
             p.requires_grad_(False)
-    return model
+    return wrapper
 
 
 def export_lora(model, directory: str, adapter_name: str = "default") -> None:
     """Write a PEFT LoRA adapter whose outputs equal this DeLoRA adapter's: lora_A = A ⊙ w, lora_B = B ⊙ s,
     lora_alpha = r (scaling 1). A paper-init adapter exports as rank 2r: [A' ; A₀'] and [B' | −B₀']."""
+    model = _unwrap(model)
     state = _require_state(model)
     if adapter_name not in state.configs:
         raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
