@@ -166,10 +166,18 @@ SplitScale split_scale(const Tensor& s, const Tensor& b_raw) {
   return {s * b_hat, b_hat.reciprocal()};
 }
 
+// fp32/fp64 inputs cannot overflow here, so s is folded into B whole and no N×r pass is needed; fp16/bf16
+// inputs take the split scale (u ⊙ λ/(r·â) in opmath, then B ⊙ 1/b̂).
+bool low_precision(at::ScalarType dt) { return dt == at::kHalf || dt == at::kBFloat16; }
+
 // y2 += ((x_d A'ᵀ) ⊙ s) Bᵀ, returning u = x_d A'ᵀ (x's dtype, saved for backward).
 Tensor add_low_rank(Tensor& y2, const Tensor& x_d, const Folded& f) {
   const auto dt = x_d.scalar_type();
   Tensor u = at::mm(x_d, f.Af.to(dt).t());
+  if (!low_precision(dt)) {
+    y2.addmm_(u, (f.B * f.s).to(dt).t());
+    return u;
+  }
   const SplitScale sc = split_scale(f.s, f.b);
   Tensor v = (u.to(f.s.scalar_type()) * sc.s_a).to(dt);
   y2.addmm_(v, (f.B * sc.inv_b).to(dt).t());
@@ -290,10 +298,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   if (want_x || want_A) GB = at::mm(g2, B_op.to(dt));
 
   if (want_x) {
-    // dx_adapter = (GB ⊙ s) A' = (GB ⊙ 1/b̂)(A' ⊙ λ/(r·â)): each factor bounded, as in the forward.
-    const SplitScale sc = split_scale(s_op, b_op);
-    Tensor Af = (A_op * w_op * sc.s_a.unsqueeze(1)).to(dt);
-    Tensor G = (GB.to(opmath) * sc.inv_b).to(dt);
+    // dx_adapter = (GB ⊙ s) A'. Full precision: s folded into A' (no N×r pass). Low precision:
+    // (GB ⊙ 1/b̂)(A' ⊙ λ/(r·â)), each factor bounded, as in the forward.
+    Tensor Af, G;
+    if (!low_precision(dt)) {
+      Af = (A_op * w_op * s_op.unsqueeze(1)).to(dt);
+      G = GB;
+    } else {
+      const SplitScale sc = split_scale(s_op, b_op);
+      Af = (A_op * w_op * sc.s_a.unsqueeze(1)).to(dt);
+      G = (GB.to(opmath) * sc.inv_b).to(dt);
+    }
     if (dropout_p > 0.0) {
       Tensor t = at::mm(G, Af);
       launch_dropout(t, t, *seed, dropout_p);

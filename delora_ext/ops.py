@@ -153,6 +153,7 @@ if NATIVE:
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, A, B, lam, w, u, s, a, b, seed)
         ctx.mark_non_differentiable(u, s, a, b)
+        ctx.set_materialize_grads(False)  # no zero-filled N×r gradient for u
 
     def _linear_backward(ctx, grad_y, *_unused):
         x, weight, A, B, lam, w, u, s, a, b, seed = ctx.saved_tensors
@@ -179,6 +180,7 @@ if NATIVE:
         ctx.dropout_p = dropout_p
         ctx.save_for_backward(x, A, B, lam, w, u, s, a, b, seed)
         ctx.mark_non_differentiable(u, s, a, b)
+        ctx.set_materialize_grads(False)
 
     def _adapter_backward(ctx, grad_y, *_unused):
         x, A, B, lam, w, u, s, a, b, seed = ctx.saved_tensors
