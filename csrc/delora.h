@@ -67,6 +67,8 @@ void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& A, const Tens
                    const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA, Tensor& dB,
                    Tensor& dlam);
 void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p);
+// weight += Bs·Af in one pass (fp32/fp64 accumulation, one rounding); false when weight has no unit stride.
+bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af);
 #endif
 
 }  // namespace delora_ext

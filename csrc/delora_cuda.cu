@@ -82,6 +82,51 @@ __global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restri
   }
 }
 
+// C (rows×cols, row stride ldc, unit column stride) += L (rows×r) · R (r×cols), L and R contiguous in acc_t.
+// One block per 16-row × 256-column tile, one thread per column: consecutive threads touch consecutive
+// elements of C (coalesced), each C element is read once, accumulated in acc_t over all r, and rounded once.
+// L and R are staged through shared memory in chunks of 16 ranks.
+constexpr int kMergeRows = 16;
+constexpr int kMergeCols = 256;
+constexpr int kMergeK = 16;
+
+template <typename scalar_t, typename acc_t>
+__global__ void merge_kernel(scalar_t* __restrict__ C, int64_t ldc, const acc_t* __restrict__ L,
+                             const acc_t* __restrict__ R, int64_t rows, int64_t cols, int64_t r) {
+  __shared__ acc_t Ls[kMergeRows][kMergeK];
+  __shared__ acc_t Rs[kMergeK][kMergeCols];
+  const int64_t row0 = int64_t(blockIdx.y) * kMergeRows;
+  const int64_t col = int64_t(blockIdx.x) * kMergeCols + threadIdx.x;
+  acc_t acc[kMergeRows];
+#pragma unroll
+  for (int i = 0; i < kMergeRows; ++i) acc[i] = acc_t(0);
+  for (int64_t k0 = 0; k0 < r; k0 += kMergeK) {
+    for (int t = threadIdx.x; t < kMergeRows * kMergeK; t += blockDim.x) {
+      const int i = t / kMergeK, k = t % kMergeK;
+      Ls[i][k] = (row0 + i < rows && k0 + k < r) ? L[(row0 + i) * r + k0 + k] : acc_t(0);
+    }
+#pragma unroll
+    for (int k = 0; k < kMergeK; ++k)
+      Rs[k][threadIdx.x] = (col < cols && k0 + k < r) ? R[(k0 + k) * cols + col] : acc_t(0);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kMergeK; ++k) {
+      const acc_t rv = Rs[k][threadIdx.x];
+#pragma unroll
+      for (int i = 0; i < kMergeRows; ++i) acc[i] += Ls[i][k] * rv;
+    }
+    __syncthreads();
+  }
+  if (col >= cols) return;
+#pragma unroll
+  for (int i = 0; i < kMergeRows; ++i) {
+    if (row0 + i < rows) {
+      scalar_t* p = C + (row0 + i) * ldc + col;
+      *p = scalar_t(acc_t(*p) + acc[i]);
+    }
+  }
+}
+
 template <typename scalar_t>
 __global__ void dropout_kernel(const scalar_t* src, scalar_t* dst,  // may alias (in-place use in backward)
                                const int64_t* __restrict__ seed,
@@ -131,6 +176,34 @@ void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& A, const Tens
   });
   // r partial sums, added in a fixed order by a deterministic ATen reduction.
   if (dlam.defined()) at::sum_out(dlam, parts, {0}, /*keepdim=*/true);
+}
+
+bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
+  // weight (out×in) += Bs (out×r) · Af (r×in). A transposed weight (Conv1D's (in, out) storage seen as
+  // (out, in)) is handled as Wᵀ += Afᵀ Bsᵀ so the unit stride stays on the fast axis.
+  Tensor C = weight, L = Bs, R = Af;
+  if (weight.stride(1) != 1 || weight.size(1) == 1) {
+    if (weight.stride(0) != 1) return false;  // neither axis has unit stride: caller falls back
+    C = weight.t();
+    L = Af.t().contiguous();
+    R = Bs.t().contiguous();
+  }
+  const int64_t rows = C.size(0), cols = C.size(1), r = L.size(1);
+  if (rows == 0 || cols == 0) return true;
+  const c10::cuda::CUDAGuard guard(weight.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>((cols + kMergeCols - 1) / kMergeCols),
+                  static_cast<unsigned>((rows + kMergeRows - 1) / kMergeRows));
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "delora_merge_cuda_acc", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, C.scalar_type(), "delora_merge_cuda", [&] {
+      merge_kernel<scalar_t, acc_t><<<grid, kMergeCols, 0, stream>>>(
+          C.mutable_data_ptr<scalar_t>(), C.stride(0), L.const_data_ptr<acc_t>(), R.const_data_ptr<acc_t>(), rows,
+          cols, r);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return true;
 }
 
 void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {

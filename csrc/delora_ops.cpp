@@ -353,6 +353,9 @@ void merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lam,
   Folded f = fold(A, B, lam, w);
   const auto opmath = f.Af.scalar_type();
   Tensor Bs = f.B * (f.s * alpha);  // out×r, opmath
+#ifdef DELORA_WITH_CUDA
+  if (weight.is_cuda() && merge_cuda(weight, Bs.contiguous(), f.Af)) return;
+#endif
   if (weight.scalar_type() == opmath) {
     // W += B' A' in one pass, accumulating in W's own (opmath) precision; addmm_ writes W in place.
     weight.addmm_(Bs, f.Af);
