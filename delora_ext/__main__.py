@@ -5,31 +5,34 @@ import argparse
 import json
 import sys
 
+COMMANDS = {
+    "demo": "fine-tune a small causal LM with DeLoRA end to end (demo --help for its options)",
+    "info": "print the build information (torch, compiled kernels, CUDA toolkit)",
+    "bench": "run the CPU benchmark and write its tables and plot (bench --help for its options)",
+}
+
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="delora-ext", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="print the build information (torch, compiled kernels, CUDA toolkit)")
-    d = sub.add_parser("demo", help="fine-tune a small causal LM with DeLoRA end to end (see demo --help)",
-                       add_help=False)
-    d.add_argument("rest", nargs=argparse.REMAINDER)
-    b = sub.add_parser("bench", help="run the CPU benchmark (see bench/README or --help)", add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.cmd == "info":
+    parser.add_argument("command", choices=sorted(COMMANDS),
+                        help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
+    # demo and bench own their options: everything after the command goes to them unparsed
+    args = parser.parse_args(argv[:1])
+    rest = argv[1:]
+    if args.command == "info":
         import delora_ext
 
+        parser.parse_args(argv)  # info takes no options
         print(json.dumps(delora_ext.build_info(), indent=2))
         return 0
-    if args.cmd == "demo":
+    if args.command == "demo":
         from delora_ext import demo
 
-        return demo.main(args.rest)
-    if args.cmd == "bench":
-        from delora_ext import benchmark
+        return demo.main(rest)
+    from delora_ext import benchmark
 
-        return benchmark.main(args.rest) or 0
-    return 2
+    return benchmark.main(rest) or 0
 
 
 if __name__ == "__main__":
