@@ -59,12 +59,17 @@ LABELS = {
 MODES = ("x_grad", "x_nograd")
 TARGETS = {"step_vs_frozen": 1.10, "step_vs_peft_delora": 0.90, "step_vs_peft_lora": 1.0, "saved_vs_peft_delora": 1 / 20}
 
-# Repeats (timed rounds after warm-up) per N, chosen so the full run takes ~9 min on 2 cores.
-FULL_REPEATS = {512: 21, 4096: 9}
+# Repeats (timed rounds after warm-up) per N, chosen so the full run takes ~8 min on 2 quiet cores.
+FULL_REPEATS = {512: 25, 4096: 13}
 FULL_WARMUP = 2
 QUICK_REPEATS = 5
 QUICK_WARMUP = 1
 MERGE_REPEATS = {"full": 15, "quick": 5}
+CONTENTION_LIMIT = 0.05  # share of wall × cores taken by other processes above which a step is "disturbed"
+TICK_S = 0.01            # /proc/stat resolution (USER_HZ = 100)
+MAX_ROUND_FACTOR = 2     # at most warm-up + 2 × repeats rounds per group
+RETRY_DEADLINE_S = 600   # no disturbed round is repeated after this many seconds of the run (--quick: none)
+MIN_CLEAN = 3            # a variant with fewer clean samples than this uses its disturbed ones too (flagged)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,6 +132,49 @@ def _other_busy_processes(limit: int = 5) -> list[str]:
     return [b for _, b in sorted(busy, reverse=True)[:limit]]
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) — their difference over the run is
+    what other processes took from the cores we time on."""
+    global _ME
+    try:
+        import psutil
+        if _ME is None:
+            _ME = psutil.Process()
+        ct = psutil.cpu_times()
+        busy = ct.user + ct.system + getattr(ct, "nice", 0.0) + getattr(ct, "irq", 0.0) + getattr(ct, "softirq", 0.0)
+        me = _ME.cpu_times()
+        return busy, me.user + me.system
+    except Exception:
+        return None
+
+
+_ME = None
+
+
+def _source_state() -> dict:
+    """Commit of the checkout, whether csrc/ or delora_ext/ differ from it, and when the native library was built
+    (the tree may be rebuilt between runs)."""
+    import subprocess
+    import delora_ext
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    try:
+        out["git_commit"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "csrc", "delora_ext", "setup.py"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out["sources_modified"] = [ln[3:] for ln in dirty.splitlines() if not ln.endswith(".so")]
+    except Exception as e:  # pragma: no cover
+        out["git_commit"] = f"unavailable ({e})"
+    native = getattr(delora_ext.ops, "_C", None)
+    so = getattr(native, "__file__", None)
+    if so and os.path.exists(so):
+        out["native_library"] = os.path.relpath(so, root)
+        out["native_library_mtime"] = _dt.datetime.fromtimestamp(os.path.getmtime(so)).astimezone().isoformat(
+            timespec="seconds")
+    return out
+
+
 def environment(args) -> dict:
     import delora_ext
     try:
@@ -145,6 +193,7 @@ def environment(args) -> dict:
         "peft": peft_version,
         "delora_ext": getattr(delora_ext, "__version__", "?"),
         "build_info": delora_ext.build_info(),
+        "source": _source_state(),
         "torch_num_threads": torch.get_num_threads(),
         "command": " ".join([os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "bench_cpu.py"]
                             + list(args.argv)),
@@ -353,21 +402,24 @@ def bench_merge(in_f: int, out_f: int, r: int, repeats: int, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # profiler breakdown of one step
 def profile_steps(step, steps: int = 3) -> list[dict]:
+    """Self/total CPU time per (op, input shapes), per step, from torch.profiler over `steps` steps."""
     from torch.profiler import ProfilerActivity, profile
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             step()
     rows = []
-    for ev in prof.key_averages():
-        rows.append({"op": ev.key, "self_ms_per_step": ev.self_cpu_time_total / 1e3 / steps,
+    for ev in prof.key_averages(group_by_input_shape=True):
+        shapes = [list(sh) for sh in (ev.input_shapes or []) if sh]
+        rows.append({"op": ev.key, "shapes": shapes, "self_ms_per_step": ev.self_cpu_time_total / 1e3 / steps,
                      "total_ms_per_step": ev.cpu_time_total / 1e3 / steps, "calls_per_step": ev.count / steps})
     rows.sort(key=lambda d: -d["self_ms_per_step"])
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
-def run_group(N: int, in_f: int, out_f: int, ranks, repeats: int, warmup: int, seed: int, log) -> dict:
+def run_group(N: int, in_f: int, out_f: int, ranks, repeats: int, warmup: int, seed: int, log,
+              retry: bool = True, deadline: float = math.inf) -> dict:
     """Build every variant for one (N, in, out), check outputs agree, time them round-robin."""
     torch.manual_seed(seed)
     template = nn.Linear(in_f, out_f)
@@ -405,35 +457,68 @@ def run_group(N: int, in_f: int, out_f: int, ranks, repeats: int, warmup: int, s
 
     items = [((v, r, mode), make_step(layer, xs[mode], g)) for (v, r), layer in layers.items() for mode in MODES]
     samples = {k: [] for k, _ in items}
+    dirty_samples = {k: [] for k, _ in items}
     rng = random.Random(seed)
-    order = list(range(len(items)))
+    ncpu = os.cpu_count() or 1
     t_group = time.perf_counter()
+    done = 0
     gc.collect()
     gc.disable()
     try:
-        for rep in range(warmup + repeats):
-            rng.shuffle(order)
-            for i in order:
+        # Each step is classified by the CPU time other processes took while it ran (system busy time minus
+        # ours, /proc/stat tick resolution): on a shared 2-core machine one busy neighbour stalls every OpenMP
+        # barrier. A step is clean when that is below CONTENTION_LIMIT of its wall × cores (plus one tick of
+        # quantisation). Rounds go on for the variants still short of `repeats` clean samples, up to
+        # MAX_ROUND_FACTOR × repeats rounds and not past `deadline`; disturbed samples are used only for a
+        # variant with fewer than MIN_CLEAN clean ones (and flagged).
+        while True:
+            pending = [i for i, (k, _) in enumerate(items) if done < warmup or len(samples[k]) < repeats]
+            if not pending:
+                break
+            if done >= warmup + repeats and (not retry or done >= warmup + MAX_ROUND_FACTOR * repeats
+                                             or time.perf_counter() > deadline):
+                break
+            rng.shuffle(pending)
+            for i in pending:
                 key, step = items[i]
+                c0 = _cpu_seconds()
                 t0 = time.perf_counter()
                 step()
                 dt = time.perf_counter() - t0
-                if rep >= warmup:
+                c1 = _cpu_seconds()
+                if done < warmup:
+                    continue
+                other = (c1[0] - c0[0]) - (c1[1] - c0[1]) if c0 and c1 else 0.0
+                if other <= TICK_S + CONTENTION_LIMIT * dt * ncpu:
                     samples[key].append(dt)
+                else:
+                    dirty_samples[key].append(dt)
+            done += 1
     finally:
         gc.enable()
     wall = time.perf_counter() - t_group
-    log(f"  N={N} {in_f}x{out_f} r={list(ranks)}: {len(items)} steps x {warmup}+{repeats} rounds in {wall:.1f} s")
+    flagged = [k for k in samples if len(samples[k]) < MIN_CLEAN]
+    n_clean = {k: len(v) for k, v in samples.items()}
+    n_dirty = {k: len(v) for k, v in dirty_samples.items()}
+    for k in flagged:
+        samples[k] = samples[k] + dirty_samples[k]
+    log(f"  N={N} {in_f}x{out_f} r={list(ranks)}: {len(items)} variants, {done} rounds ({warmup} warm-up), clean "
+        f"samples per variant {min(n_clean.values())}-{max(n_clean.values())}, disturbed "
+        f"{sum(n_dirty.values())}, in {wall:.1f} s"
+        + (f"  [{len(flagged)} variants with < {MIN_CLEAN} clean samples: disturbed ones used]" if flagged else ""))
+    rounds = {"warmup": warmup, "rounds": done, "clean_min": min(n_clean.values()), "clean_max": max(n_clean.values()),
+              "disturbed": sum(n_dirty.values()), "flagged": len(flagged)}
 
     rows = []
     for r in ranks:
         for mode in MODES:
             frozen_med = _median(samples[("frozen", None, mode)])
-            row = {"N": N, "in": in_f, "out": out_f, "r": r, "mode": mode, **agree[r]}
+            row = {"N": N, "in": in_f, "out": out_f, "r": r, "mode": mode, "rounds": rounds, **agree[r]}
             for v in VARIANTS:
                 key = (v, None if v == "frozen" else r, mode)
                 med = _median(samples[key])
-                row[v] = {"median_ms": med * 1e3, "iqr_ms": _iqr(samples[key]) * 1e3,
+                row[v] = {"median_ms": med * 1e3, "n_clean": n_clean[key], "n_disturbed": n_dirty[key],
+                          "disturbed_used": key in flagged, "iqr_ms": _iqr(samples[key]) * 1e3,
                           "min_ms": min(samples[key]) * 1e3, "ratio_to_frozen": med / frozen_med,
                           "samples_ms": [round(t * 1e3, 4) for t in samples[key]],
                           "saved_bytes": saved[key]["bytes"], "saved_tensors": saved[key]["tensors"]}
@@ -490,15 +575,32 @@ def render_markdown(res: dict) -> str:
     L.append(f"- torch {env['torch']}, torch.get_num_threads() = {env['torch_num_threads']}, peft {env['peft']}, "
              f"python {env['python']}")
     L.append(f"- delora_ext {env['delora_ext']} build_info: `{json.dumps(env['build_info'])}`")
+    src = env.get("source", {})
+    L.append(f"- source: commit {src.get('git_commit')}, modified csrc/delora_ext files: "
+             f"{', '.join(src.get('sources_modified') or []) or 'none'}; native library built "
+             f"{src.get('native_library_mtime')}")
     L.append(f"- command: `{env['command']}`; wall time {res['wall_s']:.0f} s")
     L.append(f"- load average (1/5/15 min) at start {env['loadavg_start']}, at end {env.get('loadavg_end')}; "
              f"other busy processes at start: {', '.join(env['busy_processes_start']) or 'none'}; at end: "
              f"{', '.join(env.get('busy_processes_end') or []) or 'none'}")
+    if "other_processes_cpu_s" in env:
+        L.append(f"- CPU time taken by other processes during the run: {env['other_processes_cpu_s']} s "
+                 f"({100 * env['other_processes_cpu_share']:.1f} % of wall × cores); steps they disturbed are "
+                 f"discarded (counts below); merge timings and the profiles are not filtered")
     L.append(f"- fp32; x is (N/{SEQ}, {SEQ}, in); step = forward + backward of a fixed random dL/dy, trainable "
              f"grads set to None before each step; ours/PEFT DeLoRA/reference share A, B, λ, w (B random, "
              f"init_weights=False); LoRA: r = lora_alpha, init_lora_weights=False")
-    L.append(f"- repeats (timed rounds after {res['warmup']} warm-up rounds, variants interleaved in a shuffled "
-             f"round-robin): {res['repeats']}; figures are medians")
+    L.append(f"- timed rounds wanted per group (N: rounds): {res['repeats']}, after {res['warmup']} warm-up "
+             f"round(s); every variant and mode runs once per round, in a shuffled order; figures are medians over "
+             f"clean steps (other processes took < {100 * CONTENTION_LIMIT:.0f} % of the cores + one 10 ms tick while "
+             f"the step ran); variants short of clean samples get extra rounds")
+    seen_groups = {}
+    for r in res["rows"]:
+        seen_groups.setdefault((r["N"], r["in"], r["out"]), r["rounds"])
+    L.append("- per group: rounds, clean samples per variant (min–max), disturbed samples discarded: " + "; ".join(
+        f"N={k[0]} {k[1]}×{k[2]}: {v['rounds']}, {v['clean_min']}–{v['clean_max']}, {v['disturbed']}"
+        + (f" ({v['flagged']} variants had < {MIN_CLEAN} clean samples: disturbed ones used)" if v["flagged"] else "")
+        for k, v in seen_groups.items()))
     L.append("")
     L.append("## Targets (N=4096, 1024×1024, r=16, fp32, x requires grad)")
     L.append("")
@@ -572,10 +674,11 @@ def render_markdown(res: dict) -> str:
             tot = sum(r["self_ms_per_step"] for r in rows)
             L.append(f"### {name} (sum of self time {tot:.2f} ms/step)")
             L.append("")
-            L.append("| op | self ms/step | total ms/step | calls/step |")
-            L.append("|---|---|---|---|")
+            L.append("| op | input shapes | self ms/step | total ms/step | calls/step |")
+            L.append("|---|---|---|---|---|")
             for r in rows[:14]:
-                L.append(f"| {r['op']} | {r['self_ms_per_step']:.3f} | {r['total_ms_per_step']:.3f} | "
+                sh = " ".join("×".join(str(d) for d in s_) for s_ in r.get("shapes", []))
+                L.append(f"| {r['op']} | {sh} | {r['self_ms_per_step']:.3f} | {r['total_ms_per_step']:.3f} | "
                          f"{r['calls_per_step']:g} |")
             L.append("")
     L.append("## Agreement (max |y − y_PEFT| / max |y_PEFT|, forward)")
@@ -624,6 +727,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*Already unmerged.*")
 
     t_start = time.perf_counter()
+    cpu0 = _cpu_seconds()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     env = environment(args)
     log(f"delora_ext CPU benchmark ({env['mode']}): torch {env['torch']}, {env['torch_num_threads']} threads, "
@@ -646,11 +750,12 @@ def main(argv=None) -> int:
         return QUICK_REPEATS if args.quick else FULL_REPEATS.get(N, 9)
 
     rows, repeats_used, profile = [], {}, {}
-    n_profile_steps = 3
+    n_profile_steps = 5
     for gi, (N, i, o, ranks) in enumerate(groups):
         reps = repeats_for(N)
         repeats_used[N] = reps
-        g = run_group(N, i, o, ranks, reps, warmup, args.seed + gi, log)
+        g = run_group(N, i, o, ranks, reps, warmup, args.seed + gi, log, retry=not args.quick,
+                      deadline=t_start + RETRY_DEADLINE_S)
         rows += g["rows"]
         ex = g["_extra"]
         if not args.no_profile and (N, i, o) == (HEADLINE["N"], HEADLINE["in"], HEADLINE["out"]):
@@ -673,6 +778,12 @@ def main(argv=None) -> int:
     res = {"environment": env, "headline": HEADLINE, "seq": SEQ, "warmup": warmup, "repeats": repeats_used,
            "targets_spec": TARGETS, "rows": rows, "merges": merges, "profile": profile,
            "profile_steps": n_profile_steps}
+    cpu1 = _cpu_seconds()
+    if cpu0 and cpu1:
+        other = (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])
+        span = (time.perf_counter() - t_start) * (os.cpu_count() or 1)
+        env["other_processes_cpu_s"] = round(other, 1)
+        env["other_processes_cpu_share"] = round(max(other, 0.0) / span, 4)
     env["loadavg_end"] = _loadavg()
     env["busy_processes_end"] = _other_busy_processes()
     res["targets"] = evaluate_targets(rows, merges)
@@ -695,6 +806,10 @@ def main(argv=None) -> int:
         json.dump(_strip_private({**res, "markdown": md}), f, indent=1, default=str)
     print(md)
     log(f"wrote {base}.md and {base}.json ({res['wall_s']:.0f} s)")
+    flagged = sum(r["rounds"]["flagged"] for r in rows)
+    if flagged:
+        log(f"WARNING: {flagged} variant timings had < {MIN_CLEAN} undisturbed samples (other processes took "
+            f"{100 * env.get('other_processes_cpu_share', 0.0):.1f} % of the CPU); rerun on a quiet machine")
     met = all(t["met"] for t in res["targets"])
     return 0 if (met or not args.strict) else 1
 
