@@ -51,3 +51,15 @@ def test_demo_fine_tunes_a_local_checkpoint(tmp_path):
 def test_bad_subcommand_is_refused():
     out = _run("nonsense")
     assert out.returncode != 0 and "invalid choice" in out.stderr
+
+
+def test_bench_quick_writes_tables_and_plot(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("matplotlib")
+    out = _run("bench", "--quick", "--no-profile", "--repeats", "3", "--warmup", "1", "--out", str(tmp_path / "b"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for suffix in (".md", ".json", ".png"):
+        assert (tmp_path / f"b{suffix}").stat().st_size > 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    row = res["rows"][0]
+    assert row["ours"]["median_ms"] > 0 and row["frozen"]["median_ms"] > 0
