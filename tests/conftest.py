@@ -88,3 +88,20 @@ def low_precision_budget(fn, args64, dtype):
     exp = exp if isinstance(exp, (tuple, list)) else [exp]
     low = low if isinstance(low, (tuple, list)) else [low]
     return [rel_err(lo, e) for lo, e in zip(low, exp)]
+
+
+def saved_activation_bytes(layer, x) -> int:
+    """Bytes autograd saves for one forward of ``layer`` on ``x``, not counting x, parameters and buffers
+    (tensors are told apart by their storage); runs the backward too so nothing is left pending."""
+    exclude = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters(), *layer.buffers()]}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in exclude:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    return sum(saved)

@@ -9,7 +9,7 @@ from torch import nn
 
 from delora_ext import DeLoRALinear
 
-from conftest import assert_close, make_x
+from conftest import assert_close, make_x, saved_activation_bytes
 
 peft = pytest.importorskip("peft")
 
@@ -68,18 +68,7 @@ def test_peft_saves_an_extra_activation_we_do_not():
     ours, theirs = _pair(in_f, out, r)
 
     def saved_bytes(layer):
-        x = torch.randn(N, in_f, requires_grad=True)
-        exclude = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters(), *layer.buffers()]}
-        total = []
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in exclude:
-                total.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x).sum().backward()
-        return sum(total)
+        return saved_activation_bytes(layer, torch.randn(N, in_f, requires_grad=True))
 
     mine, peft_bytes = saved_bytes(ours), saved_bytes(theirs)
     assert peft_bytes >= N * in_f * 4
