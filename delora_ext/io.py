@@ -21,6 +21,7 @@ from . import ops
 from .config import DeLoRAConfig, matches
 from .layer import DeLoRALinear, is_conv1d, supported_base
 from .patching import _candidates, _require_state, _resolve_targets, delora_layers, get_state, patch
+from .patching import unwrap as _unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,20 +44,6 @@ def _atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def _unwrap(model):
-    """The patched model inside the wrappers training code holds it by: torch.compile's OptimizedModule
-    (``_orig_mod``; its submodule paths all start with ``_orig_mod.``), DistributedDataParallel and DataParallel
-    (``module``; they do not expose the model's attributes, so the patch state would not be found). FSDP2's
-    ``fully_shard`` keeps the model object itself (its parameters become DTensors, see ``_full``)."""
-    while True:
-        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

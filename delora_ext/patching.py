@@ -31,6 +31,20 @@ class PatchState:
     saved_originals: dict = dataclasses.field(default_factory=dict)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The patched model inside the wrappers training code holds it by: torch.compile's OptimizedModule
+    (``_orig_mod``; its submodule paths all start with ``_orig_mod.``), DistributedDataParallel and DataParallel
+    (``module``; they do not expose the model's attributes, so the patch state would not be found). FSDP2's
+    ``fully_shard`` keeps the model object itself (its parameters become DTensors, see ``_full``)."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def get_state(model: nn.Module) -> PatchState | None:
     return getattr(model, STATE_ATTR, None)
 
@@ -198,6 +212,7 @@ def _require_state(model: nn.Module) -> PatchState:
 
 def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
     """Make ``adapter_names`` the active adapters (several are summed) and the only trainable ones."""
+    model = unwrap(model)
     state = _require_state(model)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     for n in names:
@@ -211,6 +226,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter from every layer (unmerging it where it is merged)."""
+    model = unwrap(model)
     state = _require_state(model)
     if adapter_name not in state.configs:
         raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
@@ -225,12 +241,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model computes as its base model (merged adapters are unmerged first)."""
+    outer, model = model, unwrap(model)
     _require_state(model)
     layers = list(delora_layers(model).values())
     for layer in layers:
         layer.enable_adapters(False)
     try:
-        yield model
+        yield outer
     finally:
         for layer in layers:
             layer.enable_adapters(True)
@@ -242,6 +259,7 @@ def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] |
     If a layer fails (safe_merge finds a non-finite weight, a λ is not finite, ...), the layers merged so far
     are unmerged again before the error propagates.
     """
+    model = unwrap(model)
     _require_state(model)
     done: list[tuple[DeLoRALinear, list[str]]] = []
     try:
@@ -261,6 +279,7 @@ def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] |
 
 def unmerge(model: nn.Module) -> None:
     """Unmerge every merged adapter of every layer."""
+    model = unwrap(model)
     _require_state(model)
     for layer in delora_layers(model).values():
         if layer.merged:
@@ -280,18 +299,20 @@ def _restore(model: nn.Module, state: PatchState, keep_saved_copies: bool) -> No
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
     """Merge the adapters and put plain modules (with the merged weights) back; returns ``model``."""
+    outer, model = model, unwrap(model)
     state = _require_state(model)
     merge(model, safe_merge=safe_merge, adapter_names=adapter_names)
     _restore(model, state, keep_saved_copies=True)  # the trained modules_to_save stay, as PEFT's
-    return model
+    return outer
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Put the original modules back (unmerging first); their weights are bit-identical if nothing was merged."""
+    outer, model = model, unwrap(model)
     state = _require_state(model)
     unmerge(model)
     _restore(model, state, keep_saved_copies=False)
-    return model
+    return outer
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

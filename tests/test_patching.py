@@ -467,3 +467,22 @@ def test_t5_feed_forward_output_can_be_adapted():
     model = delora_ext.patch(copy.deepcopy(base), target_modules=["wo"], r=2)
     with torch.no_grad():
         assert_close(logits(model, "t5"), logits(base, "t5"), 1e-6, "T5 with wo adapted")
+
+
+def test_lifecycle_functions_see_through_training_wrappers():
+    """merge / unmerge / set_adapter / disable_adapters / unpatch accept the torch.compile (and DDP) wrapper."""
+    base = build("llama")
+    model = delora_ext.patch(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], r=2, init_weights=False)
+    wrapped = torch.compile(model)  # lazily compiled: nothing runs until called
+    with torch.no_grad():
+        y = logits(model, "llama")
+        delora_ext.merge(wrapped)
+        assert all(layer.merged for layer in delora_ext.patching.delora_layers(model).values())
+        assert_close(logits(model, "llama"), y, 1e-5, "merged through the wrapper")
+        delora_ext.unmerge(wrapped)
+        delora_ext.set_adapter(wrapped, "default")
+        with delora_ext.disable_adapters(wrapped) as m:
+            assert m is wrapped
+            assert_close(logits(model, "llama"), logits(base, "llama"), 1e-6, "disabled through the wrapper")
+    assert delora_ext.unpatch(wrapped) is wrapped
+    assert not delora_ext.patching.delora_layers(model)
