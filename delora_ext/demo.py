@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import torch
-from torch import nn
 
 
 def _build_model(args, device):

@@ -10,7 +10,6 @@ import copy
 import dataclasses
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, DeLoRAConfig, matches

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import delora_ext
-from delora_ext import reference as ref
 
 CUDA = torch.cuda.is_available()
 NATIVE = delora_ext.ops.NATIVE
