@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Iterable
 
@@ -12,6 +13,9 @@ from . import ops
 from . import reference as ref
 
 _warned: set[str] = set()
+
+
+_RESOLVE_LOCK = threading.RLock()
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -209,17 +213,20 @@ class DeLoRALinear(nn.Module):
         """Compute w for adapters created while the base weight was on the meta device."""
         if not self._w_pending:
             return
-        weight = self.base_layer.weight
-        if weight.device.type == "meta":
-            raise RuntimeError("DeLoRALinear: the base weight is still on the meta device; load the real weights "
-                               "(or an adapter file carrying delora_w_norm) before running or merging")
-        w = ref.column_norms_ref(self.weight_oi())
-        for name in sorted(self._w_pending):
-            self.delora_w_norm[name] = w.to(weight.device).clone()
-            for store in (self.delora_A, self.delora_B, self.delora_lambda):
-                if store[name].device.type == "meta":
-                    raise RuntimeError(f"DeLoRALinear: adapter {name!r} parameters are still on the meta device")
-        self._w_pending.clear()
+        with _RESOLVE_LOCK:  # two threads running the first forward: one computes, the other sees it done
+            if not self._w_pending:
+                return
+            weight = self.base_layer.weight
+            if weight.device.type == "meta":
+                raise RuntimeError("DeLoRALinear: the base weight is still on the meta device; load the real "
+                                   "weights (or an adapter file carrying delora_w_norm) before running or merging")
+            w = ref.column_norms_ref(self.weight_oi())
+            for name in sorted(self._w_pending):
+                for store in (self.delora_A, self.delora_B, self.delora_lambda):
+                    if store[name].device.type == "meta":
+                        raise RuntimeError(f"DeLoRALinear: adapter {name!r} parameters are still on the meta device")
+                self.delora_w_norm[name] = w.to(weight.device).clone()
+            self._w_pending.clear()
 
     @staticmethod
     def _after_load(module: "DeLoRALinear", incompatible_keys) -> None:
@@ -280,6 +287,22 @@ class DeLoRALinear(nn.Module):
     def _params0(self, name: str):
         """The frozen initial adapter of a paper-init adapter."""
         return (self.delora_A0[name], self.delora_B0[name], self.delora_lambda0[name], self.delora_w_norm[name])
+
+    def _check_finite(self, names: list[str], action: str) -> None:
+        """Refuse to ``action`` (merge/unmerge) adapters with a non-finite parameter: one NaN/Inf in A, B, λ or w
+        would turn a whole row or column of the base weight into NaN for good (unmerge cannot undo it).
+        One host sync for all of them; merging is not on the training path."""
+        stores = [("delora_A", self.delora_A), ("delora_B", self.delora_B), ("delora_lambda", self.delora_lambda),
+                  ("delora_w_norm", self.delora_w_norm), ("delora_A0", self.delora_A0),
+                  ("delora_B0", self.delora_B0), ("delora_lambda0", self.delora_lambda0)]
+        named = [(f"{attr}[{n!r}]", store[n]) for n in names for attr, store in stores if n in store]
+        flags = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+        bad = [label for (label, _), ok in zip(named, flags) if not ok]
+        if bad:
+            hint = (" (w holds the base weight's column norms: the base weight has non-finite columns)"
+                    if any(b.startswith("delora_w_norm") for b in bad) else "")
+            raise ValueError(f"cannot {action}: {', '.join(bad)} has non-finite values{hint}; "
+                             f"the base weight was left unchanged")
 
     def _apply_delta(self, W: torch.Tensor, name: str, alpha: float) -> None:
         """W += alpha · (ΔW − ΔW₀) in place, for the (out, in) view W."""
@@ -347,9 +370,17 @@ class DeLoRALinear(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' ΔW to the base weight in place (default: the active adapters).
 
-        ``safe_merge=True`` merges into a copy first and raises if the result is not finite, leaving the weight
-        untouched (costs one out×in temporary, as PEFT's). Adapters already merged are skipped with a warning.
+        Adapters with a non-finite A, B, λ or w are refused before anything is written. ``safe_merge=True``
+        merges into a copy first and raises if the result is not finite (overflow in the weight's dtype),
+        leaving the weight untouched (costs one out×in temporary, as PEFT's). Adapters already merged are
+        skipped with a warning.
         """
+        names = self._merge_plan(safe_merge, adapter_names)
+        self._merge_commit(names)
+
+    def _merge_plan(self, safe_merge: bool, adapter_names: list[str] | None) -> list[str]:
+        """Every check of ``merge``, nothing written: the adapters to merge. With ``safe_merge`` it merges into a
+        temporary copy and checks that; ``_merge_commit`` then writes the same (deterministic) result in place."""
         names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
         for n in names:
             if n not in self.delora_A:
@@ -360,27 +391,31 @@ class DeLoRALinear(nn.Module):
                           f"You are now additionally merging {','.join(n for n in names if n not in already)}.")
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
-            return
+            return names
         weight = self.base_layer.weight
         if not weight.is_floating_point():
             raise TypeError(f"cannot merge into a base weight of dtype {weight.dtype}; merging needs a floating "
                             f"point weight")
         if self._w_pending:
             self.resolve_w()
-        for n in names:
-            if not bool(torch.isfinite(self.delora_lambda[n]).all()):
-                raise ValueError(f"delora_lambda[{n!r}] is not finite ({self.delora_lambda[n].item()}); refusing to merge")
-        with torch.no_grad():
-            if safe_merge:
+        self._check_finite(names, "merge")
+        if safe_merge:
+            with torch.no_grad():
                 new = self.weight_oi().detach().clone()
                 for n in names:
                     self._apply_delta(new, n, 1.0)
                     if not bool(torch.isfinite(new).all()):
-                        raise ValueError(f"NaNs detected in the merged weights. The adapter {n} seems to be broken")
-                self.weight_oi().copy_(new)
-            else:
-                for n in names:
-                    self._apply_delta(self.weight_oi(), n, 1.0)
+                        why = ("the base weight already had non-finite values"
+                               if not bool(torch.isfinite(self.weight_oi()).all())
+                               else f"ΔW of adapter {n!r} overflows {new.dtype} when added")
+                        raise ValueError(f"NaNs detected in the merged weights ({why}). The adapter {n} seems to be "
+                                         f"broken; the base weight was left unchanged")
+        return names
+
+    def _merge_commit(self, names: list[str]) -> None:
+        with torch.no_grad():
+            for n in names:
+                self._apply_delta(self.weight_oi(), n, 1.0)
         self.merged_adapters.extend(names)
 
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
@@ -390,6 +425,7 @@ class DeLoRALinear(nn.Module):
             return
         names = list(reversed(self.merged_adapters)) if adapter_names is None else \
             [n for n in reversed(self.merged_adapters) if n in adapter_names]
+        self._check_finite(names, "unmerge")
         with torch.no_grad():
             for n in names:
                 self._apply_delta(self.weight_oi(), n, -1.0)

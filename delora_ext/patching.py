@@ -255,20 +255,24 @@ def disable_adapters(model: nn.Module):
 def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
     """Merge adapters (default: the active ones) into every DeLoRA layer's weight, in place.
 
-    If a layer fails (safe_merge finds a non-finite weight, a λ is not finite, ...), the layers merged so far
-    are unmerged again before the error propagates.
+    All-or-nothing: every layer is checked first (unknown adapter, non-float weight, non-finite adapter
+    parameters, and with ``safe_merge`` a non-finite merged weight), and only then are the weights written,
+    so a refused merge leaves every weight bit-identical. Should writing itself fail (out of memory, ...),
+    the layers merged so far are unmerged again before the error propagates.
     """
     model = unwrap(model)
     _require_state(model)
+    plans: list[tuple[DeLoRALinear, list[str]]] = []
+    for layer in delora_layers(model).values():
+        names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
+        if names == []:
+            continue
+        plans.append((layer, layer._merge_plan(safe_merge, names)))
     done: list[tuple[DeLoRALinear, list[str]]] = []
     try:
-        for layer in delora_layers(model).values():
-            before = list(layer.merged_adapters)
-            names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
-            if names == []:
-                continue
-            layer.merge(safe_merge=safe_merge, adapter_names=names)
-            done.append((layer, [n for n in layer.merged_adapters if n not in before]))
+        for layer, names in plans:
+            layer._merge_commit(names)
+            done.append((layer, names))
     except Exception:
         for layer, names in reversed(done):
             if names:

@@ -4,6 +4,8 @@
 # then check the result: import it as delora_ext._C from a scratch copy of the package (the installed package
 # and its own _C are left alone), require build_info()['native'], and compare delta_weight on CPU with the
 # reference. Exits non-zero on any failure. PYTHON selects the interpreter (default: python on PATH).
+# Arguments after the build folder go to cmake's configure step (e.g. -DDELORA_SANITIZE=ON -DDELORA_WITH_CUDA=OFF);
+# CHECK_PRELOAD, when set, is LD_PRELOADed for the check (a sanitizer runtime).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,7 +29,8 @@ if [[ $CUDA == ON ]]; then
   # torch's CMake turns CMAKE_CUDA_ARCHITECTURES off and builds -gencode flags from TORCH_CUDA_ARCH_LIST.
   args+=(-DTORCH_CUDA_ARCH_LIST="$ARCHS")
 fi
-cmake -S "$ROOT" -B "$BUILD" "${args[@]}"
+cmake -S "$ROOT" -B "$BUILD" "${args[@]}" "${@:2}"
+CUDA=$(sed -n 's/^DELORA_WITH_CUDA:[A-Z]*=//p' "$BUILD/CMakeCache.txt")  # what was configured, -D included
 cmake --build "$BUILD" ${MAX_JOBS:+--parallel "$MAX_JOBS"}
 
 shopt -s nullglob
@@ -47,7 +50,7 @@ if [[ -d $ROOT/delora_ext/data ]]; then cp -r "$ROOT/delora_ext/data" "$scratch/
 cp "${sos[0]}" "$scratch/delora_ext/"
 
 cd "$scratch"
-"$PY" -I - "$scratch" "$CUDA" "$ARCHS" "$TOOLKIT" <<'EOF'
+LD_PRELOAD=${CHECK_PRELOAD:-} "$PY" -I - "$scratch" "$CUDA" "$ARCHS" "$TOOLKIT" <<'EOF'
 import os
 import sys
 
