@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import torch
 
 import delora_ext
