@@ -39,6 +39,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
 void merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
             double alpha);
 
+void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorList lam, at::TensorList w,
+                 at::ArrayRef<double> alpha);
+
 Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w);
 
 // ---- per-device launchers ---------------------------------------------------------------------------

@@ -151,6 +151,7 @@ TORCH_LIBRARY_IMPL(delora_ext, CPU, m) {
   m.impl("adapter_fwd", &adapter_fwd);
   m.impl("linear_bwd", &linear_bwd);
   m.impl("merge_", &merge_);
+  m.impl("merge_many_", &merge_many_);
   m.impl("delta_weight", &delta_weight);
 }
 

@@ -342,35 +342,78 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   return {grad_x, grad_A, grad_B, grad_lam};
 }
 
-void merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
-            double alpha) {
-  const char* op = "merge_";
-  const Dims d = check_adapter(op, A, B, lam, w);
-  check_float(op, "weight", weight);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d.out && weight.size(1) == d.in, "delora_ext::", op,
-              ": `weight` must have shape (", d.out, ", ", d.in, "), got ", weight.sizes());
-  check_same_device(op, "weight", weight, A);
-  c10::OptionalDeviceGuard guard(weight.device());
+namespace {
 
-  Folded f = fold(A, B, lam, w);
-  const auto opmath = f.Af.scalar_type();
-  Tensor Bs = f.B * (f.s * alpha);  // out×r, opmath
+// weight (out×in) += Bs (out×R) · Af (R×in), both opmath: one pass over W, one rounding per element.
+void merge_folded(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
+  const auto opmath = Af.scalar_type();
 #ifdef DELORA_WITH_CUDA
-  if (weight.is_cuda() && merge_cuda(weight, Bs.contiguous(), f.Af)) return;
+  if (weight.is_cuda() && merge_cuda(weight, Bs.contiguous(), Af)) return;
 #endif
   if (weight.scalar_type() == opmath) {
     // W += B' A' in one pass, accumulating in W's own (opmath) precision; addmm_ writes W in place.
-    weight.addmm_(Bs, f.Af);
+    weight.addmm_(Bs, Af);
     return;
   }
   // Low-precision W: each block of rows is widened to opmath, updated, and rounded once. The block keeps
   // the temporary at ~4 M elements instead of out×in.
-  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(d.in, 1));
-  for (int64_t r0 = 0; r0 < d.out; r0 += rows) {
-    const int64_t n = std::min(rows, d.out - r0);
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(in, 1));
+  for (int64_t r0 = 0; r0 < out; r0 += rows) {
+    const int64_t n = std::min(rows, out - r0);
     Tensor blk = weight.narrow(0, r0, n);
-    blk.copy_(at::addmm(blk.to(opmath), Bs.narrow(0, r0, n), f.Af));
+    blk.copy_(at::addmm(blk.to(opmath), Bs.narrow(0, r0, n), Af));
   }
+}
+
+void check_merge_weight(const char* op, const Tensor& weight, const Dims& d, const Tensor& A) {
+  check_float(op, "weight", weight);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d.out && weight.size(1) == d.in, "delora_ext::", op,
+              ": `weight` must have shape (", d.out, ", ", d.in, "), got ", weight.sizes());
+  check_same_device(op, "weight", weight, A);
+}
+
+}  // namespace
+
+void merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
+            double alpha) {
+  const char* op = "merge_";
+  const Dims d = check_adapter(op, A, B, lam, w);
+  check_merge_weight(op, weight, d, A);
+  c10::OptionalDeviceGuard guard(weight.device());
+  Folded f = fold(A, B, lam, w);
+  merge_folded(weight, f.B * (f.s * alpha), f.Af);
+}
+
+void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorList lam, at::TensorList w,
+                 at::ArrayRef<double> alpha) {
+  const char* op = "merge_many_";
+  const size_t n = A.size();
+  TORCH_CHECK(n >= 1, "delora_ext::", op, ": `A` must hold at least one adapter, got an empty list");
+  TORCH_CHECK(B.size() == n && lam.size() == n && w.size() == n && alpha.size() == n, "delora_ext::", op,
+              ": `A`, `B`, `lam`, `w` and `alpha` must have the same length, got ", n, ", ", B.size(), ", ",
+              lam.size(), ", ", w.size(), ", ", alpha.size());
+  std::vector<Dims> dims;
+  for (size_t i = 0; i < n; ++i) {
+    dims.push_back(check_adapter(op, A[i], B[i], lam[i], w[i]));
+    TORCH_CHECK(dims[i].in == dims[0].in && dims[i].out == dims[0].out, "delora_ext::", op, ": adapter ", i,
+                " is (out, in) = (", dims[i].out, ", ", dims[i].in, ") but adapter 0 is (", dims[0].out, ", ",
+                dims[0].in, ")");
+    TORCH_CHECK(opmath_of(A[i]) == opmath_of(A[0]), "delora_ext::", op, ": `A[", i, "]` has dtype ",
+                A[i].scalar_type(), " but `A[0]` has dtype ", A[0].scalar_type(),
+                " (all adapters must compute in the same precision)");
+    check_same_device(op, "A[i]", A[i], A[0]);
+  }
+  check_merge_weight(op, weight, dims[0], A[0]);
+  c10::OptionalDeviceGuard guard(weight.device());
+  // Σ_i alpha_i (B_i ⊙ s_i)(A_i ⊙ w_i) = [alpha_1 B_1 ⊙ s_1 | …] · [A_1 ⊙ w_1; …]: one rank-Σr update.
+  std::vector<Tensor> Bs, Af;
+  for (size_t i = 0; i < n; ++i) {
+    Folded f = fold(A[i], B[i], lam[i], w[i]);
+    Bs.push_back(f.B * (f.s * alpha[i]));
+    Af.push_back(f.Af);
+  }
+  merge_folded(weight, at::cat(Bs, 1), at::cat(Af, 0));
 }
 
 Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {

@@ -42,6 +42,9 @@ TORCH_LIBRARY(delora_ext, m) {
   // weight += alpha · (B ⊙ s)(A ⊙ w) in place: one rounding per element, no out×in temporary
   // (alpha = 1 merges, −1 unmerges).
   m.def("merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lam, Tensor w, float alpha) -> ()");
+  // weight += Σ_i alpha_i · (B_i ⊙ s_i)(A_i ⊙ w_i) in the same single pass (several adapters, or an adapter and
+  // the frozen initial term of paper init): one rank-Σr update, one rounding per element.
+  m.def("merge_many_(Tensor(a!) weight, Tensor[] A, Tensor[] B, Tensor[] lam, Tensor[] w, float[] alpha) -> ()");
   // ΔW = (B ⊙ s)(A ⊙ w), out×in, in fp32 (fp64 for fp64 adapters).
   m.def("delta_weight(Tensor A, Tensor B, Tensor lam, Tensor w) -> Tensor");
 }

@@ -203,10 +203,7 @@ class DeLoRALinear(nn.Module):
             if not self.merged_adapters:
                 return ref.column_norms_ref(W)
             unmerged = W.detach().to(torch.float32).clone()
-            for name in self.merged_adapters:
-                ops.merge_(unmerged, *self._params(name), alpha=-1.0)
-                if name in self.delora_A0:
-                    ops.merge_(unmerged, *self._params0(name), alpha=1.0)
+            self._apply_delta(unmerged, list(self.merged_adapters), -1.0)
             return ref.column_norms_ref(unmerged)
 
     def resolve_w(self) -> None:
@@ -247,8 +244,9 @@ class DeLoRALinear(nn.Module):
         if adapter_name not in self.delora_A:
             raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; this layer has {list(self.delora_A)}")
         if adapter_name in self.merged_adapters:
+            self._check_finite([adapter_name], "unmerge")
             with torch.no_grad():
-                self._apply_delta(self.weight_oi(), adapter_name, -1.0)
+                self._apply_delta(self.weight_oi(), [adapter_name], -1.0)
             self.merged_adapters.remove(adapter_name)
         for store in (self.delora_A, self.delora_B, self.delora_lambda, self.delora_w_norm, self.delora_A0,
                       self.delora_B0, self.delora_lambda0):
@@ -304,11 +302,17 @@ class DeLoRALinear(nn.Module):
             raise ValueError(f"cannot {action}: {', '.join(bad)} has non-finite values{hint}; "
                              f"the base weight was left unchanged")
 
-    def _apply_delta(self, W: torch.Tensor, name: str, alpha: float) -> None:
-        """W += alpha · (ΔW − ΔW₀) in place, for the (out, in) view W."""
-        ops.merge_(W, *self._params(name), alpha=alpha)
-        if name in self.delora_A0:
-            ops.merge_(W, *self._params0(name), alpha=-alpha)
+    def _apply_delta(self, W: torch.Tensor, names: list[str], alpha: float) -> None:
+        """W += alpha · Σ (ΔW − ΔW₀) over ``names`` in place, for the (out, in) view W, in one pass (one rounding
+        per element, also for several adapters and paper init's frozen term)."""
+        terms, alphas = [], []
+        for name in names:
+            terms.append(self._params(name))
+            alphas.append(alpha)
+            if name in self.delora_A0:
+                terms.append(self._params0(name))
+                alphas.append(-alpha)
+        ops.merge_many_(W, terms, alphas)
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -402,20 +406,20 @@ class DeLoRALinear(nn.Module):
         if safe_merge:
             with torch.no_grad():
                 new = self.weight_oi().detach().clone()
-                for n in names:
-                    self._apply_delta(new, n, 1.0)
-                    if not bool(torch.isfinite(new).all()):
-                        why = ("the base weight already had non-finite values"
-                               if not bool(torch.isfinite(self.weight_oi()).all())
-                               else f"ΔW of adapter {n!r} overflows {new.dtype} when added")
-                        raise ValueError(f"NaNs detected in the merged weights ({why}). The adapter {n} seems to be "
-                                         f"broken; the base weight was left unchanged")
+                self._apply_delta(new, names, 1.0)
+                if not bool(torch.isfinite(new).all()):
+                    which = ", ".join(repr(n) for n in names)
+                    why = ("the base weight already had non-finite values"
+                           if not bool(torch.isfinite(self.weight_oi()).all())
+                           else f"ΔW of adapter(s) {which} overflows {new.dtype} when added")
+                    raise ValueError(f"NaNs detected in the merged weights ({why}). The adapter(s) {which} seem to "
+                                     f"be broken; the base weight was left unchanged")
         return names
 
     def _merge_commit(self, names: list[str]) -> None:
-        with torch.no_grad():
-            for n in names:
-                self._apply_delta(self.weight_oi(), n, 1.0)
+        if names:
+            with torch.no_grad():
+                self._apply_delta(self.weight_oi(), names, 1.0)
         self.merged_adapters.extend(names)
 
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
@@ -426,10 +430,11 @@ class DeLoRALinear(nn.Module):
         names = list(reversed(self.merged_adapters)) if adapter_names is None else \
             [n for n in reversed(self.merged_adapters) if n in adapter_names]
         self._check_finite(names, "unmerge")
-        with torch.no_grad():
-            for n in names:
-                self._apply_delta(self.weight_oi(), n, -1.0)
-                self.merged_adapters.remove(n)
+        if names:
+            with torch.no_grad():
+                self._apply_delta(self.weight_oi(), names, -1.0)
+        for n in names:
+            self.merged_adapters.remove(n)
 
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}(r={self.r[n]}, dropout={self.module_dropout[n]}"

@@ -22,6 +22,7 @@ __all__ = [
     "linear",
     "adapter",
     "merge_",
+    "merge_many_",
     "delta_weight",
     "prep",
 ]
@@ -139,6 +140,10 @@ if NATIVE:
     def _merge_fake(weight, A, B, lam, w, alpha):
         return None
 
+    @torch.library.register_fake("delora_ext::merge_many_")
+    def _merge_many_fake(weight, A, B, lam, w, alpha):
+        return None
+
     @torch.library.register_fake("delora_ext::delta_weight")
     def _delta_weight_fake(A, B, lam, w):
         return A.new_empty((B.shape[0], A.shape[1]), dtype=_opmath(A))
@@ -222,6 +227,28 @@ def merge_(weight, A, B, lam, w, alpha: float = 1.0) -> None:
             _ops.merge_(weight, A, B, lam, w, float(alpha))
         else:
             weight.add_(ref.delta_weight_ref(A, B, lam, w).to(weight.dtype), alpha=alpha)
+
+
+def merge_many_(weight, adapters, alphas) -> None:
+    """weight += Σ alpha_i · ΔW_i in place, all in one pass over the weight (one rounding per element).
+
+    ``adapters``: a list of (A, B, lam, w) tuples; ``alphas``: one float per adapter.
+    """
+    adapters = [tuple(a) for a in adapters]
+    alphas = [float(a) for a in alphas]
+    if len(adapters) != len(alphas):
+        raise ValueError(f"`alphas` must have one entry per adapter: {len(adapters)} adapters, {len(alphas)} alphas")
+    if any(len(a) != 4 for a in adapters):
+        raise ValueError("`adapters` must be a list of (A, B, lam, w) tuples")
+    if not adapters:
+        return
+    with torch.no_grad():
+        if has_kernel(weight.device):
+            A, B, lam, w = (list(t) for t in zip(*adapters))
+            _ops.merge_many_(weight, A, B, lam, w, alphas)
+        else:
+            total = sum(alpha * ref.delta_weight_ref(*ad).to(torch.float64) for ad, alpha in zip(adapters, alphas))
+            weight.copy_(weight.to(torch.float64) + total)
 
 
 def delta_weight(A, B, lam, w) -> torch.Tensor:

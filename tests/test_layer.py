@@ -211,3 +211,28 @@ def test_compile_fullgraph_matches_eager():
     assert_close(yc, y, 1e-6, "compiled y")
     for a, b in zip(gc, g):
         assert_close(a, b, 1e-5, "compiled grad")
+
+
+def test_merge_of_several_adapters_and_paper_init_rounds_once_in_bf16():
+    """Two adapters, one of them paper init (a frozen second term): all of it lands in one pass, so the bf16
+    weight is within half an ulp of the exact sum; unmerge also goes back in one pass."""
+    torch.manual_seed(0)
+    layer = DeLoRALinear(nn.Linear(48, 40).to(torch.bfloat16), r=4, init_weights="paper")
+    layer.update_layer("second", r=3, delora_lambda=7.0, init_weights=False)
+    with torch.no_grad():
+        for n in ("default", "second"):
+            layer.delora_A[n].add_(torch.randn_like(layer.delora_A[n]) * 0.3)
+            layer.delora_B[n].add_(torch.randn_like(layer.delora_B[n]) * 0.3)
+    layer.set_adapter(["default", "second"])
+    W0 = layer.base_layer.weight.detach().clone()
+    exact = W0.double() + sum(layer.get_delta_weight(n).double() for n in ("default", "second"))
+    layer.merge()
+    got = layer.base_layer.weight.double()
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs()
+    assert ((got - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all()
+    layer.unmerge()
+    assert not layer.merged
+    back = layer.base_layer.weight.double()
+    exact_back = got - sum(layer.get_delta_weight(n).double() for n in ("default", "second"))
+    assert ((back - exact_back).abs() <= 0.5 * torch.finfo(torch.bfloat16).eps * exact_back.abs()
+            + 1e-6 * exact_back.abs().max()).all()

@@ -137,6 +137,51 @@ def test_merge_and_delta_weight(out, in_f, r, wdtype):
         assert_close(merged, W, 1e-6, "unmerged")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_merge_many_is_one_pass_with_one_rounding(wdtype, layout):
+    """Three adapters of different ranks (one subtracted) in one pass: within half an ulp of the exact sum,
+    where three merge_ calls would round three times."""
+    out, in_f = 33, 70
+    adapters = [make_adapter(r, in_f, out, "random", torch.float32, seed=r, lam=5.0 * r) for r in (1, 4, 7)]
+    alphas = [1.0, -0.5, 2.0]
+    W, _ = make_base(in_f, out, torch.float32)
+    W = W.to(wdtype)
+    merged = W.clone() if layout == "contiguous" else W.t().contiguous().t()
+    ops.merge_many_(merged, adapters, alphas)
+    exact = W.double() + sum(al * ref.delta_weight_ref(*[t.double() for t in ad]) for ad, al in zip(adapters, alphas))
+    if wdtype in (torch.float32, torch.float64):
+        assert_close(merged, exact, TOL[torch.float32], "merged")
+    else:
+        ulp = torch.finfo(wdtype).eps * exact.abs().clamp_min(torch.finfo(wdtype).tiny)
+        assert ((merged.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all()
+    # one adapter through merge_many_ is merge_ exactly
+    one_a, one_b = W.clone(), W.clone()
+    ops.merge_many_(one_a, adapters[1:2], [0.75])
+    ops.merge_(one_b, *adapters[1], 0.75)
+    assert torch.equal(one_a, one_b)
+
+
+def test_merge_many_errors_name_the_argument():
+    A, B, lam, w = make_adapter(3, 10, 6)
+    A2, B2, lam2, w2 = make_adapter(2, 10, 5)
+    W, _ = make_base(10, 6)
+    with pytest.raises(RuntimeError, match=r"`A` must hold at least one adapter"):
+        OPS.merge_many_(W, [], [], [], [], [])
+    with pytest.raises(RuntimeError, match=r"must have the same length, got 1, 1, 1, 1, 2"):
+        OPS.merge_many_(W, [A], [B], [lam], [w], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"adapter 1 is \(out, in\) = \(5, 10\) but adapter 0 is \(6, 10\)"):
+        OPS.merge_many_(W, [A, A2], [B, B2], [lam, lam2], [w, w2], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"all adapters must compute in the same precision"):
+        OPS.merge_many_(W, [A, A.double()], [B, B.double()], [lam, lam.double()], [w, w.double()], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"one entry per adapter"):
+        ops.merge_many_(W, [(A, B, lam, w)], [1.0, 2.0])
+    W0 = W.clone()
+    with pytest.raises(RuntimeError, match=r"`weight` must have shape \(6, 10\)"):
+        OPS.merge_many_(W[:4], [A], [B], [lam], [w], [1.0])
+    assert torch.equal(W, W0)
+
+
 def test_merge_is_in_place_on_views():
     A, B, lam, w = make_adapter(2, 8, 6)
     W, _ = make_base(8, 6)
@@ -302,6 +347,7 @@ def test_opcheck_all_ops(dtype):
     _opcheck(OPS.prep.default, (A, B, lam, w))
     _opcheck(OPS.delta_weight.default, (A, B, lam, w))
     _opcheck(OPS.merge_.default, (W.clone(), A, B, lam, w, 1.0))
+    _opcheck(OPS.merge_many_.default, (W.clone(), [A, A * 2], [B, B], [lam, lam], [w, w], [1.0, -0.5]))
     _, u, s, a, bn = OPS.linear_fwd(x, W, b, A, B, lam, w, 0.0, None)
     g = torch.randn(2, 5, 6, dtype=dtype)
     _opcheck(OPS.linear_bwd.default, (g, x, W, A, B, lam, w, u, s, a, bn, 0.0, None, [True, True, True, True]))
