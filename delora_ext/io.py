@@ -9,12 +9,13 @@ layers' biases, keyed as in the patched model (``<module path>.base_layer.bias``
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import ops
@@ -145,16 +146,93 @@ def save_adapter(model, directory: str, adapter_names: list[str] | None = None, 
                       lambda p: open(p, "w").write(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n"))
 
 
+MAX_CONFIG_BYTES = 16 * 2 ** 20  # a config is a few KB; a larger (or endless, e.g. /dev/zero) file is refused
+
+
+def _bad_field(raw: dict, field: str, what: str) -> ValueError:
+    value = repr(raw[field])
+    return ValueError(f"`{field}` must be {what}, got {value[:200]}{'...' if len(value) > 200 else ''}")
+
+
+def _check_config_types(raw: dict) -> None:
+    """JSON types of a (possibly foreign) config's fields, which DeLoRAConfig takes as given; regexes compile.
+
+    DeLoRAConfig checks r, bias and module_dropout's range itself; this refuses what would otherwise fail (or be
+    silently misread) only when the model is patched: a string λ, a list of non-strings as target_modules, ...
+    """
+    def real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def lam(v):  # λ becomes an fp32 parameter: 1e308 is finite in JSON but not in fp32
+        return real(v) and math.isfinite(v) and abs(v) <= torch.finfo(torch.float32).max
+
+    def str_list(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def regex(field, pattern, form="{}"):
+        try:
+            re.compile(form.format(pattern))
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ValueError(f"`{field}`: {pattern[:200]!r} is not a valid regular expression ({e})") from None
+
+    if "delora_lambda" in raw and not lam(raw["delora_lambda"]):
+        raise _bad_field(raw, "delora_lambda", "a number finite in float32")
+    if "module_dropout" in raw and not real(raw["module_dropout"]):
+        raise _bad_field(raw, "module_dropout", "a number in [0, 1)")
+    if "init_weights" in raw and not (isinstance(raw["init_weights"], bool) or raw["init_weights"] == "paper"):
+        raise _bad_field(raw, "init_weights", "true, false or \"paper\"")
+    if "bias" in raw and not isinstance(raw["bias"], str):
+        raise _bad_field(raw, "bias", "\"none\", \"all\" or \"delora_only\"")
+    for field in ("target_modules", "exclude_modules"):
+        v = raw.get(field)
+        if v is not None and not (isinstance(v, str) or str_list(v)):
+            raise _bad_field(raw, field, "null, a regex string or a list of module names")
+        if isinstance(v, str):
+            regex(field, v)
+    v = raw.get("layers_to_transform")
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool)) and not (
+            isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        raise _bad_field(raw, "layers_to_transform", "null, a layer index or a list of layer indices")
+    v = raw.get("layers_pattern")
+    if v is not None and not (isinstance(v, str) or str_list(v)):
+        raise _bad_field(raw, "layers_pattern", "null, a string or a list of strings")
+    for p in [v] if isinstance(v, str) else v or []:
+        regex("layers_pattern", p, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+    for field, ok, what in (("rank_pattern", lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0,
+                             "positive integers"),
+                            ("lambda_pattern", lam, "numbers finite in float32")):
+        v = raw.get(field)
+        if v is not None and not (isinstance(v, dict) and all(ok(x) for x in v.values())):
+            raise _bad_field(raw, field, f"an object mapping module name patterns to {what}")
+        for p in v or {}:
+            regex(field, p, r"(.*\.)?({})$")
+    v = raw.get("modules_to_save")
+    if v is not None and not str_list(v):
+        raise _bad_field(raw, "modules_to_save", "null or a list of module names")
+    for m in v or []:
+        regex("modules_to_save", m, r"(^|.*\.){}($|\..*)")
+
+
 def _read_config(d: str) -> DeLoRAConfig:
     path = os.path.join(d, CONFIG_NAME)
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {d}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:  # a directory, a device, no permission, ...
+        raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not an adapter config")
     try:
+        raw = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: adapter config must be a JSON object, got {type(raw).__name__}")
+    try:
+        if raw.get("peft_type") == "DELORA":
+            _check_config_types(raw)
         return DeLoRAConfig.from_peft_dict(raw)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
@@ -169,8 +247,9 @@ def _read_tensors(d: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
+    except Exception as e:  # noqa: BLE001 (SafetensorError, OSError, and torch's errors on headers it cannot
+        # represent, e.g. TypeError for a dimension >= 2**63: whatever the reader refuses, the file is invalid)
+        raise ValueError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
 
 
 REQUIRED, OPTIONAL = "required", "optional"
@@ -239,51 +318,93 @@ def _peft_wrapper_copy(model, cfg: DeLoRAConfig, key: str) -> bool:
                for m in _modules_to_save(model, cfg))
 
 
-def load_adapter(model, directory: str, adapter_name: str = "default", is_trainable: bool = True):
+def _dest_dtype(model, sd: dict, key: str, adapter_name: str) -> torch.dtype:
+    """The dtype the tensor under ``key`` will be stored in once loaded, found without touching the model."""
+    path, _, attr = key[len(PREFIX):].rpartition(".")
+    if attr in PARAM_KEYS + PAPER_KEYS:
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            layer = None
+        if (isinstance(layer, DeLoRALinear) and attr in ("delora_A", "delora_B", "delora_lambda")
+                and adapter_name in getattr(layer, attr)):  # overwritten in place
+            return getattr(layer, attr)[adapter_name].dtype
+        return torch.float32  # new adapter parameters, w and the paper-init buffers are fp32
+    k = key[len(PREFIX):]
+    if k not in sd:  # the base-layer bias of a layer that the patch is about to wrap
+        mpath, _, pname = k.rpartition(".")
+        k = f"{mpath.removesuffix('.base_layer')}.{pname}"
+    return sd[k].dtype if k in sd else torch.float32
+
+
+def load_adapter(model, directory: str, adapter_name: str = "default", is_trainable: bool = True,
+                 allow_nonfinite: bool = False):
     """Load an adapter saved by ``save_adapter`` or by PEFT (``save_pretrained``) into ``model``; returns it.
 
     ``is_trainable=False`` freezes every parameter (inference, as PEFT's ``inference_mode``).
     ``directory`` holds ``adapter_config.json`` and ``adapter_model.safetensors``. The model is patched with the
     file's config if it does not have ``adapter_name`` yet. Biases the config trains (``bias`` "all" or
-    "delora_only") are part of the adapter and loaded with it. Everything (config, every key, shape and dtype) is
-    checked before the model is touched: on any error the model is exactly as before and the message names the
-    first offending key. Floating tensors of another dtype are cast to the parameter's dtype. ``model`` may be
+    "delora_only") are part of the adapter and loaded with it. Everything (config, every key, shape, dtype and
+    value) is checked before the model is touched: on any error (a ``ValueError``, or ``FileNotFoundError`` when a
+    file is absent) the model is exactly as before and the message names the file and the first offending key or
+    field. Floating tensors of another dtype are cast to the parameter's dtype; integer, bool and complex tensors
+    are refused. Non-finite values (NaN, ±Inf, also a finite value that overflows when cast, e.g. 1e300 in a
+    float64 file) are refused, naming the keys, since they would make every output NaN/Inf; ``allow_nonfinite=True``
+    loads them as they are. Nothing is ever unpickled (an ``adapter_model.bin`` is refused). ``model`` may be
     wrapped (torch.compile, DDP; the wrapper is returned); loading into an FSDP2-sharded model is not supported
     (load first, then shard).
     """
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {adapter_name!r}")
     wrapper, model = model, _unwrap(model)
+    cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     cfg = _read_config(directory)
     tensors = _read_tensors(directory)
     state = get_state(model)
     if state is not None and adapter_name in state.configs and state.configs[adapter_name] != cfg:
-        raise ValueError(f"adapter {adapter_name!r} exists on the model with another config; "
+        raise ValueError(f"{cpath}: adapter {adapter_name!r} exists on the model with another config; "
                          f"delete_adapter it first or load under another name")
-    expected = _expected(model, cfg, adapter_name)
+    try:
+        expected = _expected(model, cfg, adapter_name)
+    except (TypeError, ValueError, re.error) as e:
+        raise ValueError(f"{cpath}: this config cannot be applied to the model ({e})") from None
     if not any(k.endswith(".delora_A") for k in expected):
-        raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: target_modules={cfg.target_modules!r} "
-                         f"match no module of this model")
+        raise ValueError(f"{cpath}: target_modules={cfg.target_modules!r} match no module of this model")
     for k in sorted(expected):
         if k not in tensors and expected[k][1] == REQUIRED:
-            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: missing key {k!r}")
+            raise ValueError(f"{wpath}: missing key {k!r}")
+    sd = model.state_dict()
+    values, nonfinite = {}, []  # key -> the tensor cast to its destination dtype (still on the CPU)
     for k in sorted(tensors):
         if k not in expected:
             if _peft_wrapper_copy(model, cfg, k):
                 continue
-            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: unexpected key {k!r} "
-                             f"(not part of this adapter on this model)")
+            raise ValueError(f"{wpath}: unexpected key {k!r} (not part of this adapter on this model)")
         t = tensors[k]
         if not t.is_floating_point():
-            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: key {k!r} has dtype {t.dtype}; "
-                             f"a floating-point tensor is required")
+            raise ValueError(f"{wpath}: key {k!r} has dtype {t.dtype}; a floating-point tensor is required")
         if tuple(t.shape) != expected[k][0]:
-            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)}: key {k!r} has shape {tuple(t.shape)}, "
-                             f"expected {expected[k][0]}")
-    patch(model, cfg, adapter_name=adapter_name)
+            raise ValueError(f"{wpath}: key {k!r} has shape {tuple(t.shape)}, expected {expected[k][0]}")
+        dtype = _dest_dtype(model, sd, k, adapter_name)
+        try:
+            values[k] = t.to(dtype)
+        except Exception as e:  # noqa: BLE001 (torch cannot convert some float dtypes, e.g. float4_e2m1fn_x2)
+            raise ValueError(f"{wpath}: key {k!r} has dtype {t.dtype}, which torch cannot convert to {dtype} "
+                             f"({type(e).__name__})") from None
+        if not allow_nonfinite and not bool(torch.isfinite(values[k]).all()):
+            nonfinite.append(k)
+    if nonfinite:
+        more = f" and {len(nonfinite) - 8} more" if len(nonfinite) > 8 else ""
+        raise ValueError(f"{wpath}: non-finite values (NaN or ±Inf, in the file or after casting to the parameter's "
+                         f"dtype) in key(s) {', '.join(map(repr, nonfinite[:8]))}{more}; they would make every "
+                         f"output non-finite. Pass allow_nonfinite=True to load them anyway")
+    try:
+        patch(model, cfg, adapter_name=adapter_name)
+    except (TypeError, ValueError) as e:  # patch is all-or-nothing: the model is as it was
+        raise type(e)(f"{cpath}: this config cannot be applied to the model ({e})") from None
     layers = delora_layers(model)
     with torch.no_grad():
-        for k, t in tensors.items():
-            if k not in expected:  # a PEFT wrapper copy (see _peft_wrapper_copy)
-                continue
+        for k, t in values.items():
             path, _, attr = k[len(PREFIX):].rpartition(".")
             if attr in PARAM_KEYS + PAPER_KEYS and path in layers:
                 layer = layers[path]
@@ -292,13 +413,13 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
                 if attr in PAPER_KEYS or attr == "delora_w_norm":
                     store[adapter_name] = t.to(device=dst.device, dtype=torch.float32).clone()
                 else:
-                    dst.copy_(t.to(dst.dtype))
+                    dst.copy_(t)
                 if attr == "delora_w_norm":
                     layer._w_pending.discard(adapter_name)
             else:
                 mpath, _, pname = k[len(PREFIX):].rpartition(".")
                 dst = model.get_submodule(mpath).state_dict()[pname] if mpath else model.state_dict()[pname]
-                dst.copy_(t.to(dst.dtype))
+                dst.copy_(t)
     if not is_trainable:  # inference: nothing trains, as PEFT's inference_mode
         for p in model.parameters():
             p.requires_grad_(False)
