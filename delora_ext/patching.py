@@ -167,6 +167,7 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
             finally:
                 for p, flag in rg:  # the constructor freezes the base; restore until the patch commits
                     p.requires_grad_(flag)
+            layer.train(mod.training)  # an eval() model stays in eval: no adapter dropout at inference
             if not activate:
                 layer.active_adapters = []
             new_layers[name] = layer

@@ -486,3 +486,15 @@ def test_lifecycle_functions_see_through_training_wrappers():
             assert_close(logits(model, "llama"), logits(base, "llama"), 1e-6, "disabled through the wrapper")
     assert delora_ext.unpatch(wrapped) is wrapped
     assert not delora_ext.patching.delora_layers(model)
+
+
+def test_patched_layers_follow_the_models_train_eval_mode():
+    """Patching an eval() model must not turn adapter dropout on (nn.Module defaults to training mode)."""
+    model = build("llama")  # eval()
+    delora_ext.patch(model, r=2, module_dropout=0.5, init_weights=False, target_modules=["q_proj", "v_proj"])
+    layers = [m for m in model.modules() if isinstance(m, delora_ext.DeLoRALinear)]
+    assert layers and not any(m.training for m in layers)
+    with torch.no_grad():
+        assert torch.equal(logits(model, "llama"), logits(model, "llama"))
+    model.train()
+    assert all(m.training for m in layers)
