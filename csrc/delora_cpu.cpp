@@ -56,20 +56,22 @@ void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor&
     scalar_t* pa = a_raw.mutable_data_ptr<scalar_t>();
     scalar_t* pb = b_raw.mutable_data_ptr<scalar_t>();
 
-    std::vector<scalar_t> bsq(static_cast<size_t>(r));
-    column_sums<scalar_t>(out, r, [&](int64_t o, int64_t k) { return pB[o * r + k] * pB[o * r + k]; },
-                          bsq.data());
+    // Sums of squares in double whatever the opmath: a sequential fp32 sum over in = 16384 terms is off by
+    // ~3e-6 relative, double makes the norm correctly rounded for any realistic size, at r·(in+out) cost.
+    std::vector<double> bsq(static_cast<size_t>(r));
+    column_sums<double>(out, r, [&](int64_t o, int64_t k) { return double(pB[o * r + k]) * pB[o * r + k]; },
+                        bsq.data());
     at::parallel_for(0, r, kRowGrain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const scalar_t* row = pA + k * in;
         scalar_t* frow = pAf + k * in;
-        scalar_t sq = 0;
+        double sq = 0;
         for (int64_t j = 0; j < in; ++j) {
-          sq += row[j] * row[j];
+          sq += double(row[j]) * row[j];
           frow[j] = row[j] * pw[j];
         }
-        pa[k] = std::sqrt(sq);
-        pb[k] = std::sqrt(bsq[k]);
+        pa[k] = static_cast<scalar_t>(std::sqrt(sq));
+        pb[k] = static_cast<scalar_t>(std::sqrt(bsq[k]));
         ps[k] = scale_of<scalar_t>(lam_v, pa[k], pb[k], r);
       }
     });

@@ -136,8 +136,16 @@ Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w
   return f;
 }
 
+// N for x seen as (N, features): the product of the leading dimensions (1 for a 1-D x). From the shape, not
+// numel / features, which divides by zero (SIGFPE) when features = 0.
+int64_t leading_rows(const Tensor& t) {
+  int64_t n = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) n *= t.size(i);
+  return n;
+}
+
 // x reshaped to (N, in), contiguous (GEMMs and the dropout pass want a dense row-major operand).
-Tensor rows_of(const Tensor& x, int64_t in) { return x.reshape({-1, in}).contiguous(); }
+Tensor rows_of(const Tensor& x, int64_t in) { return x.reshape({leading_rows(x), in}).contiguous(); }
 
 Tensor dropped(const Tensor& x2, double p, const std::optional<Tensor>& seed) {
   if (p <= 0.0) return x2;
@@ -253,12 +261,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   const Dims d = check_adapter(op, A, B, lam, w);
   check_input(op, x, A, d);
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == d.out &&
-                  grad_y.numel() / d.out == x.numel() / d.in,
+                  leading_rows(grad_y) == leading_rows(x),
               "delora_ext::", op, ": `grad_y` must have shape (..., ", d.out, ") with as many rows as `x`, got ",
               grad_y.sizes(), " for x of shape ", x.sizes());
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "delora_ext::", op, ": `grad_y` has dtype ",
               grad_y.scalar_type(), " but `x` has dtype ", x.scalar_type());
-  const int64_t N = x.numel() / d.in;
+  const int64_t N = leading_rows(x);
   TORCH_CHECK(u.dim() == 2 && u.size(0) == N && u.size(1) == d.r, "delora_ext::", op,
               ": `u` must have shape (", N, ", ", d.r, "), got ", u.sizes());
   for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"s", s}, {"a_norm", a_norm},
@@ -281,7 +289,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
              want_lam = output_mask[3];
   const bool want_param = want_A || want_B || want_lam;
 
-  Tensor g2 = grad_y.reshape({-1, d.out}).contiguous();
+  Tensor g2 = grad_y.reshape({N, d.out}).contiguous();
   Tensor A_op = A.to(opmath).contiguous(), B_op = B.to(opmath).contiguous(),
          w_op = w.to(opmath).contiguous();
   Tensor s_op = s.to(opmath).contiguous(), a_op = a_norm.to(opmath).contiguous(),
@@ -344,8 +352,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
 
 namespace {
 
-// weight (out×in) += Bs (out×R) · Af (R×in), both opmath: one pass over W, one rounding per element.
+// weight (out×in) += Bs (out×R) · Af (R×in), both opmath, in one pass over W. Low-precision W: accumulated in
+// opmath and rounded once per element; W in opmath: one GEMM with beta = 1 (BLAS's accumulation order).
 void merge_folded(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
+  if (weight.scalar_type() == at::kDouble && Af.scalar_type() != at::kDouble) {
+    // An fp64 weight (e.g. nn.Linear(dtype=float64) with fp32 adapter parameters) is updated in fp64, never
+    // rounded through fp32.
+    merge_folded(weight, Bs.to(at::kDouble), Af.to(at::kDouble));
+    return;
+  }
   const auto opmath = Af.scalar_type();
 #ifdef DELORA_WITH_CUDA
   if (weight.is_cuda() && merge_cuda(weight, Bs.contiguous(), Af)) return;

@@ -39,11 +39,12 @@ TORCH_LIBRARY(delora_ext, m) {
   m.def("linear_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor A, Tensor B, Tensor lam, Tensor w, "
         "Tensor u, Tensor s, Tensor a_norm, Tensor b_norm, float dropout_p, Tensor? seed, bool[4] output_mask) "
         "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_lam)");
-  // weight += alpha · (B ⊙ s)(A ⊙ w) in place: one rounding per element, no out×in temporary
-  // (alpha = 1 merges, −1 unmerges).
+  // weight += alpha · (B ⊙ s)(A ⊙ w) in place, one pass, no out×in temporary (alpha = 1 merges, −1 unmerges).
+  // bf16/fp16 weights: accumulated in fp32, rounded once per element; fp32/fp64 weights: one GEMM into W in
+  // max(weight, adapter) precision.
   m.def("merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lam, Tensor w, float alpha) -> ()");
   // weight += Σ_i alpha_i · (B_i ⊙ s_i)(A_i ⊙ w_i) in the same single pass (several adapters, or an adapter and
-  // the frozen initial term of paper init): one rank-Σr update, one rounding per element.
+  // the frozen initial term of paper init): one rank-Σr update, as merge_.
   m.def("merge_many_(Tensor(a!) weight, Tensor[] A, Tensor[] B, Tensor[] lam, Tensor[] w, float[] alpha) -> ()");
   // ΔW = (B ⊙ s)(A ⊙ w), out×in, in fp32 (fp64 for fp64 adapters).
   m.def("delta_weight(Tensor A, Tensor B, Tensor lam, Tensor w) -> Tensor");

@@ -7,6 +7,7 @@ in its parameter's dtype.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -105,7 +106,7 @@ if NATIVE:
         return torch.float64 if A.dtype == torch.float64 else torch.float32
 
     def _rows(x: torch.Tensor, in_features: int) -> int:
-        return x.numel() // in_features if in_features else 0
+        return math.prod(x.shape[:-1])  # not numel // in_features: in_features may be 0
 
     @torch.library.register_fake("delora_ext::prep")
     def _prep_fake(A, B, lam, w):
@@ -169,9 +170,10 @@ if NATIVE:
                 gx, gA, gB, glam = _ops.linear_bwd(grad_y, x, weight, A, B, lam, w, u, s, a, b,
                                                    ctx.dropout_p, seed, [nx, nA, nB, nlam])
             if nW or nb:
-                g2 = grad_y.reshape(-1, grad_y.shape[-1])
+                n = u.shape[0]  # rows; reshape(-1, features) is ambiguous when features = 0
+                g2 = grad_y.reshape(n, grad_y.shape[-1])
                 if nW:
-                    gW = (g2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+                    gW = (g2.t() @ x.reshape(n, x.shape[-1])).to(weight.dtype)
                 if nb:
                     gb = g2.sum(0)
         return (gx if nx else None, gW, gb, gA if nA else None, gB if nB else None, glam if nlam else None,

@@ -398,3 +398,15 @@ def test_op_errors_name_the_argument():
         OPS.prep(A.long(), B, lam, w)
     with pytest.raises(RuntimeError, match=r"`weight` must have shape"):
         OPS.merge_(W[:3].clone(), A, B, lam, w, 1.0)
+
+
+def test_prep_norms_are_accurate_for_long_rows():
+    """‖A_k‖ and ‖B_:,k‖ are summed in double: correctly rounded fp32 even for in = out = 16384 (a sequential
+    fp32 sum is off by ~3e-6 there, ~6e-5 for fp16-subnormal-sized values)."""
+    g = torch.Generator().manual_seed(0)
+    A = (torch.rand(3, 16384, generator=g, dtype=torch.float64) * 6e-5).float()
+    B = (torch.rand(16384, 3, generator=g, dtype=torch.float64) * 6e-5).float()
+    lam, w = torch.tensor([15.0]), torch.ones(16384)
+    _, _, a, b = OPS.prep(A, B, lam, w)
+    for got, exact in ((a, A.double().norm(dim=1)), (b, B.double().norm(dim=0))):
+        assert ((got.double() - exact).abs() / exact).max().item() <= 2 ** -24

@@ -34,6 +34,15 @@ def _pair(in_f, out, r, lam=15.0, init_weights=False, bias=True, seed=0):
     return ours, theirs
 
 
+def _dlam_terms(layer, x, g):
+    """fp64 per-rank terms t_k of dλ = Σ_k t_k, t_k = (Σ_n u_nk (gB)_nk) / (r a_k b_k) (a, b clamped norms)."""
+    A, B, lam, w = (t.detach().double() for t in layer._params("default"))
+    x2, g2 = x.double().reshape(-1, A.shape[1]), g.double().reshape(-1, B.shape[0])
+    u = (x2 * w) @ A.t()
+    a, b = A.norm(dim=1).clamp_min(1e-4), B.norm(dim=0).clamp_min(1e-4)
+    return (u * (g2 @ B)).sum(0) / (A.shape[0] * a * b)
+
+
 def test_state_dict_keys_and_shapes_equal_peft():
     ours, theirs = _pair(24, 16, 4)
     a = {k: (tuple(v.shape), v.dtype) for k, v in ours.state_dict().items()}
@@ -54,8 +63,14 @@ def test_outputs_gradients_and_merge_equal_peft(in_f, out, r, lam, init_weights,
     y1.backward(g)
     y2.backward(g)
     assert_close(x1.grad, x2.grad, 1e-5, "dx")
-    for name in ("delora_A", "delora_B", "delora_lambda"):
+    for name in ("delora_A", "delora_B"):
         assert_close(getattr(ours, name)["default"].grad, getattr(theirs, name)["default"].grad, 1e-5, name)
+    # dλ = Σ_k t_k sums r terms that can cancel (here up to ~100x): both fp32 results are only good to
+    # u·Σ|t_k|, so the tolerance scales with the condition number Σ|t_k| / |Σ t_k| (from fp64).
+    t = _dlam_terms(ours, x1.detach(), g)
+    cond = (t.abs().sum() / t.sum().abs().clamp_min(1e-300)).item()
+    assert_close(ours.delora_lambda["default"].grad, theirs.delora_lambda["default"].grad, 1e-5 * max(1.0, cond),
+                 "delora_lambda")
     ours.merge()
     theirs.merge()
     assert_close(ours.base_layer.weight, theirs.base_layer.weight, 1e-5, "merged weight")

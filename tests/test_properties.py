@@ -15,7 +15,7 @@ failure reproduces by rerunning. ``HYPOTHESIS_PROFILE=random`` draws fresh examp
 the seed of a failing run; replay it with ``--hypothesis-seed=<seed>``); ``HYPOTHESIS_PROFILE=explore`` is
 random with 10x the examples. No example database is kept, and a failing example is
 always printed with its reproduction blob (``print_blob=True``). Examples per run: the ``_settings(n)`` numbers,
-2,500 in all, plus the known-bug tests (xfail).
+2,570 in all.
 
 Tolerances (errors are Frobenius norms against the fp64 reference of the very same input values):
 - fp64 / fp32 (the less precise of x's dtype and the adapter's opmath decides): ``TOL`` from conftest relative to
@@ -535,10 +535,7 @@ def test_merge_many(d):
     _check_merge(d)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: merge_/merge_many_ into an fp64 weight with fp32 adapter params widen the weight to opmath = fp32, "
-    "i.e. round the whole weight to fp32 (even lam = 0 changes W by ~6e-8 relative); they should compute in "
-    "the wider of the two"))
+# fp64 weight with fp32 adapter params: the weight is updated in fp64 (it used to be rounded through fp32).
 @settings(_settings(20), report_multiple_bugs=False)
 @given(d=st.one_of(merge_cases(pairs=[(_F64, _F32)]), merge_cases(pairs=[(_F64, _F32)], many=True)))
 def test_merge_fp64_weight_fp32_adapter(d):
@@ -651,10 +648,7 @@ def zero_feature_cases(draw):
     return dataclasses.replace(c, in_f=0 if which != "out" else c.in_f, out=0 if which != "in" else c.out)
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "bug: in_features = 0 fails in linear_fwd/adapter_fwd (x.reshape(-1, 0) is ambiguous), and linear_bwd with "
-    "out_features = 0 or in_features = 0 kills the process (SIGFPE: grad_y.numel() / out and x.numel() / in "
-    "divide by zero); not run until fixed, since a crash would take the whole test session down"))
+# in_features = 0 / out_features = 0 (N from the leading dims: numel / features once divided by zero, SIGFPE).
 @_settings(50)
 @given(c=zero_feature_cases())
 def test_zero_features(c):
