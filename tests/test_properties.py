@@ -38,7 +38,6 @@ import dataclasses
 import math
 import os
 
-import pytest
 import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
