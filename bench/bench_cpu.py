@@ -28,7 +28,6 @@ Everything runs in one process. Measured, fp32, for N ∈ {512, 4096} tokens, (i
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import gc
 import json
@@ -42,6 +41,9 @@ import time
 
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
+from variants import build_ours, build_peft_delora, build_peft_lora, build_ref, frozen  # noqa: E402
 
 HEADLINE = {"N": 4096, "in": 1024, "out": 1024, "r": 16}
 FULL_NS = (512, 4096)
@@ -204,73 +206,7 @@ def environment(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the variants
-class _Wrap(nn.Module):
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-class RefDeLoRA(nn.Module):
-    """The pure-PyTorch reference as a layer: linear_ref with the same parameters as ours."""
-
-    def __init__(self, base: nn.Linear, A, B, lam, w):
-        super().__init__()
-        from delora_ext.reference import linear_ref
-        self._linear_ref = linear_ref
-        self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.delora_A = nn.Parameter(A.detach().clone())
-        self.delora_B = nn.Parameter(B.detach().clone())
-        self.delora_lambda = nn.Parameter(lam.detach().clone())
-        self.register_buffer("delora_w_norm", w.detach().clone())
-
-    def forward(self, x):
-        b = self.base_layer
-        return self._linear_ref(x, b.weight, b.bias, self.delora_A, self.delora_B, self.delora_lambda,
-                                self.delora_w_norm)
-
-
-def _frozen(template: nn.Linear) -> nn.Linear:
-    lin = copy.deepcopy(template)
-    for p in lin.parameters():
-        p.requires_grad_(False)
-    return lin
-
-
-def build_ours(template: nn.Linear, r: int):
-    import delora_ext
-    return delora_ext.DeLoRALinear(copy.deepcopy(template), r=r, init_weights=False)
-
-
-def build_peft_delora(template: nn.Linear, r: int, ours):
-    import peft
-    model = peft.get_peft_model(_Wrap(copy.deepcopy(template)),
-                                peft.DeloraConfig(r=r, target_modules=["lin"], init_weights=False))
-    layer = model.base_model.model.lin
-    with torch.no_grad():  # same values as ours, so outputs can be compared
-        for name in ("delora_A", "delora_B", "delora_lambda"):
-            getattr(layer, name)["default"].copy_(getattr(ours, name)["default"])
-        layer.delora_w_norm["default"].copy_(ours.delora_w_norm["default"])
-    return layer, model
-
-
-def build_peft_lora(template: nn.Linear, r: int):
-    import peft
-    model = peft.get_peft_model(_Wrap(copy.deepcopy(template)),
-                                peft.LoraConfig(r=r, lora_alpha=r, target_modules=["lin"], init_lora_weights=False))
-    return model.base_model.model.lin, model
-
-
-def build_ref(template: nn.Linear, ours):
-    return RefDeLoRA(copy.deepcopy(template), ours.delora_A["default"], ours.delora_B["default"],
-                     ours.delora_lambda["default"], ours.delora_w_norm["default"])
-
-
+# the variants (bench/variants.py)
 def trainable(layer: nn.Module) -> list[nn.Parameter]:
     return [p for p in layer.parameters() if p.requires_grad]
 
@@ -426,7 +362,7 @@ def run_group(N: int, in_f: int, out_f: int, ranks, repeats: int, warmup: int, s
     x_data = torch.randn(N // SEQ if N >= SEQ else 1, min(N, SEQ), in_f)
     g = torch.randn(*x_data.shape[:-1], out_f)
     xs = {"x_grad": x_data.clone().requires_grad_(True), "x_nograd": x_data}
-    layers: dict[tuple, nn.Module] = {("frozen", None): _frozen(template)}
+    layers: dict[tuple, nn.Module] = {("frozen", None): frozen(template)}
     keep = []  # PEFT model wrappers, kept alive
     for r in ranks:
         ours = build_ours(template, r)

@@ -34,7 +34,6 @@ Writes FILE.md and FILE.json (``--out``; default bench/out/gpu/bench_gpu) and pr
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import gc
 import glob
@@ -56,6 +55,9 @@ os.environ.setdefault("DELORA_EXT_NATIVE_CUDA", "1")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
+from variants import RefDeLoRA, build_ours, build_peft_delora, build_peft_lora, build_ref, frozen  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("frozen", "ours", "peft_delora", "peft_lora", "ref")
@@ -177,86 +179,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------------------
 # the variants
-class RefDeLoRA(nn.Module):
-    """The pure-PyTorch reference as a layer: linear_ref with the same parameters as ours."""
-
-    def __init__(self, base: nn.Linear, A, B, lam, w):
-        super().__init__()
-        from delora_ext.reference import linear_ref
-        self._linear_ref = linear_ref
-        self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.delora_A = nn.Parameter(A.detach().clone())
-        self.delora_B = nn.Parameter(B.detach().clone())
-        self.delora_lambda = nn.Parameter(lam.detach().clone())
-        self.register_buffer("delora_w_norm", w.detach().clone())
-
-    def forward(self, x):
-        b = self.base_layer
-        return self._linear_ref(x, b.weight, b.bias, self.delora_A, self.delora_B, self.delora_lambda,
-                                self.delora_w_norm)
-
-
-class _Wrap(nn.Module):
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-def _frozen(template: nn.Linear) -> nn.Linear:
-    lin = copy.deepcopy(template)
-    for p in lin.parameters():
-        p.requires_grad_(False)
-    return lin
-
-
-def _fp32_adapters(layer: nn.Module) -> None:
-    """Keep every trainable adapter parameter in fp32 (PEFT's autocast_adapter_dtype does so already)."""
-    for p in layer.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-
-
-def build_ours(template: nn.Linear, r: int):
-    import delora_ext
-    return delora_ext.DeLoRALinear(copy.deepcopy(template), r=r, init_weights=False)
-
-
-def build_peft_delora(template: nn.Linear, r: int, ours):
-    import peft
-    model = peft.get_peft_model(_Wrap(copy.deepcopy(template)),
-                                peft.DeloraConfig(r=r, target_modules=["lin"], init_weights=False))
-    layer = model.base_model.model.lin
-    _fp32_adapters(layer)
-    with torch.no_grad():  # the same values as ours, so outputs and gradients can be compared
-        for name in ("delora_A", "delora_B", "delora_lambda"):
-            getattr(layer, name)["default"].copy_(getattr(ours, name)["default"])
-        layer.delora_w_norm["default"].copy_(ours.delora_w_norm["default"])
-    return layer  # (not the PEFT wrapper: storing it on the layer would make a module cycle)
-
-
-def build_peft_lora(template: nn.Linear, r: int):
-    import peft
-    model = peft.get_peft_model(_Wrap(copy.deepcopy(template)),
-                                peft.LoraConfig(r=r, lora_alpha=r, target_modules=["lin"], init_lora_weights=False))
-    layer = model.base_model.model.lin
-    _fp32_adapters(layer)
-    return layer
-
-
-def build_ref(template: nn.Linear, ours):
-    return RefDeLoRA(copy.deepcopy(template), ours.delora_A["default"], ours.delora_B["default"],
-                     ours.delora_lambda["default"], ours.delora_w_norm["default"])
-
-
 def build_all(template: nn.Linear, r: int) -> dict:
     ours = build_ours(template, r)
-    return {"frozen": _frozen(template), "ours": ours, "peft_delora": build_peft_delora(template, r, ours),
-            "peft_lora": build_peft_lora(template, r), "ref": build_ref(template, ours)}
+    return {"frozen": frozen(template), "ours": ours,
+            "peft_delora": build_peft_delora(template, r, ours, fp32_adapters=True)[0],
+            "peft_lora": build_peft_lora(template, r, fp32_adapters=True)[0], "ref": build_ref(template, ours)}
 
 
 def trainable(layer: nn.Module) -> list[nn.Parameter]:
@@ -340,7 +267,7 @@ def section_steps(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flush
         gen = torch.Generator(device=dev).manual_seed(seed + N)
         x = torch.randn(N, cfg.in_f, device=dev, dtype=dt, generator=gen).requires_grad_()
         g = torch.randn(N, cfg.out_f, device=dev, dtype=dt, generator=gen)
-        layers = {("frozen", None): _frozen(template)}
+        layers = {("frozen", None): frozen(template)}
         agree, dtypes = {}, {}
         for r in ranks:
             torch.manual_seed(seed + 1000 * r + N)
@@ -547,7 +474,7 @@ def section_merge(cfg: Config, clock: Clock, flush: L2Flush, seed: int, log) -> 
         torch.manual_seed(seed)
         template = nn.Linear(in_f, out_f, bias=False, device=dev, dtype=dtype)
         ours = build_ours(template, r)
-        peft_layer = build_peft_delora(template, r, ours)
+        peft_layer, _peft_model = build_peft_delora(template, r, ours, fp32_adapters=True)
         W = ours.base_layer.weight
         A, B, lam = _delora_params(ours)
         w = ours.delora_w_norm["default"]
