@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -43,6 +44,18 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
                  at::ArrayRef<double> alpha);
 
 Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w);
+
+// The entry points above are device-independent (they dispatch to the launchers below): registered once per
+// dispatch key, CPU in delora_cpu.cpp and CUDA in delora_cuda.cu, from this one list.
+inline void register_device_impls(torch::Library& m) {
+  m.impl("prep", &prep);
+  m.impl("linear_fwd", &linear_fwd);
+  m.impl("adapter_fwd", &adapter_fwd);
+  m.impl("linear_bwd", &linear_bwd);
+  m.impl("merge_", &merge_);
+  m.impl("merge_many_", &merge_many_);
+  m.impl("delta_weight", &delta_weight);
+}
 
 // ---- per-device launchers ---------------------------------------------------------------------------
 // All adapter-sized tensors are contiguous and in the opmath dtype (float or double).

@@ -147,14 +147,6 @@ void dropout_cpu(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
   });
 }
 
-TORCH_LIBRARY_IMPL(delora_ext, CPU, m) {
-  m.impl("prep", &prep);
-  m.impl("linear_fwd", &linear_fwd);
-  m.impl("adapter_fwd", &adapter_fwd);
-  m.impl("linear_bwd", &linear_bwd);
-  m.impl("merge_", &merge_);
-  m.impl("merge_many_", &merge_many_);
-  m.impl("delta_weight", &delta_weight);
-}
+TORCH_LIBRARY_IMPL(delora_ext, CPU, m) { register_device_impls(m); }
 
 }  // namespace delora_ext

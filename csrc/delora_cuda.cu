@@ -25,27 +25,29 @@ template <typename T>
 __global__ void prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam,
                             const T* __restrict__ w, T* __restrict__ Af, T* __restrict__ s,
                             T* __restrict__ a_raw, T* __restrict__ b_raw, int64_t r, int64_t in, int64_t out) {
-  using Reduce = cub::BlockReduce<T, kThreads>;
+  // Sums of squares in double, as the CPU kernel: the norms (and s) are then the same function on both
+  // devices up to summation order, correctly rounded in practice, and squares cannot overflow/underflow.
+  using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const int64_t k = blockIdx.x;
   const T* row = A + k * in;
   T* frow = Af + k * in;
-  T sa = 0;
+  double sa = 0;
   for (int64_t j = threadIdx.x; j < in; j += kThreads) {
     const T v = row[j];
-    sa += v * v;
+    sa += double(v) * double(v);
     frow[j] = v * w[j];
   }
-  const T a2 = Reduce(tmp).Sum(sa);
+  const double a2 = Reduce(tmp).Sum(sa);
   __syncthreads();
-  T sb = 0;
+  double sb = 0;
   for (int64_t o = threadIdx.x; o < out; o += kThreads) {
-    const T v = B[o * r + k];
+    const double v = B[o * r + k];
     sb += v * v;
   }
-  const T b2 = Reduce(tmp).Sum(sb);
+  const double b2 = Reduce(tmp).Sum(sb);
   if (threadIdx.x == 0) {
-    const T a = sqrt(a2), b = sqrt(b2);
+    const T a = static_cast<T>(sqrt(a2)), b = static_cast<T>(sqrt(b2));
     a_raw[k] = a;
     b_raw[k] = b;
     s[k] = scale_of<T>(lam[0], a, b, r);
@@ -190,6 +192,7 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
   }
   const int64_t rows = C.size(0), cols = C.size(1), r = L.size(1);
   if (rows == 0 || cols == 0) return true;
+  if ((rows + kMergeRows - 1) / kMergeRows > 65535) return false;  // gridDim.y limit: the caller's ATen path
   const c10::cuda::CUDAGuard guard(weight.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>((cols + kMergeCols - 1) / kMergeCols),
@@ -222,14 +225,6 @@ void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p) 
   });
 }
 
-TORCH_LIBRARY_IMPL(delora_ext, CUDA, m) {
-  m.impl("prep", &prep);
-  m.impl("linear_fwd", &linear_fwd);
-  m.impl("adapter_fwd", &adapter_fwd);
-  m.impl("linear_bwd", &linear_bwd);
-  m.impl("merge_", &merge_);
-  m.impl("merge_many_", &merge_many_);
-  m.impl("delta_weight", &delta_weight);
-}
+TORCH_LIBRARY_IMPL(delora_ext, CUDA, m) { register_device_impls(m); }
 
 }  // namespace delora_ext

@@ -63,6 +63,7 @@ def _load_native() -> None:
 
 
 _load_native()
+_C_HAS_CUDA = NATIVE and bool(_C.build_info()["cuda"])  # asked once: has_kernel runs on every forward
 if not NATIVE:
     warnings.warn(f"{native_error}; using the pure-PyTorch reference. Rebuild with: {REBUILD_CMD}",
                   RuntimeWarning, stacklevel=2)
@@ -95,7 +96,7 @@ def has_kernel(device: torch.device | str) -> bool:
     if dev == "cpu":
         return True
     if dev == "cuda":
-        return bool(_C.build_info()["cuda"]) and CUDA_VALIDATED
+        return _C_HAS_CUDA and CUDA_VALIDATED
     return False
 
 

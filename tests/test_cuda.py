@@ -177,6 +177,28 @@ def test_cuda_merge(out, in_f, wdtype):
         assert_close(merged, W, 1e-6, "unmerged")
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("out,in_f", [(4097, 300), (70, 1)])
+def test_cuda_merge_transposed_weight(out, in_f, wdtype):
+    """A Conv1D-style weight ((out, in) view of (in, out) storage) takes the kernel's swapped C/L/R path; in = 1
+    takes it too. Several adapters in one pass (merge_many_) as well."""
+    adapters = [make_adapter(r, in_f, out, "random", torch.float32, device="cuda", seed=r) for r in (5, 3)]
+    W, _ = make_base(in_f, out, torch.float32, device="cuda")
+    W = W.to(wdtype)
+    for many in (False, True):
+        view = W.new_empty((in_f, out)).copy_(W.t()).t()  # own storage (W.t().contiguous() aliases W at in = 1)
+        assert view.stride(0) == 1
+        if many:
+            OPS.merge_many_(view, *[list(t) for t in zip(*adapters)], [1.0, -0.5])
+            exact = W.double() + sum(al * ref.delta_weight_ref(*[t.double() for t in ad])
+                                     for ad, al in zip(adapters, (1.0, -0.5)))
+        else:
+            OPS.merge_(view, *adapters[0], 1.0)
+            exact = W.double() + ref.delta_weight_ref(*[t.double() for t in adapters[0]])
+        ulp = torch.finfo(wdtype).eps * exact.abs().clamp_min(torch.finfo(wdtype).tiny)
+        assert ((view.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all(), f"many={many}"
+
+
 def test_cuda_merge_is_in_place_on_views():
     A, B, lam, w = make_adapter(2, 8, 6, device="cuda")
     W, _ = make_base(8, 6, device="cuda")
