@@ -328,8 +328,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   }
   if (want_param) {
     // M = gᵀu (out×r). For narrow u (r ≤ 8) MKL is 3–5× slower on gᵀ·u than on (uᵀ·g)ᵀ (measured on the
-    // 2-core CI CPU: 10.8 vs 1.9 ms at N=4096, out=1024, r=8); the transpose copy is only r×out.
-    Tensor M = d.r <= 8 ? at::mm(u.to(dt).t(), g2).t() : at::mm(g2.t(), u.to(dt));
+    // 2-core CI CPU: 10.8 vs 1.9 ms at N=4096, out=1024, r=8); the transpose copy is only r×out. CPU only:
+    // cuBLAS has no such gap, and the copy would be an extra launch.
+    Tensor M = (d.r <= 8 && g2.is_cpu()) ? at::mm(u.to(dt).t(), g2).t() : at::mm(g2.t(), u.to(dt));
     Tensor Q = want_A ? at::mm(GB.t(), x_d) : Tensor();
     Tensor dA = want_A ? at::empty_like(A_op) : Tensor();
     Tensor dB = want_B ? at::empty_like(B_op) : Tensor();
