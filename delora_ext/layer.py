@@ -379,12 +379,15 @@ class DeLoRALinear(nn.Module):
         leaving the weight untouched (costs one out×in temporary, as PEFT's). Adapters already merged are
         skipped with a warning.
         """
-        names = self._merge_plan(safe_merge, adapter_names)
-        self._merge_commit(names)
+        names, checked = self._merge_plan(safe_merge, adapter_names, keep_checked=True)
+        self._merge_commit(names, checked)
 
-    def _merge_plan(self, safe_merge: bool, adapter_names: list[str] | None) -> list[str]:
-        """Every check of ``merge``, nothing written: the adapters to merge. With ``safe_merge`` it merges into a
-        temporary copy and checks that; ``_merge_commit`` then writes the same (deterministic) result in place."""
+    def _merge_plan(self, safe_merge: bool, adapter_names: list[str] | None,
+                    keep_checked: bool = False) -> tuple[list[str], torch.Tensor | None]:
+        """Every check of ``merge``, nothing written: (the adapters to merge, the checked merged copy or None).
+        With ``safe_merge`` it merges into a temporary copy and checks that; ``keep_checked`` returns the copy for
+        ``_merge_commit`` to write. A model-wide merge drops it (one temporary per layer at a time) and the commit
+        recomputes the same deterministic result in place."""
         names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
         for n in names:
             if n not in self.delora_A:
@@ -395,7 +398,7 @@ class DeLoRALinear(nn.Module):
                           f"You are now additionally merging {','.join(n for n in names if n not in already)}.")
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
-            return names
+            return names, None
         weight = self.base_layer.weight
         if not weight.is_floating_point():
             raise TypeError(f"cannot merge into a base weight of dtype {weight.dtype}; merging needs a floating "
@@ -414,12 +417,16 @@ class DeLoRALinear(nn.Module):
                            else f"ΔW of adapter(s) {which} overflows {new.dtype} when added")
                     raise ValueError(f"NaNs detected in the merged weights ({why}). The adapter(s) {which} seem to "
                                      f"be broken; the base weight was left unchanged")
-        return names
+                return names, (new if keep_checked else None)
+        return names, None
 
-    def _merge_commit(self, names: list[str]) -> None:
+    def _merge_commit(self, names: list[str], checked: torch.Tensor | None = None) -> None:
         if names:
             with torch.no_grad():
-                self._apply_delta(self.weight_oi(), names, 1.0)
+                if checked is not None:
+                    self.weight_oi().copy_(checked)
+                else:
+                    self._apply_delta(self.weight_oi(), names, 1.0)
         self.merged_adapters.extend(names)
 
     def unmerge(self, adapter_names: list[str] | None = None) -> None:

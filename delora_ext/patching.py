@@ -268,7 +268,7 @@ def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] |
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
         if names == []:
             continue
-        plans.append((layer, layer._merge_plan(safe_merge, names)))
+        plans.append((layer, layer._merge_plan(safe_merge, names)[0]))
     done: list[tuple[DeLoRALinear, list[str]]] = []
     try:
         for layer, names in plans:
