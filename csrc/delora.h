@@ -58,30 +58,39 @@ inline void register_device_impls(torch::Library& m) {
 }
 
 // ---- per-device launchers ---------------------------------------------------------------------------
-// All adapter-sized tensors are contiguous and in the opmath dtype (float or double).
-//   A (r×in), B (out×r), lam (1), w (in)  ->  A_folded = A⊙w (r×in), s (r), a_raw (r), b_raw (r)
-void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& A_folded,
-              Tensor& s, Tensor& a_raw, Tensor& b_raw);
+// All adapter-sized tensors are contiguous and in the opmath dtype (float or double), except Ad and Bd below,
+// which are in the GEMM dtype (x's dtype).
+//   A (r×in), B (out×r), lam (1), w (in)  ->  one launch writing
+struct PrepOutputs {
+  Tensor s, a, b;  // (r): s_k = λ/(r·â_k·b̂_k) and the raw norms a_k = ‖A[k,:]‖, b_k = ‖B[:,k]‖   (required)
+  Tensor Af;       // (r×in) A⊙w in opmath                                                  (optional)
+  Tensor sa;       // (r)    λ/(r·â_k), the A-side factor of the split scale                (optional)
+  Tensor Ad;       // (r×in) A⊙w in the GEMM dtype, times λ/(r·â_k) when a_times_sa          (optional)
+  Tensor Bd;       // (out×r) B⊙s in the GEMM dtype, or B/b̂_k when b_over_bhat               (optional)
+  bool a_times_sa = false, b_over_bhat = false;
+};
+void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o);
 
-// M = gᵀu (out×r), Q = (gB)ᵀ x_d (r×in, may be undefined when dA is not wanted); both in the input dtype.
+// M = gᵀu (out×r) and Q (r×in, undefined when dA is not wanted), both in the input dtype. Q is s-scaled:
+// Q = (g·(B⊙s))ᵀ x_d, with qscale undefined (= 1); with the split scale (fp16) the caller has
+// Q = (g·(B/b̂))ᵀ x_d instead and passes qscale = λ/(r·â) (r, opmath), since s_k = λ/(r·â_k)·1/b̂_k.
 //   gs_k = Σ_o M[o,k] B[o,k]
-//   dA   = s_k Q[k,j] w_j − (gs_k s_k / a_k²) A[k,j]        (norm term where a_raw ≥ eps)
+//   dA   = qscale_k Q[k,j] w_j − (gs_k s_k / a_k²) A[k,j]   (norm term where a_raw ≥ eps)
 //   dB   = M[o,k] s_k − (gs_k s_k / b_k²) B[o,k]            (norm term where b_raw ≥ eps)
 //   dλ   = Σ_k gs_k / (r a_k b_k)
 // dA, dB, dlam are written when defined (opmath dtype).
-void finalize_cpu(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
-                  const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA, Tensor& dB,
-                  Tensor& dlam);
+void finalize_cpu(const Tensor& M, const Tensor& Q, const Tensor& qscale, const Tensor& A, const Tensor& B,
+                  const Tensor& w, const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA,
+                  Tensor& dB, Tensor& dlam);
 
 // dst = src ⊙ keep(seed, i) / (1 − p) over the flattened index i of a contiguous src (dst may alias src).
 void dropout_cpu(const Tensor& src, Tensor& dst, const Tensor& seed, double p);
 
 #ifdef DELORA_WITH_CUDA
-void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& A_folded,
-               Tensor& s, Tensor& a_raw, Tensor& b_raw);
-void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
-                   const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA, Tensor& dB,
-                   Tensor& dlam);
+void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o);
+void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& qscale, const Tensor& A, const Tensor& B,
+                   const Tensor& w, const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA,
+                   Tensor& dB, Tensor& dlam);
 void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p);
 // weight += Bs·Af in one pass (fp32/fp64 accumulation, one rounding); false when weight has no unit stride.
 bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af);

@@ -43,44 +43,67 @@ void column_sums(int64_t out, int64_t r, F&& f, T* result) {
 
 }  // namespace
 
-void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& A_folded,
-              Tensor& s, Tensor& a_raw, Tensor& b_raw) {
+void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
   const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+  // The GEMM-dtype outputs (when asked for) share one dtype; without them it is irrelevant.
+  const auto gemm_dt = o.Ad.defined() ? o.Ad.scalar_type() : (o.Bd.defined() ? o.Bd.scalar_type() : A.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_prep_cpu", [&] {
-    const scalar_t* pA = A.const_data_ptr<scalar_t>();
-    const scalar_t* pB = B.const_data_ptr<scalar_t>();
-    const scalar_t* pw = w.const_data_ptr<scalar_t>();
-    const scalar_t lam_v = lam.const_data_ptr<scalar_t>()[0];
-    scalar_t* pAf = A_folded.mutable_data_ptr<scalar_t>();
-    scalar_t* ps = s.mutable_data_ptr<scalar_t>();
-    scalar_t* pa = a_raw.mutable_data_ptr<scalar_t>();
-    scalar_t* pb = b_raw.mutable_data_ptr<scalar_t>();
+    using opmath_t = scalar_t;
+    const opmath_t* pA = A.const_data_ptr<opmath_t>();
+    const opmath_t* pB = B.const_data_ptr<opmath_t>();
+    const opmath_t* pw = w.const_data_ptr<opmath_t>();
+    const opmath_t lam_v = lam.const_data_ptr<opmath_t>()[0];
+    opmath_t* pAf = o.Af.defined() ? o.Af.mutable_data_ptr<opmath_t>() : nullptr;
+    opmath_t* psa = o.sa.defined() ? o.sa.mutable_data_ptr<opmath_t>() : nullptr;
+    opmath_t* ps = o.s.mutable_data_ptr<opmath_t>();
+    opmath_t* pa = o.a.mutable_data_ptr<opmath_t>();
+    opmath_t* pb = o.b.mutable_data_ptr<opmath_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gemm_dt, "delora_prep_cpu_gemm", [&] {
+      scalar_t* pAd = o.Ad.defined() ? o.Ad.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* pBd = o.Bd.defined() ? o.Bd.mutable_data_ptr<scalar_t>() : nullptr;
 
-    // Sums of squares in double whatever the opmath: a sequential fp32 sum over in = 16384 terms is off by
-    // ~3e-6 relative, double makes the norm correctly rounded for any realistic size, at r·(in+out) cost.
-    std::vector<double> bsq(static_cast<size_t>(r));
-    column_sums<double>(out, r, [&](int64_t o, int64_t k) { return double(pB[o * r + k]) * pB[o * r + k]; },
-                        bsq.data());
-    at::parallel_for(0, r, kRowGrain, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const scalar_t* row = pA + k * in;
-        scalar_t* frow = pAf + k * in;
-        double sq = 0;
-        for (int64_t j = 0; j < in; ++j) {
-          sq += double(row[j]) * row[j];
-          frow[j] = row[j] * pw[j];
+      // Sums of squares in double whatever the opmath: a sequential fp32 sum over in = 16384 terms is off by
+      // ~3e-6 relative, double makes the norm correctly rounded for any realistic size, at r·(in+out) cost.
+      std::vector<double> bsq(static_cast<size_t>(r));
+      column_sums<double>(out, r, [&](int64_t o_, int64_t k) { return double(pB[o_ * r + k]) * pB[o_ * r + k]; },
+                          bsq.data());
+      std::vector<opmath_t> bcoef(static_cast<size_t>(r));
+      at::parallel_for(0, r, kRowGrain, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const opmath_t* row = pA + k * in;
+          double sq = 0;
+          for (int64_t j = 0; j < in; ++j) sq += double(row[j]) * row[j];
+          pa[k] = static_cast<opmath_t>(std::sqrt(sq));
+          pb[k] = static_cast<opmath_t>(std::sqrt(bsq[k]));
+          ps[k] = scale_of<opmath_t>(lam_v, pa[k], pb[k], r);
+          const opmath_t sa = split_scale_a<opmath_t>(lam_v, pa[k], r);
+          if (psa) psa[k] = sa;
+          bcoef[k] = o.b_over_bhat ? opmath_t(1) / clamp_norm(pb[k]) : ps[k];
+          if (pAf)
+            for (int64_t j = 0; j < in; ++j) pAf[k * in + j] = row[j] * pw[j];
+          if (pAd) {
+            scalar_t* drow = pAd + k * in;
+            if (o.a_times_sa) {
+              for (int64_t j = 0; j < in; ++j) drow[j] = static_cast<scalar_t>(row[j] * pw[j] * sa);
+            } else {
+              for (int64_t j = 0; j < in; ++j) drow[j] = static_cast<scalar_t>(row[j] * pw[j]);
+            }
+          }
         }
-        pa[k] = static_cast<scalar_t>(std::sqrt(sq));
-        pb[k] = static_cast<scalar_t>(std::sqrt(bsq[k]));
-        ps[k] = scale_of<scalar_t>(lam_v, pa[k], pb[k], r);
+      });
+      if (pBd) {
+        at::parallel_for(0, out, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(r, 1)), [&](int64_t o0, int64_t o1) {
+          for (int64_t o_ = o0; o_ < o1; ++o_)
+            for (int64_t k = 0; k < r; ++k) pBd[o_ * r + k] = static_cast<scalar_t>(pB[o_ * r + k] * bcoef[k]);
+        });
       }
     });
   });
 }
 
-void finalize_cpu(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
-                  const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA, Tensor& dB,
-                  Tensor& dlam) {
+void finalize_cpu(const Tensor& M, const Tensor& Q, const Tensor& qscale, const Tensor& A, const Tensor& B,
+                  const Tensor& w, const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA,
+                  Tensor& dB, Tensor& dlam) {
   const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_finalize_cpu", [&] {
     using opmath_t = scalar_t;
@@ -90,6 +113,7 @@ void finalize_cpu(const Tensor& M, const Tensor& Q, const Tensor& A, const Tenso
     const opmath_t* ps = s.const_data_ptr<opmath_t>();
     const opmath_t* pa = a_raw.const_data_ptr<opmath_t>();
     const opmath_t* pb = b_raw.const_data_ptr<opmath_t>();
+    const opmath_t* pq = qscale.defined() ? qscale.const_data_ptr<opmath_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, M.scalar_type(), "delora_finalize_cpu_in", [&] {
       const scalar_t* pM = M.const_data_ptr<scalar_t>();
       std::vector<opmath_t> gs(static_cast<size_t>(r));
@@ -117,10 +141,14 @@ void finalize_cpu(const Tensor& M, const Tensor& Q, const Tensor& A, const Tenso
         opmath_t* pdA = dA.mutable_data_ptr<opmath_t>();
         at::parallel_for(0, r, kRowGrain, [&](int64_t k0, int64_t k1) {
           for (int64_t k = k0; k < k1; ++k) {
-            const opmath_t sk = ps[k];
             const opmath_t c = norm_grad_coef(gs[k], ps[k], pa[k]);
-            for (int64_t j = 0; j < in; ++j)
-              pdA[k * in + j] = sk * opmath_t(pQ[k * in + j]) * pw[j] + c * pA[k * in + j];
+            if (pq) {
+              const opmath_t qk = pq[k];
+              for (int64_t j = 0; j < in; ++j)
+                pdA[k * in + j] = qk * opmath_t(pQ[k * in + j]) * pw[j] + c * pA[k * in + j];
+            } else {
+              for (int64_t j = 0; j < in; ++j) pdA[k * in + j] = opmath_t(pQ[k * in + j]) * pw[j] + c * pA[k * in + j];
+            }
           }
         });
       }

@@ -21,42 +21,63 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
+// One block per k: the norms of row A[k,:] and column B[:,k], then s_k, and the folded operands row k of Af / Ad
+// and column k of Bd (PrepOutputs in delora.h). T is the opmath type, D the GEMM dtype of Ad and Bd.
+template <typename T, typename D>
 __global__ void prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam,
-                            const T* __restrict__ w, T* __restrict__ Af, T* __restrict__ s,
-                            T* __restrict__ a_raw, T* __restrict__ b_raw, int64_t r, int64_t in, int64_t out) {
+                            const T* __restrict__ w, T* __restrict__ Af, D* __restrict__ Ad, D* __restrict__ Bd,
+                            T* __restrict__ s, T* __restrict__ a_raw, T* __restrict__ b_raw, T* __restrict__ sa_out,
+                            bool a_times_sa, bool b_over_bhat, int64_t r, int64_t in, int64_t out) {
   // Sums of squares in double, as the CPU kernel: the norms (and s) are then the same function on both
   // devices up to summation order, correctly rounded in practice, and squares cannot overflow/underflow.
   using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
+  __shared__ T sa_shared, bcoef_shared;
   const int64_t k = blockIdx.x;
   const T* row = A + k * in;
-  T* frow = Af + k * in;
-  double sa = 0;
+  double sq_a = 0;
   for (int64_t j = threadIdx.x; j < in; j += kThreads) {
     const T v = row[j];
-    sa += double(v) * double(v);
-    frow[j] = v * w[j];
+    sq_a += double(v) * double(v);
+    if (Af != nullptr) Af[k * in + j] = v * w[j];
   }
-  const double a2 = Reduce(tmp).Sum(sa);
+  const double a2 = Reduce(tmp).Sum(sq_a);
   __syncthreads();
-  double sb = 0;
+  double sq_b = 0;
   for (int64_t o = threadIdx.x; o < out; o += kThreads) {
     const double v = B[o * r + k];
-    sb += v * v;
+    sq_b += v * v;
   }
-  const double b2 = Reduce(tmp).Sum(sb);
+  const double b2 = Reduce(tmp).Sum(sq_b);
   if (threadIdx.x == 0) {
     const T a = static_cast<T>(sqrt(a2)), b = static_cast<T>(sqrt(b2));
+    const T sk = scale_of<T>(lam[0], a, b, r), sak = split_scale_a<T>(lam[0], a, r);
     a_raw[k] = a;
     b_raw[k] = b;
-    s[k] = scale_of<T>(lam[0], a, b, r);
+    s[k] = sk;
+    if (sa_out != nullptr) sa_out[k] = sak;
+    sa_shared = sak;
+    bcoef_shared = b_over_bhat ? T(1) / clamp_norm(b) : sk;
+  }
+  __syncthreads();
+  if (Ad != nullptr) {
+    const T f = a_times_sa ? sa_shared : T(1);
+    if (a_times_sa) {
+      for (int64_t j = threadIdx.x; j < in; j += kThreads) Ad[k * in + j] = static_cast<D>(row[j] * w[j] * f);
+    } else {
+      for (int64_t j = threadIdx.x; j < in; j += kThreads) Ad[k * in + j] = static_cast<D>(row[j] * w[j]);
+    }
+  }
+  if (Bd != nullptr) {
+    const T f = bcoef_shared;
+    for (int64_t o = threadIdx.x; o < out; o += kThreads) Bd[o * r + k] = static_cast<D>(B[o * r + k] * f);
   }
 }
 
 // One block per k: gs_k = Σ_o M[o,k] B[o,k], then column k of dB, row k of dA, and k's share of dλ.
 template <typename T, typename in_t>
-__global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restrict__ Q, const T* __restrict__ A,
+__global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restrict__ Q,
+                                const T* __restrict__ qscale, const T* __restrict__ A,
                                 const T* __restrict__ B, const T* __restrict__ w, const T* __restrict__ s,
                                 const T* __restrict__ a_raw, const T* __restrict__ b_raw, T* __restrict__ dA,
                                 T* __restrict__ dB, T* __restrict__ dlam_parts, int64_t r, int64_t in,
@@ -79,8 +100,13 @@ __global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restri
   }
   if (dA != nullptr) {
     const T c = norm_grad_coef(gs, sk, a_raw[k]);
-    for (int64_t j = threadIdx.x; j < in; j += kThreads)
-      dA[k * in + j] = sk * T(Q[k * in + j]) * w[j] + c * A[k * in + j];
+    if (qscale != nullptr) {
+      const T qk = qscale[k];
+      for (int64_t j = threadIdx.x; j < in; j += kThreads)
+        dA[k * in + j] = qk * T(Q[k * in + j]) * w[j] + c * A[k * in + j];
+    } else {
+      for (int64_t j = threadIdx.x; j < in; j += kThreads) dA[k * in + j] = T(Q[k * in + j]) * w[j] + c * A[k * in + j];
+    }
   }
 }
 
@@ -142,23 +168,30 @@ __global__ void dropout_kernel(const scalar_t* src, scalar_t* dst,  // may alias
 
 }  // namespace
 
-void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& A_folded,
-               Tensor& s, Tensor& a_raw, Tensor& b_raw) {
+void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
   const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+  if (r == 0) return;
   const c10::cuda::CUDAGuard guard(A.device());
   auto stream = at::cuda::getCurrentCUDAStream();
+  const auto gemm_dt = o.Ad.defined() ? o.Ad.scalar_type() : (o.Bd.defined() ? o.Bd.scalar_type() : A.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_prep_cuda", [&] {
-    prep_kernel<scalar_t><<<r, kThreads, 0, stream>>>(
-        A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(), lam.const_data_ptr<scalar_t>(),
-        w.const_data_ptr<scalar_t>(), A_folded.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>(),
-        a_raw.mutable_data_ptr<scalar_t>(), b_raw.mutable_data_ptr<scalar_t>(), r, in, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    using opmath_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gemm_dt, "delora_prep_cuda_gemm", [&] {
+      prep_kernel<opmath_t, scalar_t><<<r, kThreads, 0, stream>>>(
+          A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(), lam.const_data_ptr<opmath_t>(),
+          w.const_data_ptr<opmath_t>(), o.Af.defined() ? o.Af.mutable_data_ptr<opmath_t>() : nullptr,
+          o.Ad.defined() ? o.Ad.mutable_data_ptr<scalar_t>() : nullptr,
+          o.Bd.defined() ? o.Bd.mutable_data_ptr<scalar_t>() : nullptr, o.s.mutable_data_ptr<opmath_t>(),
+          o.a.mutable_data_ptr<opmath_t>(), o.b.mutable_data_ptr<opmath_t>(),
+          o.sa.defined() ? o.sa.mutable_data_ptr<opmath_t>() : nullptr, o.a_times_sa, o.b_over_bhat, r, in, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
-void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
-                   const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA, Tensor& dB,
-                   Tensor& dlam) {
+void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& qscale, const Tensor& A, const Tensor& B,
+                   const Tensor& w, const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA,
+                   Tensor& dB, Tensor& dlam) {
   const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
   const c10::cuda::CUDAGuard guard(A.device());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -168,7 +201,7 @@ void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& A, const Tens
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, M.scalar_type(), "delora_finalize_cuda_in", [&] {
       finalize_kernel<opmath_t, scalar_t><<<r, kThreads, 0, stream>>>(
           M.const_data_ptr<scalar_t>(), Q.defined() ? Q.const_data_ptr<scalar_t>() : nullptr,
-          A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(),
+          qscale.defined() ? qscale.const_data_ptr<opmath_t>() : nullptr, A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(),
           s.const_data_ptr<opmath_t>(), a_raw.const_data_ptr<opmath_t>(), b_raw.const_data_ptr<opmath_t>(),
           dA.defined() ? dA.mutable_data_ptr<opmath_t>() : nullptr,
           dB.defined() ? dB.mutable_data_ptr<opmath_t>() : nullptr,

@@ -37,6 +37,13 @@ DELORA_HD T scale_of(T lam, T a_raw, T b_raw, int64_t r) {
   return lam / (T(r) * clamp_norm(a_raw) * clamp_norm(b_raw));
 }
 
+// λ / (r · max(a_k, eps)): the A-side factor of s_k when it is split as (λ/(r·â_k)) · (1/b̂_k), each factor
+// bounded by the data it scales (the fp16 path, see delora_ops.cpp).
+template <typename T>
+DELORA_HD T split_scale_a(T lam, T a_raw, int64_t r) {
+  return lam / (T(r) * clamp_norm(a_raw));
+}
+
 // ∂s_k/∂a_k · (1/a_k) = −s_k / a_k² where the clamp is not active, else 0. Multiplying this by
 // gs_k·A[k, j] gives the norm term of dA (likewise for B with b_k).
 template <typename T>

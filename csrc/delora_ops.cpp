@@ -75,30 +75,29 @@ bool is_cuda(const Tensor& t) { return t.device().is_cuda(); }
               "toolkit present, see README: Build)");
 }
 
-void launch_prep(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor& Af,
-                 Tensor& s, Tensor& a, Tensor& b) {
+void launch_prep(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
   if (is_cuda(A)) {
 #ifdef DELORA_WITH_CUDA
-    prep_cuda(A, B, lam, w, Af, s, a, b);
+    prep_cuda(A, B, lam, w, o);
 #else
     no_cuda("prep");
 #endif
   } else {
-    prep_cpu(A, B, lam, w, Af, s, a, b);
+    prep_cpu(A, B, lam, w, o);
   }
 }
 
-void launch_finalize(const Tensor& M, const Tensor& Q, const Tensor& A, const Tensor& B, const Tensor& w,
-                     const Tensor& s, const Tensor& a, const Tensor& b, Tensor& dA, Tensor& dB,
+void launch_finalize(const Tensor& M, const Tensor& Q, const Tensor& qscale, const Tensor& A, const Tensor& B,
+                     const Tensor& w, const Tensor& s, const Tensor& a, const Tensor& b, Tensor& dA, Tensor& dB,
                      Tensor& dlam) {
   if (is_cuda(A)) {
 #ifdef DELORA_WITH_CUDA
-    finalize_cuda(M, Q, A, B, w, s, a, b, dA, dB, dlam);
+    finalize_cuda(M, Q, qscale, A, B, w, s, a, b, dA, dB, dlam);
 #else
     no_cuda("linear_bwd");
 #endif
   } else {
-    finalize_cpu(M, Q, A, B, w, s, a, b, dA, dB, dlam);
+    finalize_cpu(M, Q, qscale, A, B, w, s, a, b, dA, dB, dlam);
   }
 }
 
@@ -117,23 +116,64 @@ void launch_dropout(const Tensor& src, Tensor& dst, const Tensor& seed, double p
 // Adapter-sized operands in opmath, contiguous (no copy when they already are, the usual case).
 struct Folded {
   Tensor A, B, lam, w;  // opmath copies/views of the parameters
-  Tensor Af, s, a, b;   // A⊙w, scale, raw norms
+  Tensor Af, s, a, b;   // A⊙w (opmath), scale, raw norms
 };
 
-Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
+Folded opmath_params(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
   const auto opmath = opmath_of(A);
   Folded f;
   f.A = A.to(opmath).contiguous();
   f.B = B.to(opmath).contiguous();
   f.lam = lam.to(opmath).reshape({1}).contiguous();
   f.w = w.to(opmath).contiguous();
-  const int64_t r = A.size(0);
-  f.Af = at::empty_like(f.A);
-  f.s = at::empty({r}, f.A.options());
-  f.a = at::empty({r}, f.A.options());
-  f.b = at::empty({r}, f.A.options());
-  launch_prep(f.A, f.B, f.lam, f.w, f.Af, f.s, f.a, f.b);
   return f;
+}
+
+PrepOutputs prep_outputs(const Folded& f) {
+  const int64_t r = f.A.size(0);
+  PrepOutputs o;
+  o.s = at::empty({r}, f.A.options());
+  o.a = at::empty({r}, f.A.options());
+  o.b = at::empty({r}, f.A.options());
+  return o;
+}
+
+// Opmath A⊙w, s and the norms: for merges, ΔW and the prep op.
+Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
+  Folded f = opmath_params(A, B, lam, w);
+  PrepOutputs o = prep_outputs(f);
+  o.Af = at::empty_like(f.A);
+  launch_prep(f.A, f.B, f.lam, f.w, o);
+  f.Af = o.Af;
+  f.s = o.s;
+  f.a = o.a;
+  f.b = o.b;
+  return f;
+}
+
+// The GEMM operands in x's dtype, written by the one prep launch (no separate cast or scale kernels):
+//   full scale (fp32, fp64, bf16):  Ad = A⊙w,  Bd = B⊙s            y += (x_d Adᵀ) Bdᵀ
+//   split scale (fp16):             Ad = A⊙w,  Bd = B/b̂, sa = λ/(r·â)   y += ((x_d Adᵀ) ⊙ sa) Bdᵀ
+//   split scale, backward:          Ad = A⊙w⊙sa (a_times_sa)       dx += (g Bd) Ad
+// The split keeps every fp16 factor bounded by the data it scales (see low_rank below); bf16 has fp32's
+// range, so B⊙s cannot overflow there and bf16 takes the full scale (no N×r scaling pass).
+struct GemmOperands {
+  Tensor Ad, Bd, s, a, b, sa;
+  bool split = false;
+};
+
+bool split_scale_dtype(at::ScalarType dt) { return dt == at::kHalf; }
+
+GemmOperands gemm_operands(const Folded& f, at::ScalarType dt, bool backward) {
+  PrepOutputs o = prep_outputs(f);
+  const bool split = split_scale_dtype(dt);
+  o.Ad = at::empty(f.A.sizes(), f.A.options().dtype(dt));
+  o.Bd = at::empty(f.B.sizes(), f.B.options().dtype(dt));
+  o.b_over_bhat = split;
+  o.a_times_sa = split && backward;
+  if (split) o.sa = at::empty({f.A.size(0)}, f.A.options());
+  launch_prep(f.A, f.B, f.lam, f.w, o);
+  return {o.Ad, o.Bd, o.s, o.a, o.b, o.sa, split};
 }
 
 // N for x seen as (N, features): the product of the leading dimensions (1 for a 1-D x). From the shape, not
@@ -160,36 +200,22 @@ std::vector<int64_t> out_shape(const Tensor& x, int64_t out) {
   return shape;
 }
 
-// s_k = λ/(r·â_k) · 1/b̂_k split into two factors that are each bounded by the data they scale:
+// s_k = λ/(r·â_k) · 1/b̂_k split into two factors that are each bounded by the data they scale (fp16 only):
 // ‖u_k‖·λ/(r·â_k) ≤ |λ|/r·‖x⊙w‖ and ‖B_k‖/b̂_k ≤ 1 (â, b̂ the clamped norms). Applying s whole to u or to B
 // instead overflows fp16 when a norm sits below the clamp (B = 0 at PEFT's init gives s ~ 1e4·λ/r), which turns
 // the exact 0 of the DeLoRA term into inf·0 = NaN.
-struct SplitScale {
-  Tensor s_a;    // λ / (r·â)   (r,), opmath
-  Tensor inv_b;  // 1 / b̂       (r,), opmath
-};
-
-SplitScale split_scale(const Tensor& s, const Tensor& b_raw) {
-  Tensor b_hat = b_raw.clamp_min(kNormEps);
-  return {s * b_hat, b_hat.reciprocal()};
-}
-
-// fp32/fp64 inputs cannot overflow here, so s is folded into B whole and no N×r pass is needed; fp16/bf16
-// inputs take the split scale (u ⊙ λ/(r·â) in opmath, then B ⊙ 1/b̂).
-bool low_precision(at::ScalarType dt) { return dt == at::kHalf || dt == at::kBFloat16; }
-
-// y2 += ((x_d A'ᵀ) ⊙ s) Bᵀ, returning u = x_d A'ᵀ (x's dtype, saved for backward).
-Tensor add_low_rank(Tensor& y2, const Tensor& x_d, const Folded& f) {
-  const auto dt = x_d.scalar_type();
-  Tensor u = at::mm(x_d, f.Af.to(dt).t());
-  if (!low_precision(dt)) {
-    y2.addmm_(u, (f.B * f.s).to(dt).t());
-    return u;
+//
+// Returns u = x_d Adᵀ (x's dtype, saved for backward) and the low-rank product to add: (u or u⊙sa) Bdᵀ is
+// accumulated into y2 when y2 is defined (beta = 1), else returned as a new tensor.
+std::pair<Tensor, Tensor> low_rank(Tensor y2, const Tensor& x_d, const GemmOperands& g) {
+  Tensor u = at::mm(x_d, g.Ad.t());
+  Tensor v = g.split ? (u.to(g.sa.scalar_type()) * g.sa).to(u.scalar_type()) : u;
+  if (y2.defined()) {
+    y2.addmm_(v, g.Bd.t());
+  } else {
+    y2 = at::mm(v, g.Bd.t());
   }
-  const SplitScale sc = split_scale(f.s, f.b);
-  Tensor v = (u.to(f.s.scalar_type()) * sc.s_a).to(dt);
-  y2.addmm_(v, (f.B * sc.inv_b).to(dt).t());
-  return u;
+  return {u, y2};
 }
 
 }  // namespace
@@ -227,12 +253,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd(const Tensor& x, c
   check_dropout(op, dropout_p, seed, x);
   c10::OptionalDeviceGuard guard(x.device());
 
-  Folded f = fold(A, B, lam, w);
+  // The base GEMM is issued first: the GPU starts on it while the host prepares the rest.
   Tensor x2 = rows_of(x, d.in);
   Tensor y2 = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, weight.t())
                                                      : at::mm(x2, weight.t());
-  Tensor u = add_low_rank(y2, dropped(x2, dropout_p, seed), f);
-  return {y2.view(out_shape(x, d.out)), u, f.s, f.a, f.b};
+  const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
+  Tensor u = low_rank(y2, dropped(x2, dropout_p, seed), g).first;
+  return {y2.view(out_shape(x, d.out)), u, g.s, g.a, g.b};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& A,
@@ -245,11 +272,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd(const Tensor& x, 
   check_dropout(op, dropout_p, seed, x);
   c10::OptionalDeviceGuard guard(x.device());
 
-  Folded f = fold(A, B, lam, w);
+  const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
   Tensor x2 = rows_of(x, d.in);
-  Tensor y2 = at::zeros({x2.size(0), d.out}, x.options());
-  Tensor u = add_low_rank(y2, dropped(x2, dropout_p, seed), f);
-  return {y2.view(out_shape(x, d.out)), u, f.s, f.a, f.b};
+  auto [u, y2] = low_rank(Tensor(), dropped(x2, dropout_p, seed), g);
+  return {y2.view(out_shape(x, d.out)), u, g.s, g.a, g.b};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
@@ -290,46 +316,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   const bool want_param = want_A || want_B || want_lam;
 
   Tensor g2 = grad_y.reshape({N, d.out}).contiguous();
-  Tensor A_op = A.to(opmath).contiguous(), B_op = B.to(opmath).contiguous(),
-         w_op = w.to(opmath).contiguous();
+  Tensor grad_x, grad_A, grad_B, grad_lam;
+  // The base dx GEMM is issued first (without dropout, where the adapter part is accumulated into it).
+  if (want_x && has_weight && dropout_p <= 0.0) grad_x = at::mm(g2, *weight);
+
+  const Folded f = opmath_params(A, B, lam, w);
+  const Tensor &A_op = f.A, &B_op = f.B, &w_op = f.w;
   Tensor s_op = s.to(opmath).contiguous(), a_op = a_norm.to(opmath).contiguous(),
          b_op = b_norm.to(opmath).contiguous();
+  // Ad, Bd in x's dtype from one prep launch (its own s, a, b equal the saved ones: same kernel, same inputs).
+  const GemmOperands op_g = gemm_operands(f, dt, /*backward=*/true);
 
-  Tensor grad_x, grad_A, grad_B, grad_lam;
-  Tensor x2, x_d;
-  if (want_A) {
-    x2 = rows_of(x, d.in);
-    x_d = dropped(x2, dropout_p, seed);
-  }
-  // GB = g B (N×r, unscaled): the scaled G = GB ⊙ s is formed in opmath only where it is consumed.
-  // For r ≤ 8 on CPU, B goes in as the transpose of an r×out matrix: MKL's g·B with a row-major out×r B is
-  // ~2× slower there (2.55 vs 1.23 ms at r=4, 3.05 vs 2.12 ms at r=8; N=4096, out=1024, interleaved medians on
-  // the 2-core CI CPU); equal at r=16.
-  Tensor GB;
+  Tensor x_d;
+  if (want_A) x_d = dropped(rows_of(x, d.in), dropout_p, seed);
+  // G = g Bd (N×r): g·(B⊙s), or g·(B/b̂) with the split scale. For r ≤ 8 on CPU, Bd goes in as the transpose of an
+  // r×out matrix: MKL's g·B with a row-major out×r B is ~2× slower there (2.55 vs 1.23 ms at r=4, 3.05 vs 2.12 ms
+  // at r=8; N=4096, out=1024, interleaved medians on the 2-core CI CPU); equal at r=16.
+  Tensor G;
   if (want_x || want_A) {
-    Tensor B_dt = B_op.to(dt);
-    if (d.r <= 8 && g2.is_cpu()) B_dt = B_dt.t().contiguous().t();
-    GB = at::mm(g2, B_dt);
+    Tensor Bd = op_g.Bd;
+    if (d.r <= 8 && g2.is_cpu()) Bd = Bd.t().contiguous().t();
+    G = at::mm(g2, Bd);
   }
 
   if (want_x) {
-    // dx_adapter = (GB ⊙ s) A'. Full precision: s folded into A' (no N×r pass). Low precision:
-    // (GB ⊙ 1/b̂)(A' ⊙ λ/(r·â)), each factor bounded, as in the forward.
-    Tensor Af, G;
-    if (!low_precision(dt)) {
-      Af = (A_op * w_op * s_op.unsqueeze(1)).to(dt);
-      G = GB;
-    } else {
-      const SplitScale sc = split_scale(s_op, b_op);
-      Af = (A_op * w_op * sc.s_a.unsqueeze(1)).to(dt);
-      G = (GB.to(opmath) * sc.inv_b).to(dt);
-    }
+    // dx_adapter = G Ad: (g·(B⊙s))(A⊙w), or (g·(B/b̂))(A⊙w⊙λ/(r·â)) with the split scale.
     if (dropout_p > 0.0) {
-      Tensor t = at::mm(G, Af);
+      Tensor t = at::mm(G, op_g.Ad);
       launch_dropout(t, t, *seed, dropout_p);
       grad_x = has_weight ? t.addmm_(g2, *weight) : t;
     } else {
-      grad_x = has_weight ? at::mm(g2, *weight).addmm_(G, Af) : at::mm(G, Af);
+      grad_x = has_weight ? grad_x.addmm_(G, op_g.Ad) : at::mm(G, op_g.Ad);
     }
     grad_x = grad_x.view(x.sizes());
   }
@@ -338,11 +355,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     // 2-core CI CPU: 10.8 vs 1.9 ms at N=4096, out=1024, r=8); the transpose copy is only r×out. CPU only:
     // cuBLAS has no such gap, and the copy would be an extra launch.
     Tensor M = (d.r <= 8 && g2.is_cpu()) ? at::mm(u.to(dt).t(), g2).t() : at::mm(g2.t(), u.to(dt));
-    Tensor Q = want_A ? at::mm(GB.t(), x_d) : Tensor();
+    // Q = Gᵀ x_d: already s-scaled, except for the split scale's missing λ/(r·â) (finalize's qscale).
+    Tensor Q = want_A ? at::mm(G.t(), x_d) : Tensor();
     Tensor dA = want_A ? at::empty_like(A_op) : Tensor();
     Tensor dB = want_B ? at::empty_like(B_op) : Tensor();
     Tensor dlam = want_lam ? at::empty({1}, A_op.options()) : Tensor();
-    launch_finalize(M.contiguous(), Q, A_op, B_op, w_op, s_op, a_op, b_op, dA, dB, dlam);
+    launch_finalize(M.contiguous(), Q, op_g.split ? op_g.sa : Tensor(), A_op, B_op, w_op, s_op, a_op, b_op, dA,
+                    dB, dlam);
     if (want_A) grad_A = dA.to(A.scalar_type());
     if (want_B) grad_B = dB.to(B.scalar_type());
     if (want_lam) grad_lam = dlam.to(lam.scalar_type()).view(lam.sizes());
