@@ -150,56 +150,8 @@ if NATIVE:
     def _delta_weight_fake(A, B, lam, w):
         return A.new_empty((B.shape[0], A.shape[1]), dtype=_opmath(A))
 
-    # ---- autograd -----------------------------------------------------------------------------------
-    # Saved for backward: x (by reference), u (N×r) and the r-sized s, a, b; the parameters are referenced,
-    # not copied. Nothing tokens×in is created for backward.
-    def _setup_linear(ctx, inputs, output):
-        x, weight, bias, A, B, lam, w, dropout_p, seed = inputs
-        _, u, s, a, b = output
-        ctx.dropout_p = dropout_p
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, A, B, lam, w, u, s, a, b, seed)
-        ctx.mark_non_differentiable(u, s, a, b)
-        ctx.set_materialize_grads(False)  # no zero-filled N×r gradient for u
-
-    def _linear_backward(ctx, grad_y, *_unused):
-        x, weight, A, B, lam, w, u, s, a, b, seed = ctx.saved_tensors
-        nx, nW, nb, nA, nB, nlam = ctx.needs_input_grad[:6]
-        gx = gW = gb = gA = gB = glam = None
-        if grad_y is not None:
-            if nx or nA or nB or nlam:
-                gx, gA, gB, glam = _ops.linear_bwd(grad_y, x, weight, A, B, lam, w, u, s, a, b,
-                                                   ctx.dropout_p, seed, [nx, nA, nB, nlam])
-            if nW or nb:
-                n = u.shape[0]  # rows; reshape(-1, features) is ambiguous when features = 0
-                g2 = grad_y.reshape(n, grad_y.shape[-1])
-                if nW:
-                    gW = (g2.t() @ x.reshape(n, x.shape[-1])).to(weight.dtype)
-                if nb:
-                    gb = g2.sum(0)
-        return (gx if nx else None, gW, gb, gA if nA else None, gB if nB else None, glam if nlam else None,
-                None, None, None)
-
-    torch.library.register_autograd("delora_ext::linear_fwd", _linear_backward, setup_context=_setup_linear)
-
-    def _setup_adapter(ctx, inputs, output):
-        x, A, B, lam, w, dropout_p, seed = inputs
-        _, u, s, a, b = output
-        ctx.dropout_p = dropout_p
-        ctx.save_for_backward(x, A, B, lam, w, u, s, a, b, seed)
-        ctx.mark_non_differentiable(u, s, a, b)
-        ctx.set_materialize_grads(False)
-
-    def _adapter_backward(ctx, grad_y, *_unused):
-        x, A, B, lam, w, u, s, a, b, seed = ctx.saved_tensors
-        nx, nA, nB, nlam = ctx.needs_input_grad[:4]
-        if grad_y is None or not (nx or nA or nB or nlam):
-            return (None,) * 7
-        gx, gA, gB, glam = _ops.linear_bwd(grad_y, x, None, A, B, lam, w, u, s, a, b, ctx.dropout_p, seed,
-                                           [nx, nA, nB, nlam])
-        return (gx if nx else None, gA if nA else None, gB if nB else None, glam if nlam else None, None, None, None)
-
-    torch.library.register_autograd("delora_ext::adapter_fwd", _adapter_backward, setup_context=_setup_adapter)
+    # Autograd: C++ autograd.Functions at the Autograd key (csrc/registration.cpp), not register_autograd
+    # (its Python wrapper was ~0.15 ms of host time per layer and step).
 
 
 def _seed_for(x: torch.Tensor, dropout_p: float):
