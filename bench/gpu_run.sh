@@ -36,8 +36,11 @@ export DELORA_EXT_NATIVE_CUDA=1      # layers use the CUDA kernels (delora_ext/o
 # Short CUDA test selections for the sanitizers (no graph capture: PYTORCH_NO_CUDA_MEMORY_CACHING=1, which
 # memcheck needs to see out-of-bounds accesses inside PyTorch's pooled blocks, forbids it).
 # Both include the fused merge kernel with partial tiles (4097) and the transposed (Conv1D) weight path.
-MEMCHECK_K="(matches_reference and fp32 and random) or dropout or (merge and (4096 or 4097)) or merge_transposed or (low_precision_within_2x and fp32)"
-RACECHECK_K="(matches_reference and fp32 and random and (shape4 or shape5)) or (low_precision_within_2x and fp32 and bf16) or (merge and bf16 and 4097) or merge_transposed"
+MEMCHECK_K="(matches_reference and fp32 and random) or dropout or (merge and (4096 or 4097)) or merge_transposed or (low_precision_within_2x and fp32) or vector_and_scalar"
+# Racecheck leaves out the fp64 cuBLAS references on large shapes: on 2026-11-28 racecheck itself failed there
+# ("Internal Sanitizer Error: failed to handle a hardware exception" inside the reference's F.linear, a kernel
+# it was told not to instrument), which poisoned the context for the tests after it.
+RACECHECK_K="(matches_reference and fp32 and random and (shape4 or shape5)) or (merge and bf16 and 4097) or merge_transposed or (merge and fp32 and 2100) or (vector_and_scalar and bf16)"
 
 NAMES=() STATUS=() SECS=() NOTES=()
 LAST_RC=0
@@ -100,6 +103,9 @@ for m in ("peft", "transformers", "pybind11", "ninja", "pytest", "pytest_timeout
     except Exception as e:
         print(m, "MISSING:", e)
 '
+  echo "--- C++ runtimes a torch process maps (a second libstdc++ beside torch's would be a suspect in crashes)"
+  "$PY" -c 'import torch; print("".join(sorted({l.split()[-1] + "\n" for l in open("/proc/self/maps") if "stdc++" in l or "libgcc_s" in l})))' || true
+  for c in /opt/gcc/bin/g++ g++ c++; do command -v "$c" >/dev/null && echo "$c: $("$c" --version | head -n 1)"; done
   echo "--- build plan (delora_ext/_build.py)"
   "$PY" delora_ext/_build.py || echo "build plan failed"
   echo "--- sources"
@@ -121,11 +127,19 @@ assert i["native"] and "cuda" in (i.get("kernels") or []), "the CUDA kernels are
 '
 }
 
+# Three processes: test_cuda.py, test_ops.py alone, then the two together (the 2026-11-28 run segfaulted in
+# test_ops.py::test_merge_many_errors_name_the_argument after test_cuda.py in one process; not reproducible without
+# a GPU with the same torch build), so the log says whether a crash depends on the GPU tests before it.
 run_tests() {
-  local extra=()
+  local extra=(-X faulthandler -m pytest -q -rfEs -p no:cacheprovider) rc=0
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
-  "$PY" -m pytest tests/test_cuda.py tests/test_ops.py -q -rfEs -p no:cacheprovider --durations=10 \
-    ${extra[@]+"${extra[@]}"}
+  echo "--- test_cuda.py"
+  "$PY" "${extra[@]}" --durations=8 tests/test_cuda.py || rc=$?
+  echo "--- test_ops.py alone"
+  "$PY" "${extra[@]}" tests/test_ops.py || rc=$?
+  echo "--- test_cuda.py + test_ops.py -k 'merge or opcheck' in one process"
+  "$PY" "${extra[@]}" tests/test_cuda.py tests/test_ops.py -k "merge or opcheck" || rc=$?
+  return $rc
 }
 
 run_bench() {

@@ -66,8 +66,9 @@ struct PrepOutputs {
   Tensor Af;       // (r×in) A⊙w in opmath                                                  (optional)
   Tensor sa;       // (r)    λ/(r·â_k), the A-side factor of the split scale                (optional)
   Tensor Ad;       // (r×in) A⊙w in the GEMM dtype, times λ/(r·â_k) when a_times_sa          (optional)
-  Tensor Bd;       // (out×r) B⊙s in the GEMM dtype, or B/b̂_k when b_over_bhat               (optional)
+  Tensor Bd;       // (out×r) bd_alpha·B⊙s in the GEMM dtype, or B/b̂_k when b_over_bhat      (optional)
   bool a_times_sa = false, b_over_bhat = false;
+  double bd_alpha = 1.0;  // host scalar (merge's ±1 or a merge weight), not λ
 };
 void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o);
 

@@ -27,7 +27,7 @@ template <typename T, typename D>
 __global__ void prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam,
                             const T* __restrict__ w, T* __restrict__ Af, D* __restrict__ Ad, D* __restrict__ Bd,
                             T* __restrict__ s, T* __restrict__ a_raw, T* __restrict__ b_raw, T* __restrict__ sa_out,
-                            bool a_times_sa, bool b_over_bhat, int64_t r, int64_t in, int64_t out) {
+                            bool a_times_sa, bool b_over_bhat, T bd_alpha, int64_t r, int64_t in, int64_t out) {
   // Sums of squares in double, as the CPU kernel: the norms (and s) are then the same function on both
   // devices up to summation order, correctly rounded in practice, and squares cannot overflow/underflow.
   using Reduce = cub::BlockReduce<double, kThreads>;
@@ -57,7 +57,7 @@ __global__ void prep_kernel(const T* __restrict__ A, const T* __restrict__ B, co
     s[k] = sk;
     if (sa_out != nullptr) sa_out[k] = sak;
     sa_shared = sak;
-    bcoef_shared = b_over_bhat ? T(1) / clamp_norm(b) : sk;
+    bcoef_shared = b_over_bhat ? T(1) / clamp_norm(b) : sk * bd_alpha;
   }
   __syncthreads();
   if (Ad != nullptr) {
@@ -111,46 +111,82 @@ __global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restri
 }
 
 // C (rows×cols, row stride ldc, unit column stride) += L (rows×r) · R (r×cols), L and R contiguous in acc_t.
-// One block per 16-row × 256-column tile, one thread per column: consecutive threads touch consecutive
-// elements of C (coalesced), each C element is read once, accumulated in acc_t over all r, and rounded once.
-// L and R are staged through shared memory in chunks of 16 ranks.
-constexpr int kMergeRows = 16;
-constexpr int kMergeCols = 256;
-constexpr int kMergeK = 16;
+// One block of 256 threads per kMergeRows-row × (256·V)-column tile; each thread owns V consecutive columns of
+// those rows (V = 16 bytes of C: 8 bf16/fp16, 4 fp32, 2 fp64), so C moves in 16-byte vectors and each R vector
+// is reused over the rows. Every C element is read once, accumulated in acc_t over all r in order k = 0..r-1,
+// added to C and rounded once. L is staged through shared memory in chunks of kMergeK ranks (broadcast reads).
+// `vec` (host-checked alignment of C and R) selects the vector loads; the scalar path handles everything else.
+constexpr int kMergeThreads = 256;
+constexpr int kMergeRows = 8;
+constexpr int kMergeK = 32;
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename scalar_t>
+constexpr int merge_vec() {
+  return static_cast<int>(16 / sizeof(scalar_t));
+}
 
 template <typename scalar_t, typename acc_t>
-__global__ void merge_kernel(scalar_t* __restrict__ C, int64_t ldc, const acc_t* __restrict__ L,
-                             const acc_t* __restrict__ R, int64_t rows, int64_t cols, int64_t r) {
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_kernel(scalar_t* __restrict__ C, int64_t ldc, const acc_t* __restrict__ L, const acc_t* __restrict__ R,
+                 int64_t rows, int64_t cols, int64_t r, bool vec) {
+  constexpr int V = merge_vec<scalar_t>();
   __shared__ acc_t Ls[kMergeRows][kMergeK];
-  __shared__ acc_t Rs[kMergeK][kMergeCols];
   const int64_t row0 = int64_t(blockIdx.y) * kMergeRows;
-  const int64_t col = int64_t(blockIdx.x) * kMergeCols + threadIdx.x;
-  acc_t acc[kMergeRows];
+  const int64_t col = (int64_t(blockIdx.x) * kMergeThreads + threadIdx.x) * V;
+  const bool whole = vec && col + V <= cols;  // this thread's V columns exist and are vector-aligned
+  acc_t acc[kMergeRows][V];
 #pragma unroll
-  for (int i = 0; i < kMergeRows; ++i) acc[i] = acc_t(0);
+  for (int i = 0; i < kMergeRows; ++i)
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[i][v] = acc_t(0);
   for (int64_t k0 = 0; k0 < r; k0 += kMergeK) {
-    for (int t = threadIdx.x; t < kMergeRows * kMergeK; t += blockDim.x) {
+    const int kc = static_cast<int>(r - k0 < kMergeK ? r - k0 : kMergeK);
+    for (int t = threadIdx.x; t < kMergeRows * kMergeK; t += kMergeThreads) {
       const int i = t / kMergeK, k = t % kMergeK;
-      Ls[i][k] = (row0 + i < rows && k0 + k < r) ? L[(row0 + i) * r + k0 + k] : acc_t(0);
+      Ls[i][k] = (row0 + i < rows && k < kc) ? L[(row0 + i) * r + k0 + k] : acc_t(0);
     }
-#pragma unroll
-    for (int k = 0; k < kMergeK; ++k)
-      Rs[k][threadIdx.x] = (col < cols && k0 + k < r) ? R[(k0 + k) * cols + col] : acc_t(0);
     __syncthreads();
+    if (col < cols) {
+      for (int k = 0; k < kc; ++k) {
+        const acc_t* rp = R + (k0 + k) * cols + col;
+        acc_t rv[V];
+        if (whole) {
+          const Vec<acc_t, V> x = *reinterpret_cast<const Vec<acc_t, V>*>(rp);
 #pragma unroll
-    for (int k = 0; k < kMergeK; ++k) {
-      const acc_t rv = Rs[k][threadIdx.x];
+          for (int v = 0; v < V; ++v) rv[v] = x.v[v];
+        } else {
 #pragma unroll
-      for (int i = 0; i < kMergeRows; ++i) acc[i] += Ls[i][k] * rv;
+          for (int v = 0; v < V; ++v) rv[v] = col + v < cols ? rp[v] : acc_t(0);
+        }
+#pragma unroll
+        for (int i = 0; i < kMergeRows; ++i) {
+          const acc_t lv = Ls[i][k];
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[i][v] += lv * rv[v];
+        }
+      }
     }
     __syncthreads();
   }
   if (col >= cols) return;
 #pragma unroll
   for (int i = 0; i < kMergeRows; ++i) {
-    if (row0 + i < rows) {
-      scalar_t* p = C + (row0 + i) * ldc + col;
-      *p = scalar_t(acc_t(*p) + acc[i]);
+    if (row0 + i >= rows) break;
+    scalar_t* p = C + (row0 + i) * ldc + col;
+    if (whole) {
+      Vec<scalar_t, V> c = *reinterpret_cast<Vec<scalar_t, V>*>(p);
+#pragma unroll
+      for (int v = 0; v < V; ++v) c.v[v] = scalar_t(acc_t(c.v[v]) + acc[i][v]);
+      *reinterpret_cast<Vec<scalar_t, V>*>(p) = c;
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        if (col + v < cols) p[v] = scalar_t(acc_t(p[v]) + acc[i][v]);
     }
   }
 }
@@ -183,7 +219,7 @@ void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor
           o.Ad.defined() ? o.Ad.mutable_data_ptr<scalar_t>() : nullptr,
           o.Bd.defined() ? o.Bd.mutable_data_ptr<scalar_t>() : nullptr, o.s.mutable_data_ptr<opmath_t>(),
           o.a.mutable_data_ptr<opmath_t>(), o.b.mutable_data_ptr<opmath_t>(),
-          o.sa.defined() ? o.sa.mutable_data_ptr<opmath_t>() : nullptr, o.a_times_sa, o.b_over_bhat, r, in, out);
+          o.sa.defined() ? o.sa.mutable_data_ptr<opmath_t>() : nullptr, o.a_times_sa, o.b_over_bhat, static_cast<opmath_t>(o.bd_alpha), r, in, out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -228,14 +264,20 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
   if ((rows + kMergeRows - 1) / kMergeRows > 65535) return false;  // gridDim.y limit: the caller's ATen path
   const c10::cuda::CUDAGuard guard(weight.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>((cols + kMergeCols - 1) / kMergeCols),
-                  static_cast<unsigned>((rows + kMergeRows - 1) / kMergeRows));
+  auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "delora_merge_cuda_acc", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, C.scalar_type(), "delora_merge_cuda", [&] {
-      merge_kernel<scalar_t, acc_t><<<grid, kMergeCols, 0, stream>>>(
+      constexpr int V = merge_vec<scalar_t>();
+      // Vector loads need every row of C and of R to start on a V-element boundary.
+      const bool vec = C.stride(0) % V == 0 && cols % V == 0 && aligned(C.const_data_ptr(), 16) &&
+                       aligned(R.const_data_ptr(), sizeof(acc_t) * V);
+      const int64_t cols_per_block = int64_t(kMergeThreads) * V;
+      const dim3 grid(static_cast<unsigned>((cols + cols_per_block - 1) / cols_per_block),
+                      static_cast<unsigned>((rows + kMergeRows - 1) / kMergeRows));
+      merge_kernel<scalar_t, acc_t><<<grid, kMergeThreads, 0, stream>>>(
           C.mutable_data_ptr<scalar_t>(), C.stride(0), L.const_data_ptr<acc_t>(), R.const_data_ptr<acc_t>(), rows,
-          cols, r);
+          cols, r, vec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -138,16 +138,23 @@ PrepOutputs prep_outputs(const Folded& f) {
   return o;
 }
 
-// Opmath A⊙w, s and the norms: for merges, ΔW and the prep op.
-Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
+// Opmath A⊙w, s and the norms (the prep op); with `scaled_b`, also Bs = alpha·(B⊙s) in opmath from the same
+// launch (merges and ΔW).
+Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor* scaled_b = nullptr,
+            double alpha = 1.0) {
   Folded f = opmath_params(A, B, lam, w);
   PrepOutputs o = prep_outputs(f);
   o.Af = at::empty_like(f.A);
+  if (scaled_b != nullptr) {
+    o.Bd = at::empty_like(f.B);
+    o.bd_alpha = alpha;
+  }
   launch_prep(f.A, f.B, f.lam, f.w, o);
   f.Af = o.Af;
   f.s = o.s;
   f.a = o.a;
   f.b = o.b;
+  if (scaled_b != nullptr) *scaled_b = o.Bd;
   return f;
 }
 
@@ -423,8 +430,9 @@ void merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lam,
   const Dims d = check_adapter(op, A, B, lam, w);
   check_merge_weight(op, weight, d, A);
   c10::OptionalDeviceGuard guard(weight.device());
-  Folded f = fold(A, B, lam, w);
-  merge_folded(weight, f.B * (f.s * alpha), f.Af);
+  Tensor Bs;
+  Folded f = fold(A, B, lam, w, &Bs, alpha);
+  merge_folded(weight, Bs, f.Af);
 }
 
 void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorList lam, at::TensorList w,
@@ -451,18 +459,24 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
   // Σ_i alpha_i (B_i ⊙ s_i)(A_i ⊙ w_i) = [alpha_1 B_1 ⊙ s_1 | …] · [A_1 ⊙ w_1; …]: one rank-Σr update.
   std::vector<Tensor> Bs, Af;
   for (size_t i = 0; i < n; ++i) {
-    Folded f = fold(A[i], B[i], lam[i], w[i]);
-    Bs.push_back(f.B * (f.s * alpha[i]));
+    Tensor Bs_i;
+    Folded f = fold(A[i], B[i], lam[i], w[i], &Bs_i, alpha[i]);
+    Bs.push_back(Bs_i);
     Af.push_back(f.Af);
   }
-  merge_folded(weight, at::cat(Bs, 1), at::cat(Af, 0));
+  if (n == 1) {
+    merge_folded(weight, Bs[0], Af[0]);
+  } else {
+    merge_folded(weight, at::cat(Bs, 1), at::cat(Af, 0));
+  }
 }
 
 Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
   check_adapter("delta_weight", A, B, lam, w);
   c10::OptionalDeviceGuard guard(A.device());
-  Folded f = fold(A, B, lam, w);
-  return at::mm(f.B * f.s, f.Af);
+  Tensor Bs;
+  Folded f = fold(A, B, lam, w, &Bs);
+  return at::mm(Bs, f.Af);
 }
 
 }  // namespace delora_ext

@@ -199,6 +199,33 @@ def test_cuda_merge_transposed_weight(out, in_f, wdtype):
         assert ((view.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all(), f"many={many}"
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["aligned", "offset1", "offset8", "ragged"])
+def test_cuda_merge_vector_and_scalar_paths(layout, wdtype):
+    """merge_kernel's 16-byte vector path (aligned rows, columns a multiple of the vector width) and its scalar
+    path (a weight slice starting 1 or 8 elements into its storage, a row length that is not a multiple of the
+    width) give the same one-rounding result; r = 70 spans three rank chunks of the kernel (32 + 32 + 6)."""
+    out, in_f = 300, 4096 if layout != "ragged" else 4093
+    A, B, lam, w = make_adapter(70, in_f, out, "random", torch.float32, device="cuda", seed=3)
+    W, _ = make_base(in_f, out, torch.float32, device="cuda")
+    W = W.to(wdtype)
+    off = {"offset1": 1, "offset8": 8}.get(layout, 0)
+    store = torch.zeros(out, in_f + 16, device="cuda", dtype=wdtype)
+    view = store[:, off:off + in_f]
+    view.copy_(W)
+    OPS.merge_(view, A, B, lam, w, 1.0)
+    exact = W.double() + ref.delta_weight_ref(A.double(), B.double(), lam.double(), w.double())
+    ulp = torch.finfo(wdtype).eps * exact.abs().clamp_min(torch.finfo(wdtype).tiny)
+    assert ((view.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all()
+    untouched = torch.ones(out, in_f + 16, dtype=torch.bool, device="cuda")
+    untouched[:, off:off + in_f] = False
+    assert torch.all(store[untouched] == 0), "wrote outside the weight"
+    # the same result as the aligned, contiguous weight (vector path) bit for bit: one accumulation order
+    dense = W.clone()
+    OPS.merge_(dense, A, B, lam, w, 1.0)
+    assert torch.equal(dense, view)
+
+
 def test_cuda_merge_is_in_place_on_views():
     A, B, lam, w = make_adapter(2, 8, 6, device="cuda")
     W, _ = make_base(8, 6, device="cuda")
