@@ -20,23 +20,27 @@ namespace delora_ext {
 namespace {
 
 constexpr int kThreads = 256;
+// prep and finalize run one block per rank direction k (r blocks only), so each block is made wide: with 1024
+// threads a 4096-long row or column is 4 loads per thread instead of 16 dependent-latency iterations.
+constexpr int kRowThreads = 1024;
 
 // One block per k: the norms of row A[k,:] and column B[:,k], then s_k, and the folded operands row k of Af / Ad
 // and column k of Bd (PrepOutputs in delora.h). T is the opmath type, D the GEMM dtype of Ad and Bd.
 template <typename T, typename D>
-__global__ void prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam,
+__global__ void __launch_bounds__(kRowThreads) prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam,
                             const T* __restrict__ w, T* __restrict__ Af, D* __restrict__ Ad, D* __restrict__ Bd,
                             T* __restrict__ s, T* __restrict__ a_raw, T* __restrict__ b_raw, T* __restrict__ sa_out,
                             bool a_times_sa, bool b_over_bhat, T bd_alpha, int64_t r, int64_t in, int64_t out) {
   // Sums of squares in double, as the CPU kernel: the norms (and s) are then the same function on both
   // devices up to summation order, correctly rounded in practice, and squares cannot overflow/underflow.
-  using Reduce = cub::BlockReduce<double, kThreads>;
+  using Reduce = cub::BlockReduce<double, kRowThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ T sa_shared, bcoef_shared;
   const int64_t k = blockIdx.x;
   const T* row = A + k * in;
   double sq_a = 0;
-  for (int64_t j = threadIdx.x; j < in; j += kThreads) {
+#pragma unroll 4
+  for (int64_t j = threadIdx.x; j < in; j += kRowThreads) {
     const T v = row[j];
     sq_a += double(v) * double(v);
     if (Af != nullptr) Af[k * in + j] = v * w[j];
@@ -44,7 +48,8 @@ __global__ void prep_kernel(const T* __restrict__ A, const T* __restrict__ B, co
   const double a2 = Reduce(tmp).Sum(sq_a);
   __syncthreads();
   double sq_b = 0;
-  for (int64_t o = threadIdx.x; o < out; o += kThreads) {
+#pragma unroll 4
+  for (int64_t o = threadIdx.x; o < out; o += kRowThreads) {
     const double v = B[o * r + k];
     sq_b += v * v;
   }
@@ -63,31 +68,32 @@ __global__ void prep_kernel(const T* __restrict__ A, const T* __restrict__ B, co
   if (Ad != nullptr) {
     const T f = a_times_sa ? sa_shared : T(1);
     if (a_times_sa) {
-      for (int64_t j = threadIdx.x; j < in; j += kThreads) Ad[k * in + j] = static_cast<D>(row[j] * w[j] * f);
+      for (int64_t j = threadIdx.x; j < in; j += kRowThreads) Ad[k * in + j] = static_cast<D>(row[j] * w[j] * f);
     } else {
-      for (int64_t j = threadIdx.x; j < in; j += kThreads) Ad[k * in + j] = static_cast<D>(row[j] * w[j]);
+      for (int64_t j = threadIdx.x; j < in; j += kRowThreads) Ad[k * in + j] = static_cast<D>(row[j] * w[j]);
     }
   }
   if (Bd != nullptr) {
     const T f = bcoef_shared;
-    for (int64_t o = threadIdx.x; o < out; o += kThreads) Bd[o * r + k] = static_cast<D>(B[o * r + k] * f);
+    for (int64_t o = threadIdx.x; o < out; o += kRowThreads) Bd[o * r + k] = static_cast<D>(B[o * r + k] * f);
   }
 }
 
 // One block per k: gs_k = Σ_o M[o,k] B[o,k], then column k of dB, row k of dA, and k's share of dλ.
 template <typename T, typename in_t>
-__global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restrict__ Q,
+__global__ void __launch_bounds__(kRowThreads) finalize_kernel(const in_t* __restrict__ M, const in_t* __restrict__ Q,
                                 const T* __restrict__ qscale, const T* __restrict__ A,
                                 const T* __restrict__ B, const T* __restrict__ w, const T* __restrict__ s,
                                 const T* __restrict__ a_raw, const T* __restrict__ b_raw, T* __restrict__ dA,
                                 T* __restrict__ dB, T* __restrict__ dlam_parts, int64_t r, int64_t in,
                                 int64_t out) {
-  using Reduce = cub::BlockReduce<T, kThreads>;
+  using Reduce = cub::BlockReduce<T, kRowThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ T gs_shared;
   const int64_t k = blockIdx.x;
   T part = 0;
-  for (int64_t o = threadIdx.x; o < out; o += kThreads) part += T(M[o * r + k]) * B[o * r + k];
+#pragma unroll 4
+  for (int64_t o = threadIdx.x; o < out; o += kRowThreads) part += T(M[o * r + k]) * B[o * r + k];
   const T total = Reduce(tmp).Sum(part);
   if (threadIdx.x == 0) gs_shared = total;
   __syncthreads();
@@ -96,16 +102,16 @@ __global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restri
     dlam_parts[k] = gs / (T(r) * clamp_norm(a_raw[k]) * clamp_norm(b_raw[k]));
   if (dB != nullptr) {
     const T c = norm_grad_coef(gs, sk, b_raw[k]);
-    for (int64_t o = threadIdx.x; o < out; o += kThreads) dB[o * r + k] = T(M[o * r + k]) * sk + c * B[o * r + k];
+    for (int64_t o = threadIdx.x; o < out; o += kRowThreads) dB[o * r + k] = T(M[o * r + k]) * sk + c * B[o * r + k];
   }
   if (dA != nullptr) {
     const T c = norm_grad_coef(gs, sk, a_raw[k]);
     if (qscale != nullptr) {
       const T qk = qscale[k];
-      for (int64_t j = threadIdx.x; j < in; j += kThreads)
+      for (int64_t j = threadIdx.x; j < in; j += kRowThreads)
         dA[k * in + j] = qk * T(Q[k * in + j]) * w[j] + c * A[k * in + j];
     } else {
-      for (int64_t j = threadIdx.x; j < in; j += kThreads) dA[k * in + j] = T(Q[k * in + j]) * w[j] + c * A[k * in + j];
+      for (int64_t j = threadIdx.x; j < in; j += kRowThreads) dA[k * in + j] = T(Q[k * in + j]) * w[j] + c * A[k * in + j];
     }
   }
 }
@@ -117,7 +123,6 @@ __global__ void finalize_kernel(const in_t* __restrict__ M, const in_t* __restri
 // added to C and rounded once. L is staged through shared memory in chunks of kMergeK ranks (broadcast reads).
 // `vec` (host-checked alignment of C and R) selects the vector loads; the scalar path handles everything else.
 constexpr int kMergeThreads = 256;
-constexpr int kMergeRows = 8;
 constexpr int kMergeK = 32;
 
 template <typename T, int V>
@@ -130,11 +135,19 @@ constexpr int merge_vec() {
   return static_cast<int>(16 / sizeof(scalar_t));
 }
 
+// Rows per thread: 32 accumulators a thread whatever the width (4 rows of 8 bf16, 8 of 4 fp32, 16 of 2 fp64),
+// which keeps the kernel at about 100 registers without spills (2 blocks an SM).
+template <typename scalar_t>
+constexpr int merge_rows() {
+  return 32 / merge_vec<scalar_t>();
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(scalar_t* __restrict__ C, int64_t ldc, const acc_t* __restrict__ L, const acc_t* __restrict__ R,
                  int64_t rows, int64_t cols, int64_t r, bool vec) {
   constexpr int V = merge_vec<scalar_t>();
+  constexpr int kMergeRows = merge_rows<scalar_t>();
   __shared__ acc_t Ls[kMergeRows][kMergeK];
   const int64_t row0 = int64_t(blockIdx.y) * kMergeRows;
   const int64_t col = (int64_t(blockIdx.x) * kMergeThreads + threadIdx.x) * V;
@@ -144,6 +157,14 @@ __global__ void __launch_bounds__(kMergeThreads)
   for (int i = 0; i < kMergeRows; ++i)
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[i][v] = acc_t(0);
+  // C's 16 bytes per row are fetched first, so their DRAM latency overlaps the rank loop (raw, 4 registers a row).
+  static_assert(sizeof(Vec<scalar_t, V>) == sizeof(uint4), "one 16-byte vector per row");
+  uint4 craw[kMergeRows];
+  if (whole) {
+#pragma unroll
+    for (int i = 0; i < kMergeRows; ++i)
+      if (row0 + i < rows) craw[i] = *reinterpret_cast<const uint4*>(C + (row0 + i) * ldc + col);
+  }
   for (int64_t k0 = 0; k0 < r; k0 += kMergeK) {
     const int kc = static_cast<int>(r - k0 < kMergeK ? r - k0 : kMergeK);
     for (int t = threadIdx.x; t < kMergeRows * kMergeK; t += kMergeThreads) {
@@ -152,6 +173,7 @@ __global__ void __launch_bounds__(kMergeThreads)
     }
     __syncthreads();
     if (col < cols) {
+#pragma unroll 4
       for (int k = 0; k < kc; ++k) {
         const acc_t* rp = R + (k0 + k) * cols + col;
         acc_t rv[V];
@@ -179,7 +201,8 @@ __global__ void __launch_bounds__(kMergeThreads)
     if (row0 + i >= rows) break;
     scalar_t* p = C + (row0 + i) * ldc + col;
     if (whole) {
-      Vec<scalar_t, V> c = *reinterpret_cast<Vec<scalar_t, V>*>(p);
+      Vec<scalar_t, V> c;
+      memcpy(&c, &craw[i], sizeof(c));
 #pragma unroll
       for (int v = 0; v < V; ++v) c.v[v] = scalar_t(acc_t(c.v[v]) + acc[i][v]);
       *reinterpret_cast<Vec<scalar_t, V>*>(p) = c;
@@ -213,7 +236,7 @@ void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_prep_cuda", [&] {
     using opmath_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gemm_dt, "delora_prep_cuda_gemm", [&] {
-      prep_kernel<opmath_t, scalar_t><<<r, kThreads, 0, stream>>>(
+      prep_kernel<opmath_t, scalar_t><<<r, kRowThreads, 0, stream>>>(
           A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(), lam.const_data_ptr<opmath_t>(),
           w.const_data_ptr<opmath_t>(), o.Af.defined() ? o.Af.mutable_data_ptr<opmath_t>() : nullptr,
           o.Ad.defined() ? o.Ad.mutable_data_ptr<scalar_t>() : nullptr,
@@ -235,7 +258,7 @@ void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& qscale, const
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_finalize_cuda", [&] {
     using opmath_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, M.scalar_type(), "delora_finalize_cuda_in", [&] {
-      finalize_kernel<opmath_t, scalar_t><<<r, kThreads, 0, stream>>>(
+      finalize_kernel<opmath_t, scalar_t><<<r, kRowThreads, 0, stream>>>(
           M.const_data_ptr<scalar_t>(), Q.defined() ? Q.const_data_ptr<scalar_t>() : nullptr,
           qscale.defined() ? qscale.const_data_ptr<opmath_t>() : nullptr, A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(),
           s.const_data_ptr<opmath_t>(), a_raw.const_data_ptr<opmath_t>(), b_raw.const_data_ptr<opmath_t>(),
@@ -261,14 +284,16 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
   }
   const int64_t rows = C.size(0), cols = C.size(1), r = L.size(1);
   if (rows == 0 || cols == 0) return true;
-  if ((rows + kMergeRows - 1) / kMergeRows > 65535) return false;  // gridDim.y limit: the caller's ATen path
   const c10::cuda::CUDAGuard guard(weight.device());
   auto stream = at::cuda::getCurrentCUDAStream();
+  bool launched = false;
   auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "delora_merge_cuda_acc", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, C.scalar_type(), "delora_merge_cuda", [&] {
       constexpr int V = merge_vec<scalar_t>();
+      constexpr int kMergeRows = merge_rows<scalar_t>();
+      if ((rows + kMergeRows - 1) / kMergeRows > 65535) return;  // gridDim.y limit: the caller's ATen path
       // Vector loads need every row of C and of R to start on a V-element boundary.
       const bool vec = C.stride(0) % V == 0 && cols % V == 0 && aligned(C.const_data_ptr(), 16) &&
                        aligned(R.const_data_ptr(), sizeof(acc_t) * V);
@@ -279,9 +304,10 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
           C.mutable_data_ptr<scalar_t>(), C.stride(0), L.const_data_ptr<acc_t>(), R.const_data_ptr<acc_t>(), rows,
           cols, r, vec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launched = true;
     });
   });
-  return true;
+  return launched;
 }
 
 void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
