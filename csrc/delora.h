@@ -66,15 +66,15 @@ struct PrepOutputs {
   Tensor Af;       // (r×in) A⊙w in opmath                                                  (optional)
   Tensor sa;       // (r)    λ/(r·â_k), the A-side factor of the split scale                (optional)
   Tensor Ad;       // (r×in) A⊙w in the GEMM dtype, times λ/(r·â_k) when a_times_sa          (optional)
-  Tensor Bd;       // (out×r) bd_alpha·B⊙s in the GEMM dtype, or B/b̂_k when b_over_bhat      (optional)
-  bool a_times_sa = false, b_over_bhat = false;
+  Tensor Bd;       // (out×r) bd_alpha·B⊙s in the GEMM dtype, or B/b̂_k when b_over_bhat, or B when b_plain
+  bool a_times_sa = false, b_over_bhat = false, b_plain = false;
   double bd_alpha = 1.0;  // host scalar (merge's ±1 or a merge weight), not λ
 };
 void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o);
 
 // M = gᵀu (out×r) and Q (r×in, undefined when dA is not wanted), both in the input dtype. Q is s-scaled:
-// Q = (g·(B⊙s))ᵀ x_d, with qscale undefined (= 1); with the split scale (fp16) the caller has
-// Q = (g·(B/b̂))ᵀ x_d instead and passes qscale = λ/(r·â) (r, opmath), since s_k = λ/(r·â_k)·1/b̂_k.
+// Q = (g·(B⊙s))ᵀ x_d, with qscale undefined (= 1); with the split scale (fp16) the caller has the unscaled
+// Q = (g·B)ᵀ x_d instead and passes qscale = s (r, opmath).
 //   gs_k = Σ_o M[o,k] B[o,k]
 //   dA   = qscale_k Q[k,j] w_j − (gs_k s_k / a_k²) A[k,j]   (norm term where a_raw ≥ eps)
 //   dB   = M[o,k] s_k − (gs_k s_k / b_k²) B[o,k]            (norm term where b_raw ≥ eps)

@@ -78,7 +78,9 @@ void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor&
           ps[k] = scale_of<opmath_t>(lam_v, pa[k], pb[k], r);
           const opmath_t sa = split_scale_a<opmath_t>(lam_v, pa[k], r);
           if (psa) psa[k] = sa;
-          bcoef[k] = o.b_over_bhat ? opmath_t(1) / clamp_norm(pb[k]) : ps[k] * opmath_t(o.bd_alpha);
+          bcoef[k] = o.b_plain ? opmath_t(1)
+                     : o.b_over_bhat ? opmath_t(1) / clamp_norm(pb[k])
+                                     : ps[k] * opmath_t(o.bd_alpha);
           if (pAf)
             for (int64_t j = 0; j < in; ++j) pAf[k * in + j] = row[j] * pw[j];
           if (pAd) {

@@ -30,7 +30,7 @@ template <typename T, typename D>
 __global__ void __launch_bounds__(kRowThreads) prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam,
                             const T* __restrict__ w, T* __restrict__ Af, D* __restrict__ Ad, D* __restrict__ Bd,
                             T* __restrict__ s, T* __restrict__ a_raw, T* __restrict__ b_raw, T* __restrict__ sa_out,
-                            bool a_times_sa, bool b_over_bhat, T bd_alpha, int64_t r, int64_t in, int64_t out) {
+                            bool a_times_sa, bool b_over_bhat, bool b_plain, T bd_alpha, int64_t r, int64_t in, int64_t out) {
   // Sums of squares in double, as the CPU kernel: the norms (and s) are then the same function on both
   // devices up to summation order, correctly rounded in practice, and squares cannot overflow/underflow.
   using Reduce = cub::BlockReduce<double, kRowThreads>;
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kRowThreads) prep_kernel(const T* __restrict__
     s[k] = sk;
     if (sa_out != nullptr) sa_out[k] = sak;
     sa_shared = sak;
-    bcoef_shared = b_over_bhat ? T(1) / clamp_norm(b) : sk * bd_alpha;
+    bcoef_shared = b_plain ? T(1) : b_over_bhat ? T(1) / clamp_norm(b) : sk * bd_alpha;
   }
   __syncthreads();
   if (Ad != nullptr) {
@@ -242,7 +242,7 @@ void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor
           o.Ad.defined() ? o.Ad.mutable_data_ptr<scalar_t>() : nullptr,
           o.Bd.defined() ? o.Bd.mutable_data_ptr<scalar_t>() : nullptr, o.s.mutable_data_ptr<opmath_t>(),
           o.a.mutable_data_ptr<opmath_t>(), o.b.mutable_data_ptr<opmath_t>(),
-          o.sa.defined() ? o.sa.mutable_data_ptr<opmath_t>() : nullptr, o.a_times_sa, o.b_over_bhat, static_cast<opmath_t>(o.bd_alpha), r, in, out);
+          o.sa.defined() ? o.sa.mutable_data_ptr<opmath_t>() : nullptr, o.a_times_sa, o.b_over_bhat, o.b_plain, static_cast<opmath_t>(o.bd_alpha), r, in, out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -161,7 +161,8 @@ Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w
 // The GEMM operands in x's dtype, written by the one prep launch (no separate cast or scale kernels):
 //   full scale (fp32, fp64, bf16):  Ad = A⊙w,  Bd = B⊙s            y += (x_d Adᵀ) Bdᵀ
 //   split scale (fp16):             Ad = A⊙w,  Bd = B/b̂, sa = λ/(r·â)   y += ((x_d Adᵀ) ⊙ sa) Bdᵀ
-//   split scale, backward:          Ad = A⊙w⊙sa (a_times_sa)       dx += (g Bd) Ad
+//   split scale, backward:          Ad = A⊙w⊙sa, Bd = B            dx += ((g Bd) ⊙ 1/b̂) Ad, Q = (g Bd)ᵀ x_d
+//     (g·B unnormalised keeps Q = (gB)ᵀx_d as small as B is: with g·(B/b̂), Q overflowed fp16 where dA is finite)
 // The split keeps every fp16 factor bounded by the data it scales (see low_rank below); bf16 has fp32's
 // range, so B⊙s cannot overflow there and bf16 takes the full scale (no N×r scaling pass).
 struct GemmOperands {
@@ -176,7 +177,8 @@ GemmOperands gemm_operands(const Folded& f, at::ScalarType dt, bool backward) {
   const bool split = split_scale_dtype(dt);
   o.Ad = at::empty(f.A.sizes(), f.A.options().dtype(dt));
   o.Bd = at::empty(f.B.sizes(), f.B.options().dtype(dt));
-  o.b_over_bhat = split;
+  o.b_over_bhat = split && !backward;
+  o.b_plain = split && backward;
   o.a_times_sa = split && backward;
   if (split) o.sa = at::empty({f.A.size(0)}, f.A.options());
   launch_prep(f.A, f.B, f.lam, f.w, o);
@@ -336,7 +338,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
 
   Tensor x_d;
   if (want_A) x_d = dropped(rows_of(x, d.in), dropout_p, seed);
-  // G = g Bd (N×r): g·(B⊙s), or g·(B/b̂) with the split scale. For r ≤ 8 on CPU, Bd goes in as the transpose of an
+  // G = g Bd (N×r): g·(B⊙s), or g·B with the split scale. For r ≤ 8 on CPU, Bd goes in as the transpose of an
   // r×out matrix: MKL's g·B with a row-major out×r B is ~2× slower there (2.55 vs 1.23 ms at r=4, 3.05 vs 2.12 ms
   // at r=8; N=4096, out=1024, interleaved medians on the 2-core CI CPU); equal at r=16.
   Tensor G;
@@ -347,13 +349,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   }
 
   if (want_x) {
-    // dx_adapter = G Ad: (g·(B⊙s))(A⊙w), or (g·(B/b̂))(A⊙w⊙λ/(r·â)) with the split scale.
+    // dx_adapter = G Ad: (g·(B⊙s))(A⊙w), or ((g·B) ⊙ 1/b̂)(A⊙w⊙λ/(r·â)) with the split scale (factors bounded).
+    Tensor Gx = G;
+    if (op_g.split) Gx = (G.to(opmath) * b_op.clamp_min(kNormEps).reciprocal()).to(dt);
     if (dropout_p > 0.0) {
-      Tensor t = at::mm(G, op_g.Ad);
+      Tensor t = at::mm(Gx, op_g.Ad);
       launch_dropout(t, t, *seed, dropout_p);
       grad_x = has_weight ? t.addmm_(g2, *weight) : t;
     } else {
-      grad_x = has_weight ? grad_x.addmm_(G, op_g.Ad) : at::mm(G, op_g.Ad);
+      grad_x = has_weight ? grad_x.addmm_(Gx, op_g.Ad) : at::mm(Gx, op_g.Ad);
     }
     grad_x = grad_x.view(x.sizes());
   }
@@ -362,12 +366,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     // 2-core CI CPU: 10.8 vs 1.9 ms at N=4096, out=1024, r=8); the transpose copy is only r×out. CPU only:
     // cuBLAS has no such gap, and the copy would be an extra launch.
     Tensor M = (d.r <= 8 && g2.is_cpu()) ? at::mm(u.to(dt).t(), g2).t() : at::mm(g2.t(), u.to(dt));
-    // Q = Gᵀ x_d: already s-scaled, except for the split scale's missing λ/(r·â) (finalize's qscale).
+    // Q = Gᵀ x_d: s-scaled (full scale), or (g·B)ᵀ x_d with finalize's qscale = s (split scale).
     Tensor Q = want_A ? at::mm(G.t(), x_d) : Tensor();
     Tensor dA = want_A ? at::empty_like(A_op) : Tensor();
     Tensor dB = want_B ? at::empty_like(B_op) : Tensor();
     Tensor dlam = want_lam ? at::empty({1}, A_op.options()) : Tensor();
-    launch_finalize(M.contiguous(), Q, op_g.split ? op_g.sa : Tensor(), A_op, B_op, w_op, s_op, a_op, b_op, dA,
+    launch_finalize(M.contiguous(), Q, op_g.split ? s_op : Tensor(), A_op, B_op, w_op, s_op, a_op, b_op, dA,
                     dB, dlam);
     if (want_A) grad_A = dA.to(A.scalar_type());
     if (want_B) grad_B = dB.to(B.scalar_type());
