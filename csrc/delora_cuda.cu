@@ -27,10 +27,11 @@ constexpr int kRowThreads = 1024;
 // One block per k: the norms of row A[k,:] and column B[:,k], then s_k, and the folded operands row k of Af / Ad
 // and column k of Bd (PrepOutputs in delora.h). T is the opmath type, D the GEMM dtype of Ad and Bd.
 template <typename T, typename D>
-__global__ void __launch_bounds__(kRowThreads) prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam,
-                            const T* __restrict__ w, T* __restrict__ Af, D* __restrict__ Ad, D* __restrict__ Bd,
-                            T* __restrict__ s, T* __restrict__ a_raw, T* __restrict__ b_raw, T* __restrict__ sa_out,
-                            bool a_times_sa, bool b_over_bhat, bool b_plain, T bd_alpha, int64_t r, int64_t in, int64_t out) {
+__global__ void __launch_bounds__(kRowThreads)
+    prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam, const T* __restrict__ w,
+                T* __restrict__ Af, D* __restrict__ Ad, D* __restrict__ Bd, T* __restrict__ s, T* __restrict__ a_raw,
+                T* __restrict__ b_raw, T* __restrict__ sa_out, bool a_times_sa, bool b_over_bhat, bool b_plain,
+                T bd_alpha, int64_t r, int64_t in, int64_t out) {
   // Sums of squares in double, as the CPU kernel: the norms (and s) are then the same function on both
   // devices up to summation order, correctly rounded in practice, and squares cannot overflow/underflow.
   using Reduce = cub::BlockReduce<double, kRowThreads>;
@@ -66,8 +67,8 @@ __global__ void __launch_bounds__(kRowThreads) prep_kernel(const T* __restrict__
   }
   __syncthreads();
   if (Ad != nullptr) {
-    const T f = a_times_sa ? sa_shared : T(1);
     if (a_times_sa) {
+      const T f = sa_shared;
       for (int64_t j = threadIdx.x; j < in; j += kRowThreads) Ad[k * in + j] = static_cast<D>(row[j] * w[j] * f);
     } else {
       for (int64_t j = threadIdx.x; j < in; j += kRowThreads) Ad[k * in + j] = static_cast<D>(row[j] * w[j]);

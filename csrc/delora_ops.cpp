@@ -117,6 +117,7 @@ void launch_dropout(const Tensor& src, Tensor& dst, const Tensor& seed, double p
 struct Folded {
   Tensor A, B, lam, w;  // opmath copies/views of the parameters
   Tensor Af, s, a, b;   // A⊙w (opmath), scale, raw norms
+  Tensor Bs;            // alpha·(B⊙s) in opmath (fold(..., with_bs = true) only)
 };
 
 Folded opmath_params(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
@@ -138,14 +139,14 @@ PrepOutputs prep_outputs(const Folded& f) {
   return o;
 }
 
-// Opmath A⊙w, s and the norms (the prep op); with `scaled_b`, also Bs = alpha·(B⊙s) in opmath from the same
+// Opmath A⊙w, s and the norms (the prep op); with `with_bs`, also Bs = alpha·(B⊙s) in opmath from the same
 // launch (merges and ΔW).
-Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, Tensor* scaled_b = nullptr,
+Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, bool with_bs = false,
             double alpha = 1.0) {
   Folded f = opmath_params(A, B, lam, w);
   PrepOutputs o = prep_outputs(f);
   o.Af = at::empty_like(f.A);
-  if (scaled_b != nullptr) {
+  if (with_bs) {
     o.Bd = at::empty_like(f.B);
     o.bd_alpha = alpha;
   }
@@ -154,7 +155,7 @@ Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w
   f.s = o.s;
   f.a = o.a;
   f.b = o.b;
-  if (scaled_b != nullptr) *scaled_b = o.Bd;
+  f.Bs = o.Bd;
   return f;
 }
 
@@ -434,9 +435,8 @@ void merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lam,
   const Dims d = check_adapter(op, A, B, lam, w);
   check_merge_weight(op, weight, d, A);
   c10::OptionalDeviceGuard guard(weight.device());
-  Tensor Bs;
-  Folded f = fold(A, B, lam, w, &Bs, alpha);
-  merge_folded(weight, Bs, f.Af);
+  Folded f = fold(A, B, lam, w, /*with_bs=*/true, alpha);
+  merge_folded(weight, f.Bs, f.Af);
 }
 
 void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorList lam, at::TensorList w,
@@ -463,9 +463,8 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
   // Σ_i alpha_i (B_i ⊙ s_i)(A_i ⊙ w_i) = [alpha_1 B_1 ⊙ s_1 | …] · [A_1 ⊙ w_1; …]: one rank-Σr update.
   std::vector<Tensor> Bs, Af;
   for (size_t i = 0; i < n; ++i) {
-    Tensor Bs_i;
-    Folded f = fold(A[i], B[i], lam[i], w[i], &Bs_i, alpha[i]);
-    Bs.push_back(Bs_i);
+    Folded f = fold(A[i], B[i], lam[i], w[i], /*with_bs=*/true, alpha[i]);
+    Bs.push_back(f.Bs);
     Af.push_back(f.Af);
   }
   if (n == 1) {
@@ -478,9 +477,8 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
 Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
   check_adapter("delta_weight", A, B, lam, w);
   c10::OptionalDeviceGuard guard(A.device());
-  Tensor Bs;
-  Folded f = fold(A, B, lam, w, &Bs);
-  return at::mm(Bs, f.Af);
+  Folded f = fold(A, B, lam, w, /*with_bs=*/true);
+  return at::mm(f.Bs, f.Af);
 }
 
 }  // namespace delora_ext
