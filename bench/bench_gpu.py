@@ -222,10 +222,12 @@ def _delora_params(layer: nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. forward / backward / step
-def agreement(layers: dict, x: torch.Tensor, g: torch.Tensor) -> dict:
-    """Relative errors (Frobenius) of y and of dx, dA, dB, dλ against an fp32 reference, per DeLoRA variant."""
+def agreement(layers: dict, x: torch.Tensor, g: torch.Tensor, variants=("ours", "peft_delora", "ref"),
+              before_each=None) -> dict:
+    """Relative errors (Frobenius) of y and of dx, dA, dB, dλ against an fp32 reference, per DeLoRA variant
+    (``layers[v]`` for v in ``variants``; ``before_each(v)`` runs first, e.g. to select kernel switches)."""
     from delora_ext.reference import linear_ref
-    ours = layers["ours"]
+    ours = layers["ours"] if "ours" in layers else layers[variants[0]]
     W, b = ours.base_layer.weight, ours.base_layer.bias
     A, B, lam = [t.detach().clone().requires_grad_() for t in _delora_params(ours)]
     w = ours.delora_w_norm["default"]
@@ -234,7 +236,9 @@ def agreement(layers: dict, x: torch.Tensor, g: torch.Tensor) -> dict:
     exp = [y32.detach(), *torch.autograd.grad(y32, [x32, A, B, lam], g.float())]
     del y32
     out = {}
-    for v in ("ours", "peft_delora", "ref"):
+    for v in variants:
+        if before_each is not None:
+            before_each(v)
         layer = layers[v]
         xv = x.detach().clone().requires_grad_()
         params = list(_delora_params(layer))
@@ -246,9 +250,11 @@ def agreement(layers: dict, x: torch.Tensor, g: torch.Tensor) -> dict:
 
 
 def time_training(layers: dict, x: torch.Tensor, g: torch.Tensor, rounds: int, warmup: int, clock: Clock,
-                  flush: L2Flush, rng: random.Random) -> dict:
+                  flush: L2Flush, rng: random.Random, tunings: dict | None = None) -> dict:
     """{mode: {key: {fwd, bwd, step: summary}}} for mode in MODES and key in layers; one forward+backward per
-    variant per mode per round (modes in shuffled order within the round, variants shuffled within each mode)."""
+    variant per mode per round (modes in shuffled order within the round, variants shuffled within each mode).
+    ``tunings``: {key: kernel switches (delora_ext.ops.set_tuning)} set before that key's forward+backward."""
+    from delora_ext import ops
     keys = list(layers)
     params = {k: trainable(layers[k]) for k in keys}
     samples = {m: {k: {p: [] for p in PHASES} for k in keys} for m in MODES}
@@ -263,6 +269,8 @@ def time_training(layers: dict, x: torch.Tensor, g: torch.Tensor, rounds: int, w
                 for p in params[k]:
                     p.grad = None
                 x.grad = None
+                if tunings and k in tunings:
+                    ops.set_tuning(**tunings[k])
                 flush(sync=m == "synced")
                 t0 = clock.now()
                 y = layers[k](x)
@@ -489,9 +497,57 @@ def section_graphs(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flus
 
 # ---------------------------------------------------------------------------------------------------------
 # 4. merge
+def time_against_copy(items: list, nbytes: int, cfg: Config, clock: Clock, flush: L2Flush,
+                      rng: random.Random) -> dict:
+    """{key: host-synced summary + "queued" summary} for items [(key, fn, undo or None)], one of them "copy":
+    each fn (and its undo, timed separately) once per mode per round, items shuffled; GB/s from ``nbytes``."""
+    import warnings
+    items = list(items)
+    samples = {m: {k: [] for k, _, _ in items} for m in MODES}
+    undo_samples = {m: {k: [] for k, _, u in items if u is not None} for m in MODES}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rnd in range(cfg.warmup + cfg.merge_rounds):
+            modes = list(MODES)
+            rng.shuffle(modes)
+            marks = []
+            for m in modes:
+                rng.shuffle(items)
+                for k, fn, undo in items:
+                    flush(sync=m == "synced")
+                    t0 = clock.now()
+                    fn()
+                    t1 = clock.now()
+                    if undo is not None:
+                        flush(sync=m == "synced")
+                        t2 = clock.now()
+                        undo()
+                        t3 = clock.now()
+                        marks.append((m, k, t0, t1, t2, t3))
+                    else:
+                        marks.append((m, k, t0, t1, None, None))
+            clock.sync()
+            if rnd >= cfg.warmup:
+                for m, k, t0, t1, t2, t3 in marks:
+                    samples[m][k].append(clock.ms(t0, t1))
+                    if t2 is not None:
+                        undo_samples[m][k].append(clock.ms(t2, t3))
+            clock.reset()
+    summaries = {}
+    for m in MODES:
+        copy_ms = _median(samples[m]["copy"])
+        for k, _, _ in items:
+            s = _summary(samples[m][k])
+            s["GB_per_s"] = nbytes / (s["median_ms"] * 1e-3) / 1e9
+            s["fraction_of_copy"] = copy_ms / s["median_ms"]
+            if k in undo_samples[m]:
+                s["undo"] = _summary(undo_samples[m][k])
+            summaries[(m, k)] = s
+    return {k: {**summaries[("synced", k)], "queued": summaries[("queued", k)]} for k, _, _ in items}
+
+
 def section_merge(cfg: Config, clock: Clock, flush: L2Flush, seed: int, log) -> list[dict]:
     from delora_ext import ops
-    import warnings
     dev = cfg.device
     out_f, in_f = cfg.merge_shape
     r = cfg.r_small
@@ -539,59 +595,98 @@ def section_merge(cfg: Config, clock: Clock, flush: L2Flush, seed: int, log) -> 
 
         items = [("copy", d2d_copy, None), ("ours_layer", ours_layer, ours_layer_undo), ("ours_op", ours_op, ours_op_undo),
                  ("peft_delora", peft_merge, peft_undo)]
-        samples = {m: {k: [] for k, _, _ in items} for m in MODES}
-        undo_samples = {m: {k: [] for k, _, u in items if u is not None} for m in MODES}
-        rng = random.Random(seed)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for rnd in range(cfg.warmup + cfg.merge_rounds):
-                modes = list(MODES)
-                rng.shuffle(modes)
-                marks = []
-                for m in modes:
-                    rng.shuffle(items)
-                    for k, fn, undo in items:
-                        flush(sync=m == "synced")
-                        t0 = clock.now()
-                        fn()
-                        t1 = clock.now()
-                        if undo is not None:
-                            flush(sync=m == "synced")
-                            t2 = clock.now()
-                            undo()
-                            t3 = clock.now()
-                            marks.append((m, k, t0, t1, t2, t3))
-                        else:
-                            marks.append((m, k, t0, t1, None, None))
-                clock.sync()
-                if rnd >= cfg.warmup:
-                    for m, k, t0, t1, t2, t3 in marks:
-                        samples[m][k].append(clock.ms(t0, t1))
-                        if t2 is not None:
-                            undo_samples[m][k].append(clock.ms(t2, t3))
-                clock.reset()
         nbytes = 2 * W0.numel() * W0.element_size()  # read once + write once
         row = {"dtype": str(dtype).replace("torch.", ""), "out": out_f, "in": in_f, "r": r, "bytes_moved": nbytes,
                "ours_merged_rel_err": merged_err, "one_rounding_rel_err": floor_err,
                "ours_unmerge_rel_err": unmerge_err, "ours_path": "native" if ops.has_kernel(dev) else "reference"}
-        summaries = {}
-        for m in MODES:
-            copy_ms = _median(samples[m]["copy"])
-            for k, _, _ in items:
-                s = _summary(samples[m][k])
-                s["GB_per_s"] = nbytes / (s["median_ms"] * 1e-3) / 1e9
-                s["fraction_of_copy"] = copy_ms / s["median_ms"]
-                if k in undo_samples[m]:
-                    s["undo"] = _summary(undo_samples[m][k])
-                summaries[(m, k)] = s
-        for k, _, _ in items:
-            row[k] = {**summaries[("synced", k)], "queued": summaries[("queued", k)]}
+        row.update(time_against_copy(items, nbytes, cfg, clock, flush, random.Random(seed)))
         res.append(row)
         log(f"  merge {row['dtype']} {out_f}x{in_f} (GB/s queued / host-synced): " + ", ".join(
             f"{name} {row[k]['queued']['GB_per_s']:.0f} / {row[k]['GB_per_s']:.0f}" for k, name in
             (("copy", "copy"), ("ours_layer", "layer.merge"), ("ours_op", "op"), ("peft_delora", "PEFT"))))
         items = template = None  # the next dtype rebinds ours, peft_layer, W0, dst
         _free(dev)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. kernel variants (A/B of delora_ext.ops.set_tuning switches, side by side in this process)
+def section_variants(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flush, seed: int, log) -> dict:
+    """Each gemm_order: our layer's fwd/bwd/step at the head shape against frozen, and its agreement with an fp32
+    reference; each merge_kernel: ops.merge_ on a bf16 and an fp32 weight against a copy, and whether the
+    kernels' results are bit-identical. The switches in force elsewhere in the run are restored after."""
+    from delora_ext import ops
+    from delora_ext.reference import delta_weight_ref
+    dev, dt = cfg.device, cfg.dtype
+    if not ops.has_kernel(dev) or not ops.tuning():
+        return {"skipped": "the native ops are not in use on this device"}
+    default = ops.tuning()
+    res = {"default": default, "steps": {}, "merge": []}
+    try:
+        N, r = cfg.head["N"], cfg.head["r"]
+        gen = torch.Generator(device=dev).manual_seed(seed + N)
+        x = torch.randn(N, cfg.in_f, device=dev, dtype=dt, generator=gen).requires_grad_()
+        g = torch.randn(N, cfg.out_f, device=dev, dtype=dt, generator=gen)
+        torch.manual_seed(seed + 1000 * r + N)
+        ours = build_ours(template, r)
+        orders = ("base_first", "seeded")
+        layers = {"frozen": frozen(template), **{o: ours for o in orders}}
+        tunings = {o: {**default, "gemm_order": o} for o in orders}
+        agree = agreement(layers, x, g, orders, before_each=lambda o: ops.set_tuning(**tunings[o]))
+        timed = time_training(layers, x, g, cfg.rounds[N], cfg.warmup, clock, flush, random.Random(seed + 7),
+                              tunings=tunings)
+        for o in orders:
+            row = {"agreement": agree[o]}
+            for m in MODES:
+                row[m] = {p: {**timed[m][o][p], "ratio_to_frozen": timed[m][o][p]["median_ms"]
+                              / timed[m]["frozen"][p]["median_ms"]} for p in PHASES}
+            res["steps"][o] = row
+        res["steps_shape"] = {"N": N, "r": r}
+        log("  variants: gemm_order step/frozen (queued) " + ", ".join(
+            f"{o} {res['steps'][o]['queued']['step']['ratio_to_frozen']:.3f}" for o in orders))
+        del layers, ours, x, g
+        _free(dev)
+
+        out_f, in_f = cfg.merge_shape
+        kernels = ("rows", "tiled")
+        for dtype in (torch.bfloat16, torch.float32):
+            torch.manual_seed(seed)
+            lin = nn.Linear(in_f, out_f, bias=False, device=dev, dtype=dtype)
+            layer = build_ours(lin, cfg.r_small)
+            A, B, lam = [t.detach() for t in _delora_params(layer)]
+            w = layer.delora_w_norm["default"]
+            W0 = layer.base_layer.weight.detach().clone()
+            W, dst = W0.clone(), torch.empty_like(W0)
+            merged = {}
+            with torch.no_grad():
+                for kern in kernels:
+                    ops.set_tuning(**{**default, "merge_kernel": kern})
+                    merged[kern] = W0.clone()
+                    ops.merge_(merged[kern], A, B, lam, w, 1.0)
+                exact = W0.double() + delta_weight_ref(A.double(), B.double(), lam.double(), w.double())
+                errs = {kern: rel_err(merged[kern], exact) for kern in kernels}
+                del exact
+
+            def op_fn(kern, alpha):
+                def fn():
+                    ops.set_tuning(**{**default, "merge_kernel": kern})
+                    ops.merge_(W, A, B, lam, w, alpha)
+                return fn
+
+            items = [("copy", lambda: dst.copy_(W0), None)] + [
+                (kern, op_fn(kern, 1.0), op_fn(kern, -1.0)) for kern in kernels]
+            nbytes = 2 * W0.numel() * W0.element_size()
+            row = {"dtype": str(dtype).replace("torch.", ""), "out": out_f, "in": in_f, "r": cfg.r_small,
+                   "bit_identical": bool(torch.equal(merged["rows"], merged["tiled"])), "rel_err": errs}
+            row.update(time_against_copy(items, nbytes, cfg, clock, flush, random.Random(seed + 11)))
+            res["merge"].append(row)
+            log(f"  variants: merge {row['dtype']} op GB/s queued " + ", ".join(
+                f"{k} {row[k]['queued']['GB_per_s']:.0f}" for k in ("copy", *kernels))
+                + f"; bit-identical {row['bit_identical']}")
+            layer = lin = W = W0 = dst = merged = items = None  # the next dtype rebinds them
+            _free(dev)
+    finally:
+        ops.set_tuning(**default)
     return res
 
 
@@ -724,6 +819,44 @@ def _fmt_bytes(b) -> str:
     return f"{int(b)} B"
 
 
+def render_variants(v: dict | None) -> list[str]:
+    """The kernel-variant A/B tables (section 5), placed after the targets."""
+    if not v:
+        return []
+    L = ["## Kernel variants (A/B in this run; the rest of the report uses " + ", ".join(
+        f"{k}={val}" for k, val in (v.get("default") or {}).items()) + ")", ""]
+    if v.get("skipped"):
+        return L + [f"Skipped: {v['skipped']}", ""]
+    sh = v.get("steps_shape", {})
+    if v.get("steps"):
+        L.append(f"gemm_order, N={sh.get('N')} r={sh.get('r')}: median µs, queued (ratio to frozen) / host-synced "
+                 f"(ratio); agreement with an fp32 reference (y / dx / dA / dB / dλ)")
+        L.append("")
+        L.append("| gemm_order | fwd | bwd | step | agreement |")
+        L.append("|---|---|---|---|---|")
+        for o, row in v["steps"].items():
+            cells = [f"{_us(row['queued'][p]['median_ms'])} ({row['queued'][p]['ratio_to_frozen']:.3f}) / "
+                     f"{_us(row['synced'][p]['median_ms'])} ({row['synced'][p]['ratio_to_frozen']:.3f})" for p in PHASES]
+            a = row["agreement"]
+            L.append(f"| {o} | " + " | ".join(cells) + " | " + " / ".join(f"{a[k]:.1e}" for k in
+                                                                         ("y", "dx", "dA", "dB", "dlam")) + " |")
+        L.append("")
+    if v.get("merge"):
+        L.append("merge_kernel, ops.merge_ alone: median µs and fraction of a device-to-device copy, queued / host-synced")
+        L.append("")
+        L.append("| dtype | out×in | copy | rows | tiled | bit-identical | rel. err rows / tiled |")
+        L.append("|---|---|---|---|---|---|---|")
+        for m in v["merge"]:
+            def c(k):
+                q, h = m[k]["queued"], m[k]
+                return (f"{_us(q['median_ms'])} ({q['fraction_of_copy']:.0%}) / "
+                        f"{_us(h['median_ms'])} ({h['fraction_of_copy']:.0%})")
+            L.append(f"| {m['dtype']} | {m['out']}×{m['in']} | {c('copy')} | {c('rows')} | {c('tiled')} | "
+                     f"{m['bit_identical']} | {m['rel_err']['rows']:.1e} / {m['rel_err']['tiled']:.1e} |")
+        L.append("")
+    return L
+
+
 def render_markdown(res: dict, cfg: Config) -> str:
     env = res["environment"]
     L = [f"# delora_ext GPU benchmark ({env['mode']}, {env['device']})", ""]
@@ -761,6 +894,7 @@ def render_markdown(res: dict, cfg: Config) -> str:
     for t in res["targets"]:
         L.append(f"| {t['target']} | {t['value']} | {'met' if t['met'] else '**not met**'} |")
     L.append("")
+    L.extend(render_variants(res.get("variants")))
     if res.get("steps"):
         for mode in MODES:
             L.append(f"## Training, {MODE_LABELS[mode]}: median µs (ratio to frozen)")
@@ -865,8 +999,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test of every code path)")
     ap.add_argument("--out", default=None, help="FILE.md and FILE.json are written (a .md/.json suffix is "
                                                 "stripped); default bench/out/gpu/bench_gpu[-quick]")
-    ap.add_argument("--sections", default="steps,launches,graphs,merge",
-                    help="comma-separated subset of steps,launches,graphs,merge")
+    ap.add_argument("--sections", default="steps,launches,graphs,merge,variants",
+                    help="comma-separated subset of steps,launches,graphs,merge,variants")
     ap.add_argument("--rounds-scale", type=float, default=1.0, help="multiply every round count")
     ap.add_argument("--commit", default=None, help="commit to record (default: $DELORA_COMMIT, else git)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
@@ -874,7 +1008,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.argv = argv
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"steps", "launches", "graphs", "merge"}
+    unknown = set(sections) - {"steps", "launches", "graphs", "merge", "variants"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
 
@@ -939,6 +1073,7 @@ def main(argv=None) -> int:
         "launches": lambda: section_launches(cfg, template, clock, args.seed, log),
         "graphs": lambda: section_graphs(cfg, template, clock, flush, args.seed, log),
         "merge": lambda: section_merge(cfg, clock, flush, args.seed, log),
+        "variants": lambda: section_variants(cfg, template, clock, flush, args.seed, log),
     }
     for name in sections:
         t0 = time.perf_counter()

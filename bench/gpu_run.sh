@@ -127,14 +127,17 @@ assert i["native"] and "cuda" in (i.get("kernels") or []), "the CUDA kernels are
 '
 }
 
-# Three processes: test_cuda.py, test_ops.py alone, then the two together (the 2026-11-28 run segfaulted in
-# test_ops.py::test_merge_many_errors_name_the_argument after test_cuda.py in one process; not reproducible without
-# a GPU with the same torch build), so the log says whether a crash depends on the GPU tests before it.
+# Separate processes: test_cuda.py; the merge_many_ crash probe; test_ops.py alone; then test_cuda + test_ops together.
+# The 2026-11-28 runs segfaulted in test_ops.py::test_merge_many_errors_name_the_argument (test_ops.py:172, CPU
+# tensors, list-length check) on this machine, alone and after test_cuda.py; not reproducible on the development
+# machines. The probe runs each mismatched-length call in its own process with c10's C++ stack trace on a crash.
 run_tests() {
   local extra=(-X faulthandler -m pytest -q -rfEs -p no:cacheprovider) rc=0
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
   echo "--- test_cuda.py"
   "$PY" "${extra[@]}" --durations=8 tests/test_cuda.py || rc=$?
+  echo "--- merge_many_ crash probe (each case in its own process, C++ stack on a fatal signal)"
+  "$PY" tools/merge_many_crash_probe.py || rc=$?
   echo "--- test_ops.py alone"
   "$PY" "${extra[@]}" tests/test_ops.py || rc=$?
   echo "--- test_cuda.py + test_ops.py -k 'merge or opcheck' in one process"
@@ -188,6 +191,10 @@ last_line() {  # last line of FILE matching REGEX (or "")
 
 targets_section() {  # the "## Targets" section of the benchmark's markdown, without the next heading
   awk '/^## Targets/ { p = 1; print; next } p && /^## / { exit } p' "$OUT/bench_gpu.md" 2>/dev/null
+}
+
+variants_section() {  # the kernel-variant A/B tables of the benchmark's markdown
+  awk '/^## Kernel variants/ { p = 1; print; next } p && /^## / { exit } p' "$OUT/bench_gpu.md" 2>/dev/null
 }
 
 gpu_name() { timeout 20 nvidia-smi --query-gpu="$1" --format=csv,noheader 2>/dev/null | head -n 1; }
@@ -252,6 +259,8 @@ done
   echo
   if [[ -f $OUT/bench_gpu.md ]]; then
     targets_section
+    echo
+    variants_section
     echo
   else
     echo "(no benchmark report)"

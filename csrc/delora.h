@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -56,6 +57,21 @@ inline void register_device_impls(torch::Library& m) {
   m.impl("merge_many_", &merge_many_);
   m.impl("delta_weight", &delta_weight);
 }
+
+// ---- runtime switches between kernel variants ------------------------------------------------------
+// Process-wide, read at every call (so one benchmark process can A/B them). Python sets them through
+// delora_ext._C.set_tuning (delora_ext.ops.set_tuning; env DELORA_EXT_GEMM_ORDER / DELORA_EXT_MERGE_KERNEL).
+//   gemm_order   0 base_first: y = x Wᵀ (+ bias), then y += (u⊙s) Bᵀ (beta = 1); dx = g W, then dx += G A'.
+//                1 seeded:     y = (u⊙s) Bᵀ (+ bias) first, then the base GEMM accumulates onto it (beta = 1),
+//                              so the low-rank term is read once in the big GEMM's epilogue instead of a
+//                              read-modify-write pass over y; the same for dx.
+//   merge_kernel 0 rows:  the CUDA merge kernel with R re-read from L2 for every kMergeRows rows.
+//                1 tiled: R's column strip staged in shared memory once per block of many rows (CUDA only).
+struct Tuning {
+  std::atomic<int> gemm_order{0};
+  std::atomic<int> merge_kernel{0};
+};
+Tuning& tuning();
 
 // ---- per-device launchers ---------------------------------------------------------------------------
 // All adapter-sized tensors are contiguous and in the opmath dtype (float or double), except Ad and Bd below,

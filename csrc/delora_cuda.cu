@@ -143,6 +143,30 @@ constexpr int merge_rows() {
   return 32 / merge_vec<scalar_t>();
 }
 
+// C[row0 + i, col .. col+V) = round(C + acc[i]) for the rows below `rend`: from the prefetched 16-byte vectors
+// when `whole`, else element by element within `cols`.
+template <typename scalar_t, typename acc_t, int V, int RM>
+__device__ __forceinline__ void store_rows(scalar_t* C, int64_t ldc, int64_t row0, int64_t rend, int64_t col,
+                                           int64_t cols, bool whole, const uint4 (&craw)[RM],
+                                           const acc_t (&acc)[RM][V]) {
+#pragma unroll
+  for (int i = 0; i < RM; ++i) {
+    if (row0 + i >= rend) break;
+    scalar_t* p = C + (row0 + i) * ldc + col;
+    if (whole) {
+      Vec<scalar_t, V> c;
+      memcpy(&c, &craw[i], sizeof(c));
+#pragma unroll
+      for (int v = 0; v < V; ++v) c.v[v] = scalar_t(acc_t(c.v[v]) + acc[i][v]);
+      *reinterpret_cast<Vec<scalar_t, V>*>(p) = c;
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        if (col + v < cols) p[v] = scalar_t(acc_t(p[v]) + acc[i][v]);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(scalar_t* __restrict__ C, int64_t ldc, const acc_t* __restrict__ L, const acc_t* __restrict__ R,
@@ -197,21 +221,121 @@ __global__ void __launch_bounds__(kMergeThreads)
     __syncthreads();
   }
   if (col >= cols) return;
+  store_rows<scalar_t, acc_t, V, kMergeRows>(C, ldc, row0, rows, col, cols, whole, craw, acc);
+}
+
+// Tiled variant (Tuning::merge_kernel = 1). merge_kernel above re-reads its 256·V-column slice of R from L2 for
+// every kMergeRows rows, so R's L2 traffic is r·4/(kMergeRows·2) times C's (8× for bf16 at r = 32) and bounds it.
+// Here a block owns a strip of 32·V columns (one warp's width of 16-byte C vectors) for `rows_per_block` rows:
+// the strip of R (kc ranks, ≤ 96 KiB) is staged in shared memory once and reused by every row of the block;
+// each pass of the block covers 8 warps × kMergeRows rows, with that pass's rows of L staged k-major beside it.
+// A thread owns V columns × kMergeRows rows (the same 32 accumulators and the same k = 0..r-1 order as above,
+// so both kernels give bit-identical results). r > kc: R is staged chunk by chunk in every pass.
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(T (&dst)[N], const T* src) {
+  const Vec<T, N> x = *reinterpret_cast<const Vec<T, N>*>(src);
 #pragma unroll
-  for (int i = 0; i < kMergeRows; ++i) {
-    if (row0 + i >= rows) break;
-    scalar_t* p = C + (row0 + i) * ldc + col;
-    if (whole) {
-      Vec<scalar_t, V> c;
-      memcpy(&c, &craw[i], sizeof(c));
+  for (int i = 0; i < N; ++i) dst[i] = x.v[i];
+}
+
+template <typename scalar_t, typename acc_t>
+constexpr int tile_piece() {  // acc_t elements per shared-memory vector: 16 bytes, or V when that is less
+  return (16 / static_cast<int>(sizeof(acc_t))) < merge_vec<scalar_t>() ? 16 / static_cast<int>(sizeof(acc_t))
+                                                                           : merge_vec<scalar_t>();
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_tiled_kernel(scalar_t* __restrict__ C, int64_t ldc, const acc_t* __restrict__ L,
+                       const acc_t* __restrict__ R, int64_t rows, int64_t cols, int64_t r, int kc,
+                       int64_t rows_per_block, bool vec) {
+  constexpr int V = merge_vec<scalar_t>();
+  constexpr int RM = merge_rows<scalar_t>();
+  constexpr int E = tile_piece<scalar_t, acc_t>();     // a thread's V columns are V/E pieces of E
+  constexpr int EL = E < RM ? E : RM;                   // a thread's RM rows of L are RM/EL pieces of EL
+  constexpr int SW = 32 * V;                            // strip width (columns)
+  constexpr int P = (kMergeThreads / 32) * RM;          // rows per pass
+  static_assert(V % E == 0 && RM % EL == 0, "vector pieces must tile a thread's columns and rows");
+  extern __shared__ __align__(16) unsigned char merge_smem[];
+  acc_t* Rs = reinterpret_cast<acc_t*>(merge_smem);  // [kc][V/E][32 lanes][E]: conflict-free 16-byte reads
+  acc_t* Ls = Rs + int64_t(kc) * SW;                  // [kc][P]: a warp's RM rows read as broadcasts
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t c0 = int64_t(blockIdx.x) * SW;
+  const int64_t col = c0 + int64_t(lane) * V;
+  const int64_t rbeg = int64_t(blockIdx.y) * rows_per_block;
+  const int64_t rend = rbeg + rows_per_block < rows ? rbeg + rows_per_block : rows;
+  const bool whole = vec && col + V <= cols;
+  const bool single = kc >= r;  // all of R's strip fits: staged once for the whole block
+
+  auto stage_R = [&](int64_t k0, int kn) {
+    constexpr int pieces = SW / E;
+    for (int t = threadIdx.x; t < kn * pieces; t += kMergeThreads) {
+      const int k = t / pieces, j0 = (t % pieces) * E;
+      const int64_t c = c0 + j0;
+      const acc_t* src = R + (k0 + k) * cols + c;
+      Vec<acc_t, E> piece;
+      if (vec && c + E <= cols) {
+        piece = *reinterpret_cast<const Vec<acc_t, E>*>(src);
+      } else {
 #pragma unroll
-      for (int v = 0; v < V; ++v) c.v[v] = scalar_t(acc_t(c.v[v]) + acc[i][v]);
-      *reinterpret_cast<Vec<scalar_t, V>*>(p) = c;
-    } else {
-#pragma unroll
-      for (int v = 0; v < V; ++v)
-        if (col + v < cols) p[v] = scalar_t(acc_t(p[v]) + acc[i][v]);
+        for (int e = 0; e < E; ++e) piece.v[e] = c + e < cols ? src[e] : acc_t(0);
+      }
+      *reinterpret_cast<Vec<acc_t, E>*>(Rs + int64_t(k) * SW + ((j0 % V) / E) * (32 * E) + (j0 / V) * E) = piece;
     }
+  };
+
+  if (single) stage_R(0, static_cast<int>(r));
+  static_assert(sizeof(Vec<scalar_t, V>) == sizeof(uint4), "one 16-byte vector per row");
+  for (int64_t p0 = rbeg; p0 < rend; p0 += P) {
+    const int64_t row0 = p0 + int64_t(warp) * RM;  // this thread's first row
+    uint4 craw[RM];
+    if (whole) {
+#pragma unroll
+      for (int i = 0; i < RM; ++i)
+        if (row0 + i < rend) craw[i] = *reinterpret_cast<const uint4*>(C + (row0 + i) * ldc + col);
+    }
+    acc_t acc[RM][V];
+#pragma unroll
+    for (int i = 0; i < RM; ++i)
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[i][v] = acc_t(0);
+    for (int64_t k0 = 0; k0 < r; k0 += kc) {
+      const int kn = static_cast<int>(r - k0 < kc ? r - k0 : kc);
+      __syncthreads();  // the previous pass/chunk is done reading Ls (and Rs)
+      if (!single) stage_R(k0, kn);
+      for (int t = threadIdx.x; t < kn * P; t += kMergeThreads) {
+        const int k = t / P, i = t % P;
+        Ls[int64_t(k) * P + i] = p0 + i < rend ? L[(p0 + i) * r + k0 + k] : acc_t(0);
+      }
+      __syncthreads();
+      if (col < cols) {
+#pragma unroll 4
+        for (int k = 0; k < kn; ++k) {
+          acc_t rv[V], lv[RM];
+          const acc_t* rp = Rs + int64_t(k) * SW + lane * E;
+#pragma unroll
+          for (int q = 0; q < V / E; ++q) {
+            acc_t piece[E];
+            load_vec<acc_t, E>(piece, rp + q * (32 * E));
+#pragma unroll
+            for (int e = 0; e < E; ++e) rv[q * E + e] = piece[e];
+          }
+          const acc_t* lp = Ls + int64_t(k) * P + warp * RM;
+#pragma unroll
+          for (int q = 0; q < RM / EL; ++q) {
+            acc_t piece[EL];
+            load_vec<acc_t, EL>(piece, lp + q * EL);
+#pragma unroll
+            for (int e = 0; e < EL; ++e) lv[q * EL + e] = piece[e];
+          }
+#pragma unroll
+          for (int i = 0; i < RM; ++i)
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[i][v] += lv[i] * rv[v];
+        }
+      }
+    }
+    if (col < cols) store_rows<scalar_t, acc_t, V, RM>(C, ldc, row0, rend, col, cols, whole, craw, acc);
   }
 }
 
@@ -289,11 +413,40 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
   auto stream = at::cuda::getCurrentCUDAStream();
   bool launched = false;
   auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  const bool tiled = tuning().merge_kernel.load(std::memory_order_relaxed) == 1;
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "delora_merge_cuda_acc", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, C.scalar_type(), "delora_merge_cuda", [&] {
       constexpr int V = merge_vec<scalar_t>();
       constexpr int kMergeRows = merge_rows<scalar_t>();
+      if (tiled) {
+        constexpr int SW = 32 * V, P = (kMergeThreads / 32) * kMergeRows;
+        constexpr int E = tile_piece<scalar_t, acc_t>();
+        const bool vec = C.stride(0) % V == 0 && cols % V == 0 && aligned(C.const_data_ptr(), 16) &&
+                         aligned(R.const_data_ptr(), sizeof(acc_t) * E);
+        // Blocks of several passes (fewer re-reads of R) while keeping ~4 blocks per SM to spread the work.
+        const int64_t strips = (cols + SW - 1) / SW, pass_count = (rows + P - 1) / P;
+        const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        int64_t passes = std::max<int64_t>(1, std::min<int64_t>(16, strips * pass_count / (4 * sms)));
+        passes = std::max<int64_t>(passes, (pass_count + 65534) / 65535);  // gridDim.y limit
+        const int64_t rows_per_block = passes * P;
+        // Shared memory: kc ranks of the R strip plus kc×P of L, at most 96 KiB (two blocks an SM).
+        const int64_t per_k = int64_t(SW + P) * sizeof(acc_t);
+        const int kc = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(r, (96 * 1024) / per_k)));
+        const size_t smem = static_cast<size_t>(kc * per_k);
+        if (smem > 48 * 1024) {
+          C10_CUDA_CHECK(cudaFuncSetAttribute(merge_tiled_kernel<scalar_t, acc_t>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        }
+        const dim3 grid(static_cast<unsigned>(strips),
+                        static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));
+        merge_tiled_kernel<scalar_t, acc_t><<<grid, kMergeThreads, smem, stream>>>(
+            C.mutable_data_ptr<scalar_t>(), C.stride(0), L.const_data_ptr<acc_t>(), R.const_data_ptr<acc_t>(),
+            rows, cols, r, kc, rows_per_block, vec);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launched = true;
+        return;
+      }
       if ((rows + kMergeRows - 1) / kMergeRows > 65535) return;  // gridDim.y limit: the caller's ATen path
       // Vector loads need every row of C and of R to start on a V-element boundary.
       const bool vec = C.stride(0) % V == 0 && cols % V == 0 && aligned(C.const_data_ptr(), 16) &&

@@ -6,6 +6,12 @@
 #include <c10/core/DeviceGuard.h>
 
 namespace delora_ext {
+
+Tuning& tuning() {
+  static Tuning t;
+  return t;
+}
+
 namespace {
 
 at::ScalarType opmath_of(const Tensor& A) {
@@ -216,14 +222,15 @@ std::vector<int64_t> out_shape(const Tensor& x, int64_t out) {
 // the exact 0 of the DeLoRA term into inf·0 = NaN.
 //
 // Returns u = x_d Adᵀ (x's dtype, saved for backward) and the low-rank product to add: (u or u⊙sa) Bdᵀ is
-// accumulated into y2 when y2 is defined (beta = 1), else returned as a new tensor.
-std::pair<Tensor, Tensor> low_rank(Tensor y2, const Tensor& x_d, const GemmOperands& g) {
+// accumulated into y2 when y2 is defined (beta = 1), else returned as a new tensor (plus `bias` when given).
+std::pair<Tensor, Tensor> low_rank(Tensor y2, const Tensor& x_d, const GemmOperands& g,
+                                   const Tensor* bias = nullptr) {
   Tensor u = at::mm(x_d, g.Ad.t());
   Tensor v = g.split ? (u.to(g.sa.scalar_type()) * g.sa).to(u.scalar_type()) : u;
   if (y2.defined()) {
     y2.addmm_(v, g.Bd.t());
   } else {
-    y2 = at::mm(v, g.Bd.t());
+    y2 = bias != nullptr ? at::addmm(*bias, v, g.Bd.t()) : at::mm(v, g.Bd.t());
   }
   return {u, y2};
 }
@@ -263,10 +270,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd(const Tensor& x, c
   check_dropout(op, dropout_p, seed, x);
   c10::OptionalDeviceGuard guard(x.device());
 
-  // The base GEMM is issued first: the GPU starts on it while the host prepares the rest.
+  const bool has_bias = bias.has_value() && bias->defined();
   Tensor x2 = rows_of(x, d.in);
-  Tensor y2 = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, weight.t())
-                                                     : at::mm(x2, weight.t());
+  if (tuning().gemm_order.load(std::memory_order_relaxed) == 1) {
+    // Seeded: y = (u⊙s) Bᵀ + bias first, then the base GEMM accumulates x Wᵀ onto it (beta = 1).
+    const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
+    auto [u, y2] = low_rank(Tensor(), dropped(x2, dropout_p, seed), g, has_bias ? &*bias : nullptr);
+    y2.addmm_(x2, weight.t());
+    return {y2.view(out_shape(x, d.out)), u, g.s, g.a, g.b};
+  }
+  // Base first: the GPU starts on the big GEMM while the host prepares the rest.
+  Tensor y2 = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
   Tensor u = low_rank(y2, dropped(x2, dropout_p, seed), g).first;
   return {y2.view(out_shape(x, d.out)), u, g.s, g.a, g.b};
@@ -327,8 +341,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
 
   Tensor g2 = grad_y.reshape({N, d.out}).contiguous();
   Tensor grad_x, grad_A, grad_B, grad_lam;
-  // The base dx GEMM is issued first (without dropout, where the adapter part is accumulated into it).
-  if (want_x && has_weight && dropout_p <= 0.0) grad_x = at::mm(g2, *weight);
+  // Base first (gemm_order 0, no dropout): the base dx GEMM is issued first and the adapter part accumulated
+  // into it. Seeded (gemm_order 1) or with dropout: the adapter part first, the base GEMM accumulating onto it.
+  const bool seeded = dropout_p > 0.0 || tuning().gemm_order.load(std::memory_order_relaxed) == 1;
+  if (want_x && has_weight && !seeded) grad_x = at::mm(g2, *weight);
 
   const Folded f = opmath_params(A, B, lam, w);
   const Tensor &A_op = f.A, &B_op = f.B, &w_op = f.w;
@@ -353,9 +369,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     // dx_adapter = G Ad: (g·(B⊙s))(A⊙w), or ((g·B) ⊙ 1/b̂)(A⊙w⊙λ/(r·â)) with the split scale (factors bounded).
     Tensor Gx = G;
     if (op_g.split) Gx = (G.to(opmath) * b_op.clamp_min(kNormEps).reciprocal()).to(dt);
-    if (dropout_p > 0.0) {
+    if (seeded) {
       Tensor t = at::mm(Gx, op_g.Ad);
-      launch_dropout(t, t, *seed, dropout_p);
+      if (dropout_p > 0.0) launch_dropout(t, t, *seed, dropout_p);
       grad_x = has_weight ? t.addmm_(g2, *weight) : t;
     } else {
       grad_x = has_weight ? grad_x.addmm_(Gx, op_g.Ad) : at::mm(Gx, op_g.Ad);

@@ -243,4 +243,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["cuda_toolkit"] = DELORA_CUDA_TOOLKIT;
     return d;
   });
+  // Kernel-variant switches (delora.h, Tuning), for A/B benchmarks in one process.
+  m.def("set_tuning", [](const std::string& name, int value) {
+    auto& t = delora_ext::tuning();
+    std::atomic<int>* slot = name == "gemm_order" ? &t.gemm_order : name == "merge_kernel" ? &t.merge_kernel : nullptr;
+    if (slot == nullptr)
+      throw pybind11::value_error("set_tuning: `name` must be 'gemm_order' or 'merge_kernel', got '" + name + "'");
+    if (value != 0 && value != 1)
+      throw pybind11::value_error("set_tuning: `value` for '" + name + "' must be 0 or 1, got " + std::to_string(value));
+    slot->store(value);
+  });
+  m.def("tuning", [] {
+    pybind11::dict d;
+    d["gemm_order"] = delora_ext::tuning().gemm_order.load();
+    d["merge_kernel"] = delora_ext::tuning().merge_kernel.load();
+    return d;
+  });
 }

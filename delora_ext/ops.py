@@ -74,6 +74,45 @@ if not NATIVE:
 CUDA_VALIDATED = os.environ.get("DELORA_EXT_NATIVE_CUDA", "1") != "0"
 
 
+_TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows", "tiled")}
+
+
+def set_tuning(**switches: str) -> None:
+    """Select kernel variants process-wide (for A/B benchmarks; the defaults are the measured choices):
+    ``gemm_order`` "base_first" | "seeded" (the adapter term computed first and the base GEMM accumulating onto
+    it, beta = 1) and ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel). No effect without the native ops."""
+    for name, value in switches.items():
+        if name not in _TUNING_VALUES:
+            raise ValueError(f"set_tuning: unknown switch {name!r}; expected one of {sorted(_TUNING_VALUES)}")
+        choices = _TUNING_VALUES[name]
+        if value not in choices:
+            raise ValueError(f"set_tuning: `{name}` must be one of {choices}, got {value!r}")
+        if NATIVE:
+            if not hasattr(_C, "set_tuning"):
+                raise RuntimeError(f"set_tuning: the native build predates kernel switches; rebuild with: {REBUILD_CMD}")
+            _C.set_tuning(name, choices.index(value))
+
+
+def tuning() -> dict:
+    """The kernel variants in use (see set_tuning); empty without the native ops."""
+    if not NATIVE or not hasattr(_C, "tuning"):
+        return {}
+    return {name: _TUNING_VALUES[name][v] for name, v in dict(_C.tuning()).items()}
+
+
+def _tuning_from_env() -> None:
+    for name in _TUNING_VALUES:
+        value = os.environ.get(f"DELORA_EXT_{name.upper()}", "").strip().lower()
+        if value:
+            try:
+                set_tuning(**{name: value})
+            except ValueError as e:
+                raise RuntimeError(f"DELORA_EXT_{name.upper()}: {e}") from None
+
+
+_tuning_from_env()
+
+
 def build_info() -> dict:
     """Torch version, compiled kernels (cpu / cuda with arch list) and the CUDA toolkit used for the build."""
     info = {"native": NATIVE, "running_torch": torch.__version__, "error": native_error}
@@ -85,6 +124,7 @@ def build_info() -> dict:
             cuda_archs=b["cuda_archs"] or None,
             cuda_toolkit=b["cuda_toolkit"] or None,
             cuda_kernels_used_by_layers=bool(b["cuda"]) and CUDA_VALIDATED,
+            tuning=tuning(),
         )
     return info
 

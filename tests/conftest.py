@@ -1,6 +1,7 @@
 """Shared helpers: adapter factories, error metrics and the per-dtype tolerance table."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -19,6 +20,35 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device visible")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+@contextlib.contextmanager
+def tuned(**switches):
+    """Run with the given kernel variants (delora_ext.ops.set_tuning), restoring the previous ones after."""
+    before = delora_ext.ops.tuning()
+    delora_ext.ops.set_tuning(**switches)
+    try:
+        yield
+    finally:
+        delora_ext.ops.set_tuning(**{k: before[k] for k in switches if k in before})
+
+
+@pytest.fixture(params=["base_first", "seeded"])
+def gemm_order(request):
+    """Both GEMM orders of the forward/backward (the same math, different rounding order)."""
+    if not NATIVE:
+        pytest.skip("kernel variants need the native extension")
+    with tuned(gemm_order=request.param):
+        yield request.param
+
+
+@pytest.fixture(params=["rows", "tiled"])
+def merge_kernel(request):
+    """Both CUDA merge kernels (bit-identical by construction; CPU merges are unaffected)."""
+    if not NATIVE:
+        pytest.skip("kernel variants need the native extension")
+    with tuned(merge_kernel=request.param):
+        yield request.param
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

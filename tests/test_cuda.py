@@ -14,7 +14,7 @@ import delora_ext
 from delora_ext import ops
 from delora_ext import reference as ref
 
-from conftest import TOL, assert_close, low_precision_budget, make_adapter, make_base, make_x, rel_err
+from conftest import TOL, assert_close, low_precision_budget, make_adapter, make_base, make_x, rel_err, tuned
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible"),
@@ -44,7 +44,7 @@ def _grad_out(y, seed=3):
 @pytest.mark.parametrize("shape,in_f,out,r", SHAPES)
 @pytest.mark.parametrize("kind", ["random", "zeroB", "clamped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_cuda_matches_reference(shape, in_f, out, r, kind, dtype):
+def test_cuda_matches_reference(shape, in_f, out, r, kind, dtype, gemm_order):
     A, B, lam, w = make_adapter(r, in_f, out, kind, dtype, device="cuda")
     W, b = make_base(in_f, out, dtype, device="cuda")
     x = make_x(shape, in_f, dtype, device="cuda").requires_grad_()
@@ -81,7 +81,7 @@ def test_cuda_strided_x(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cuda_low_precision_matches_cpu_op(dtype):
+def test_cuda_low_precision_matches_cpu_op(dtype, gemm_order):
     A, B, lam, w = make_adapter(16, 256, 384, "random", torch.float32)
     W, b = make_base(256, 384, dtype)
     x = make_x((512,), 256, dtype)
@@ -92,7 +92,7 @@ def test_cuda_low_precision_matches_cpu_op(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("param_dtype", ["same", "fp32"])
-def test_cuda_low_precision_within_2x_of_torch(dtype, param_dtype):
+def test_cuda_low_precision_within_2x_of_torch(dtype, param_dtype, gemm_order):
     """Forward and every gradient in bf16/fp16 (finalize_kernel with a low-precision M and Q), held to 2x the
     error PyTorch's own ops make in that dtype on the same device, as tests/test_ops.py does on the CPU."""
     in_f, out, r, n = 384, 320, 16, 256
@@ -157,7 +157,7 @@ def test_cuda_dropout_forward_backward_equals_cpu():
 
 @pytest.mark.parametrize("out,in_f", [(4097, 300), (2100, 4096)])  # one row block; three, the last partial
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_cuda_merge(out, in_f, wdtype):
+def test_cuda_merge(out, in_f, wdtype, merge_kernel):
     A, B, lam, w = make_adapter(8, in_f, out, "random", torch.float32, device="cuda")
     W, _ = make_base(in_f, out, torch.float32, device="cuda")
     W = W.to(wdtype)
@@ -179,7 +179,7 @@ def test_cuda_merge(out, in_f, wdtype):
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("out,in_f", [(4097, 300), (70, 1)])
-def test_cuda_merge_transposed_weight(out, in_f, wdtype):
+def test_cuda_merge_transposed_weight(out, in_f, wdtype, merge_kernel):
     """A Conv1D-style weight ((out, in) view of (in, out) storage) takes the kernel's swapped C/L/R path; in = 1
     takes it too. Several adapters in one pass (merge_many_) as well."""
     adapters = [make_adapter(r, in_f, out, "random", torch.float32, device="cuda", seed=r) for r in (5, 3)]
@@ -201,7 +201,7 @@ def test_cuda_merge_transposed_weight(out, in_f, wdtype):
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("layout", ["aligned", "offset1", "offset8", "ragged"])
-def test_cuda_merge_vector_and_scalar_paths(layout, wdtype):
+def test_cuda_merge_vector_and_scalar_paths(layout, wdtype, merge_kernel):
     """merge_kernel's 16-byte vector path (aligned rows, columns a multiple of the vector width) and its scalar
     path (a weight slice starting 1 or 8 elements into its storage, a row length that is not a multiple of the
     width) give the same one-rounding result; r = 70 spans three rank chunks of the kernel (32 + 32 + 6)."""
@@ -224,6 +224,25 @@ def test_cuda_merge_vector_and_scalar_paths(layout, wdtype):
     dense = W.clone()
     OPS.merge_(dense, A, B, lam, w, 1.0)
     assert torch.equal(dense, view)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("out,in_f,r", [(4096, 4096, 32), (1000, 2050, 200), (4097, 300, 8), (3000, 8, 3)])
+def test_cuda_merge_kernels_bit_identical(out, in_f, r, wdtype):
+    """The tiled merge kernel (R's strip in shared memory, blocks of several passes; r = 200 is staged in chunks)
+    gives the rows kernel's result bit for bit, and that result is one rounding of the exact sum."""
+    A, B, lam, w = make_adapter(r, in_f, out, "random", torch.float32, device="cuda", seed=5)
+    W, _ = make_base(in_f, out, torch.float32, device="cuda")
+    W = W.to(wdtype)
+    results = {}
+    for kernel in ("rows", "tiled"):
+        with tuned(merge_kernel=kernel):
+            results[kernel] = W.clone()
+            OPS.merge_(results[kernel], A, B, lam, w, 1.0)
+    assert torch.equal(results["rows"], results["tiled"])
+    exact = W.double() + ref.delta_weight_ref(A.double(), B.double(), lam.double(), w.double())
+    ulp = torch.finfo(wdtype).eps * exact.abs().clamp_min(torch.finfo(wdtype).tiny)
+    assert ((results["tiled"].double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all()
 
 
 def test_cuda_merge_is_in_place_on_views():
@@ -272,7 +291,7 @@ def test_cuda_deterministic_run_to_run():
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_cuda_no_host_sync(dropout_p):
+def test_cuda_no_host_sync(dropout_p, gemm_order):
     """No launcher synchronises with the host (λ and the seed are read on the device): forward and backward
     run under torch.cuda.set_sync_debug_mode('error')."""
     A, B, lam, w = make_adapter(8, 64, 48, "random", torch.float32, device="cuda")
@@ -348,7 +367,7 @@ def test_cuda_layer_two_adapters_bf16_matches_reference(native_cuda_layers, monk
     assert rel_err(layer.base_layer.weight, W0) < 1e-2
 
 
-def test_cuda_graph_captured_training_step(native_cuda_layers):
+def test_cuda_graph_captured_training_step(native_cuda_layers, gemm_order):
     torch.manual_seed(0)
     layer = delora_ext.DeLoRALinear(torch.nn.Linear(256, 128).cuda(), r=8, init_weights=False)
     x = torch.randn(64, 256, device="cuda", requires_grad=True)

@@ -39,7 +39,7 @@ def _grads(y, inputs, seed=3):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_linear_forward_backward_matches_reference(shape, in_f, out, r, kind, layout, dtype):
+def test_linear_forward_backward_matches_reference(shape, in_f, out, r, kind, layout, dtype, gemm_order):
     A, B, lam, w = make_adapter(r, in_f, out, kind, dtype)
     W, b = make_base(in_f, out, dtype)
     x = make_x(shape, in_f, dtype, layout=layout).requires_grad_()
@@ -73,7 +73,7 @@ def test_adapter_forward_backward_matches_reference(shape, in_f, out, r, kind):
         assert_close(gn, gr, TOL[torch.float64], name)
 
 
-def test_zero_B_init_is_exactly_base_and_gives_large_dB():
+def test_zero_B_init_is_exactly_base_and_gives_large_dB(gemm_order):
     """PEFT's init: the DeLoRA term is exactly 0, s ~ 1e4 through the clamp, and dB is large (not 'fixed')."""
     A, B, lam, w = make_adapter(4, 32, 16, "zeroB")
     W, b = make_base(32, 16)
@@ -196,7 +196,7 @@ def test_merge_is_in_place_on_views():
 # ---- low precision: within 2x of PyTorch's own error in that dtype ------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("param_dtype", ["same", "fp32"])
-def test_low_precision_within_2x_of_torch(dtype, param_dtype):
+def test_low_precision_within_2x_of_torch(dtype, param_dtype, gemm_order):
     """Mean relative error over several upstream gradients (one sample of a scalar such as dλ is noise)."""
     in_f, out, r = 96, 80, 8
     A, B, lam, w = make_adapter(r, in_f, out, "random", torch.float64)
@@ -226,7 +226,7 @@ def test_low_precision_within_2x_of_torch(dtype, param_dtype):
 
 
 @pytest.mark.parametrize("r", [1, 4, 8])
-def test_fp16_zero_B_init_is_exact_not_nan(r):
+def test_fp16_zero_B_init_is_exact_not_nan(r, gemm_order):
     """B = 0 gives s ~ 1e4·λ/r through the clamp; u ⊙ s rounded to fp16 would be inf and inf·0 = NaN.
     PEFT (fp32 scaling) returns exactly the base output, and so must we, in forward and backward."""
     A, B, lam, w = make_adapter(r, 64, 32, "zeroB", torch.float32)
@@ -240,7 +240,7 @@ def test_fp16_zero_B_init_is_exact_not_nan(r):
     assert torch.isfinite(gx).all() and torch.isfinite(gA).all() and torch.isfinite(gB).all()
 
 
-def test_fp16_clamped_row_does_not_overflow():
+def test_fp16_clamped_row_does_not_overflow(gemm_order):
     """An A row below the clamp gives s ~ |λ|/(r·eps·b); B ⊙ s would overflow fp16 — PEFT scales u in fp32."""
     A, B, lam, w = make_adapter(1, 16, 8, "random", torch.float32, lam=15.0)
     A.mul_(1e-6)  # ‖A‖ < eps: s = 15 / (1e-4 · ‖B‖) ~ 1e5
@@ -284,7 +284,7 @@ def test_dropout_rate_and_seed_dependence():
 
 # ---- gradcheck (fp64) ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["random", "clamped"])
-def test_gradcheck_linear(kind):
+def test_gradcheck_linear(kind, gemm_order):
     A, B, lam, w = make_adapter(3, 6, 5, kind, torch.float64)
     W, b = make_base(6, 5, torch.float64)
     x = make_x((2, 4), 6, torch.float64)
@@ -308,7 +308,7 @@ def test_gradcheck_adapter_with_dropout():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
 
 
-def test_backward_op_matches_autograd_of_reference():
+def test_backward_op_matches_autograd_of_reference(gemm_order):
     """linear_bwd called directly, each output only when asked for."""
     A, B, lam, w = make_adapter(4, 9, 7, "clamped", torch.float64)
     W, b = make_base(9, 7, torch.float64)
