@@ -418,6 +418,119 @@ def section_launches(cfg: Config, template: nn.Linear, clock: Clock, seed: int, 
     return out
 
 
+def kernel_times(fn, clock: Clock, iters: int) -> dict:
+    """Device time per kernel name over ``iters`` calls of fn under torch.profiler (CUDA only): per iteration
+    {"kernels": [(name, calls, µs)], sorted by time}, "busy_us" (the sum) and "span_us" (first kernel start to
+    last kernel end: the gaps between are launch latency and host-side waits)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
+    clock.sync()
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            fn()
+        clock.sync()
+    agg, starts, ends = {}, [], []
+    for e in prof.events():
+        # CPU smoke mode: top-level ATen/delora_ext ops stand in for kernels (as in the launch counts)
+        if (e.device_type != DeviceType.CUDA) if clock.cuda else not (e.device_type == DeviceType.CPU
+                                                                        and _is_outermost_op(e)):
+            continue
+        t = e.time_range
+        calls, us = agg.get(e.name, (0, 0.0))
+        agg[e.name] = (calls + 1, us + t.elapsed_us())
+        starts.append(t.start)
+        ends.append(t.end)
+    rows = sorted(((n, c / iters, us / iters) for n, (c, us) in agg.items()), key=lambda x: -x[2])
+    return {"kernels": rows, "busy_us": sum(x[2] for x in rows),
+            "span_us": (max(ends) - min(starts)) / iters if starts else None}
+
+
+def section_profile(cfg: Config, template: nn.Linear, clock: Clock, seed: int, log) -> dict:
+    """Where the device time goes: per-kernel times of frozen and our layer's forward and backward at the head
+    shape (each gemm_order), of the N=small no-grad forward, and of ops.merge_ (each merge_kernel)."""
+    from delora_ext import ops
+    dev, dt = cfg.device, cfg.dtype
+    default = ops.tuning()
+    res = {"default": default, "regions": {}}
+    iters = 10 if clock.cuda else 2
+    try:
+        N, r = cfg.head["N"], cfg.head["r"]
+        torch.manual_seed(seed + N)
+        ours, fz = build_ours(template, r), frozen(template)
+        x = torch.randn(N, cfg.in_f, device=dev, dtype=dt).requires_grad_()
+        g = torch.randn(N, cfg.out_f, device=dev, dtype=dt)
+        orders = ("base_first", "seeded") if default else (None,)
+        for name, layer, order in [("frozen", fz, None)] + [("ours", ours, o) for o in orders]:
+            if order is not None:
+                ops.set_tuning(**{**default, "gemm_order": order})
+            label = name if order is None else f"{name}[{order}]"
+            for _ in range(3):
+                layer(x).backward(g)
+            ys = []
+
+            def fwd():
+                ys.append(layer(x))
+
+            def bwd():  # grads start as None each time (as in training): no accumulation kernels
+                x.grad = None
+                for p in trainable(layer):
+                    p.grad = None
+                ys.pop().backward(g)
+
+            res["regions"][f"{label} fwd N={N}"] = kernel_times(fwd, clock, iters)
+            # backward of `iters` forwards made above, one per call
+            res["regions"][f"{label} bwd N={N}"] = kernel_times(bwd, clock, iters)
+            x.grad = None
+            for p in trainable(layer):
+                p.grad = None
+        ops.set_tuning(**default)
+        n = cfg.small_n
+        xs = torch.randn(n, cfg.in_f, device=dev, dtype=dt)
+        with torch.no_grad():
+            for name, layer in (("frozen", fz), ("ours", ours)):
+                layer.eval()
+                res["regions"][f"{name} no-grad fwd N={n}"] = kernel_times(lambda: layer(xs), clock, iters)
+                layer.train()
+        ours = fz = x = g = xs = None
+        _free(dev)
+        out_f, in_f = cfg.merge_shape
+        torch.manual_seed(seed)
+        layer = build_ours(nn.Linear(in_f, out_f, bias=False, device=dev, dtype=torch.bfloat16), r)
+        A, B, lam = [t.detach() for t in _delora_params(layer)]
+        w, W = layer.delora_w_norm["default"], layer.base_layer.weight.detach()
+        with torch.no_grad():
+            for kern in (("rows", "tiled") if default else (None,)):
+                if kern is not None:
+                    ops.set_tuning(**{**default, "merge_kernel": kern})
+                res["regions"][f"ops.merge_ bf16 {out_f}x{in_f}" + (f" [{kern}]" if kern else "")] = kernel_times(
+                    lambda: (ops.merge_(W, A, B, lam, w, 1.0), ops.merge_(W, A, B, lam, w, -1.0)), clock, iters)
+        layer = None
+        _free(dev)
+    finally:
+        if default:
+            ops.set_tuning(**default)
+    log("  profile: " + ", ".join(f"{k} {v['busy_us']:.0f}/{v['span_us'] or 0:.0f} us busy/span"
+                                  for k, v in res["regions"].items()))
+    return res
+
+
+def render_profile(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    L = ["## Device time per kernel (torch.profiler, mean per call of the region)", ""]
+    L.append("busy = sum of kernel times; span = first kernel start to last kernel end (the difference is idle "
+             "device time between kernels). merge rows time a merge and an unmerge (two ops).")
+    L.append("")
+    L.append("| region | busy µs | span µs | kernels (calls × mean µs) |")
+    L.append("|---|---|---|---|")
+    for k, v in p["regions"].items():
+        ks = "; ".join(f"{n[:70]} ({c:g} × {us / c:.1f})" for n, c, us in v["kernels"][:8])
+        L.append(f"| {k} | {v['busy_us']:.1f} | {v['span_us'] or 0:.1f} | {ks} |")
+    L.append("")
+    return L
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. N=16 forward, eager and CUDA graph
 def section_graphs(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flush, seed: int, log) -> dict:
@@ -895,6 +1008,7 @@ def render_markdown(res: dict, cfg: Config) -> str:
         L.append(f"| {t['target']} | {t['value']} | {'met' if t['met'] else '**not met**'} |")
     L.append("")
     L.extend(render_variants(res.get("variants")))
+    L.extend(render_profile(res.get("profile")))
     if res.get("steps"):
         for mode in MODES:
             L.append(f"## Training, {MODE_LABELS[mode]}: median µs (ratio to frozen)")
@@ -999,8 +1113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test of every code path)")
     ap.add_argument("--out", default=None, help="FILE.md and FILE.json are written (a .md/.json suffix is "
                                                 "stripped); default bench/out/gpu/bench_gpu[-quick]")
-    ap.add_argument("--sections", default="steps,launches,graphs,merge,variants",
-                    help="comma-separated subset of steps,launches,graphs,merge,variants")
+    ap.add_argument("--sections", default="steps,launches,graphs,merge,variants,profile",
+                    help="comma-separated subset of steps,launches,graphs,merge,variants,profile")
     ap.add_argument("--rounds-scale", type=float, default=1.0, help="multiply every round count")
     ap.add_argument("--commit", default=None, help="commit to record (default: $DELORA_COMMIT, else git)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
@@ -1008,7 +1122,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.argv = argv
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"steps", "launches", "graphs", "merge", "variants"}
+    unknown = set(sections) - {"steps", "launches", "graphs", "merge", "variants", "profile"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
 
@@ -1074,6 +1188,7 @@ def main(argv=None) -> int:
         "graphs": lambda: section_graphs(cfg, template, clock, flush, args.seed, log),
         "merge": lambda: section_merge(cfg, clock, flush, args.seed, log),
         "variants": lambda: section_variants(cfg, template, clock, flush, args.seed, log),
+        "profile": lambda: section_profile(cfg, template, clock, args.seed, log),
     }
     for name in sections:
         t0 = time.perf_counter()
