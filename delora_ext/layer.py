@@ -294,7 +294,13 @@ class DeLoRALinear(nn.Module):
                   ("delora_w_norm", self.delora_w_norm), ("delora_A0", self.delora_A0),
                   ("delora_B0", self.delora_B0), ("delora_lambda0", self.delora_lambda0)]
         named = [(f"{attr}[{n!r}]", store[n]) for n in names for attr, store in stores if n in store]
-        flags = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+        if not named:
+            return
+        with torch.no_grad():
+            # One flag for all of them (3 kernels and one sync on a GPU); per tensor only to name a bad one.
+            if bool(torch.isfinite(torch.cat([t.detach().reshape(-1) for _, t in named])).all()):
+                return
+            flags = [bool(torch.isfinite(t).all()) for _, t in named]
         bad = [label for (label, _), ok in zip(named, flags) if not ok]
         if bad:
             hint = (" (w holds the base weight's column norms: the base weight has non-finite columns)"
