@@ -488,10 +488,16 @@ def section_profile(cfg: Config, template: nn.Linear, clock: Clock, seed: int, l
         n = cfg.small_n
         xs = torch.randn(n, cfg.in_f, device=dev, dtype=dt)
         with torch.no_grad():
-            for name, layer in (("frozen", fz), ("ours", ours)):
+            for name, layer, mode in (("frozen", fz, None), ("ours", ours, None), ("ours[small_n=on]", ours, "on")):
+                if mode is not None and not default:
+                    continue
+                if mode is not None:
+                    ops.set_tuning(**{**default, "small_n": mode})
                 layer.eval()
                 res["regions"][f"{name} no-grad fwd N={n}"] = kernel_times(lambda: layer(xs), clock, iters)
                 layer.train()
+                if default:
+                    ops.set_tuning(**default)
         ours = fz = x = g = xs = None
         _free(dev)
         out_f, in_f = cfg.merge_shape
@@ -533,6 +539,24 @@ def render_profile(p: dict | None) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------
 # 3. N=16 forward, eager and CUDA graph
+def capture_graph(fn):
+    """(torch.cuda.CUDAGraph of fn after 3 warm-up calls on a side stream, None) or (None, why it failed)."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            fn()
+        return gr, None
+    except Exception as e:  # a capture failure is a finding, not a crash
+        torch.cuda.synchronize()
+        return None, f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
 def section_graphs(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flush, seed: int, log) -> dict:
     dev, dt, N, r, K = cfg.device, cfg.dtype, cfg.small_n, cfg.r_small, cfg.chain
     torch.manual_seed(seed)
@@ -555,20 +579,10 @@ def section_graphs(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flus
             fn()
         if clock.cuda:
             for v, fn in fns.items():
-                try:
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        for _ in range(3):
-                            fn()
-                    torch.cuda.current_stream().wait_stream(s)
-                    gr = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(gr):
-                        fn()
-                    graphs[v] = gr
-                except Exception as e:  # a capture failure is a finding, not a crash
-                    notes[v] = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    torch.cuda.synchronize()
+                graphs[v], err = capture_graph(fn)
+                if err:
+                    notes[v] = err
+                    del graphs[v]
         else:
             notes["all"] = "CUDA graphs need a CUDA device: graph timings skipped (CPU smoke mode)"
 
@@ -724,6 +738,62 @@ def section_merge(cfg: Config, clock: Clock, flush: L2Flush, seed: int, log) -> 
 
 # ---------------------------------------------------------------------------------------------------------
 # 5. kernel variants (A/B of delora_ext.ops.set_tuning switches, side by side in this process)
+def graphs_small_n(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flush, seed: int, default: dict) -> dict:
+    """The N=small no-grad forward of a chain of layers captured in a CUDA graph: frozen, and ours captured with
+    small_n off and on (the switch is read when the kernels are enqueued, i.e. at capture)."""
+    from delora_ext import ops
+    dev, dt, N, r, K = cfg.device, cfg.dtype, cfg.small_n, cfg.r_small, cfg.chain
+    torch.manual_seed(seed)
+    x = torch.randn(N, cfg.in_f, device=dev, dtype=dt)
+    frozen_chain = [frozen(template).eval() for _ in range(K)]
+    ours_chain = [build_ours(template, r).eval() for _ in range(K)]
+
+    def chain_fn(chain):
+        def fn():
+            for layer in chain:
+                layer(x)
+        return fn
+
+    graphs, notes, outs = {}, {}, {}
+    with torch.no_grad():
+        for key, chain, mode in (("frozen", frozen_chain, None), ("small_n=off", ours_chain, "off"),
+                                 ("small_n=on", ours_chain, "on")):
+            if mode is not None:
+                ops.set_tuning(**{**default, "small_n": mode})
+            graphs[key], err = capture_graph(chain_fn(chain))
+            if err:
+                notes[key] = err
+            else:
+                outs[key] = ours_chain[0](x) if mode else None
+        ops.set_tuning(**default)
+        items = [(k, g.replay) for k, g in graphs.items() if g is not None]
+        samples = {k: [] for k, _ in items}
+        rng = random.Random(seed)
+        for rnd in range(cfg.warmup + cfg.graph_rounds):
+            rng.shuffle(items)
+            marks = []
+            for k, fn in items:
+                flush()
+                t0 = clock.now()
+                fn()
+                t1 = clock.now()
+                marks.append((k, t0, t1))
+            clock.sync()
+            if rnd >= cfg.warmup:
+                for k, t0, t1 in marks:
+                    samples[k].append(clock.ms(t0, t1) / K)
+            clock.reset()
+    per_layer = {k: (_summary(samples[k]) if k in samples else None) for k in graphs}
+    f = per_layer.get("frozen")
+    for k, d in per_layer.items():
+        if d is not None and f is not None:
+            d["ratio_to_frozen"] = d["median_ms"] / f["median_ms"]
+    agree = None
+    if outs.get("small_n=off") is not None and outs.get("small_n=on") is not None:
+        agree = rel_err(outs["small_n=on"], outs["small_n=off"])
+    return {"N": N, "r": r, "chain": K, "per_layer": per_layer, "notes": notes, "on_vs_off_rel_err": agree}
+
+
 def section_variants(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flush, seed: int, log) -> dict:
     """Each gemm_order: our layer's fwd/bwd/step at the head shape against frozen, and its agreement with an fp32
     reference; each merge_kernel: ops.merge_ on a bf16 and an fp32 weight against a copy, and whether the
@@ -759,6 +829,17 @@ def section_variants(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Fl
             f"{o} {res['steps'][o]['queued']['step']['ratio_to_frozen']:.3f}" for o in orders))
         del layers, ours, x, g
         _free(dev)
+
+        if clock.cuda:  # its own failure must not lose the merge A/B below
+            try:
+                res["graphs"] = graphs_small_n(cfg, template, clock, flush, seed, default)
+                log("  variants: N=%d graphed forward per layer " % cfg.small_n + ", ".join(
+                    f"{k} {v['median_ms'] * 1e3:.1f} us" for k, v in res["graphs"]["per_layer"].items() if v))
+            except Exception:
+                res["graphs_error"] = traceback.format_exc()
+                log(f"  variants: small_n graphs FAILED:\n{res['graphs_error']}")
+                torch.cuda.synchronize()
+                ops.set_tuning(**default)
 
         out_f, in_f = cfg.merge_shape
         kernels = ("rows", "tiled")
@@ -953,6 +1034,19 @@ def render_variants(v: dict | None) -> list[str]:
             a = row["agreement"]
             L.append(f"| {o} | " + " | ".join(cells) + " | " + " / ".join(f"{a[k]:.1e}" for k in
                                                                          ("y", "dx", "dA", "dB", "dlam")) + " |")
+        L.append("")
+    if v.get("graphs_error"):
+        L += [f"small_n graphed forward: failed: {v['graphs_error'].strip().splitlines()[-1]}", ""]
+    gr = v.get("graphs")
+    if gr:
+        L.append(f"small_n, N={gr['N']} r={gr['r']} no-grad forward captured in a CUDA graph (chain of {gr['chain']}): "
+                 f"µs per layer (ratio to frozen); on vs off output rel. err {gr.get('on_vs_off_rel_err')}")
+        L.append("")
+        L.append("| variant | graphed µs per layer |")
+        L.append("|---|---|")
+        for k, d in gr["per_layer"].items():
+            L.append(f"| {k} | " + (f"{_us(d['median_ms'])} ({d.get('ratio_to_frozen', float('nan')):.2f})" if d
+                                    else gr["notes"].get(k, "–")) + " |")
         L.append("")
     if v.get("merge"):
         L.append("merge_kernel, ops.merge_ alone: median µs and fraction of a device-to-device copy, queued / host-synced")

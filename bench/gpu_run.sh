@@ -35,12 +35,13 @@ export DELORA_EXT_NATIVE_CUDA=1      # layers use the CUDA kernels (delora_ext/o
 
 # Short CUDA test selections for the sanitizers (no graph capture: PYTORCH_NO_CUDA_MEMORY_CACHING=1, which
 # memcheck needs to see out-of-bounds accesses inside PyTorch's pooled blocks, forbids it).
-# Both include the fused merge kernel with partial tiles (4097) and the transposed (Conv1D) weight path.
-MEMCHECK_K="(matches_reference and fp32 and random) or dropout or (merge and (4096 or 4097)) or merge_transposed or (low_precision_within_2x and fp32) or vector_and_scalar"
+# Both include the merge kernels (rows and tiled) with partial tiles (4097), the transposed (Conv1D) weight path
+# and the small-N forward kernels.
+MEMCHECK_K="(matches_reference and fp32 and random) or dropout or (merge and (4096 or 4097)) or merge_transposed or (low_precision_within_2x and fp32) or vector_and_scalar or (small_n_forward and random and (bf16 or fp32))"
 # Racecheck leaves out the fp64 cuBLAS references on large shapes: on 2026-11-28 racecheck itself failed there
 # ("Internal Sanitizer Error: failed to handle a hardware exception" inside the reference's F.linear, a kernel
 # it was told not to instrument), which poisoned the context for the tests after it.
-RACECHECK_K="(matches_reference and fp32 and random and (shape4 or shape5)) or (merge and bf16 and 4097) or merge_transposed or (merge and fp32 and 2100) or (vector_and_scalar and bf16)"
+RACECHECK_K="(matches_reference and fp32 and random and (shape4 or shape5)) or (merge and bf16 and 4097) or merge_transposed or (merge and fp32 and 2100) or (vector_and_scalar and bf16) or (small_n_forward and bf16 and random and 300) or (kernels_bit_identical and bf16)"
 
 NAMES=() STATUS=() SECS=() NOTES=()
 LAST_RC=0
@@ -210,7 +211,7 @@ BUILD_RC=$LAST_RC
 spills=$(grep -cE '[1-9][0-9]* bytes spill (stores|loads)' "$OUT/build.log" 2>/dev/null)
 note "$(last_line "$OUT/build.log" '^BUILD_INFO' | sed 's/^BUILD_INFO //'); ptxas lines with spills: ${spills:-?}"
 
-step "tests (test_cuda + test_ops)" 100 75 "$OUT/tests.log" bash -c run_tests
+step "tests (test_cuda + test_ops)" 130 75 "$OUT/tests.log" bash -c run_tests
 note "$(last_line "$OUT/tests.log" "$PYTEST_RESULT")"
 
 step "bench" 150 30 "$OUT/bench.log" bash -c run_bench

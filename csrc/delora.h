@@ -67,10 +67,15 @@ inline void register_device_impls(torch::Library& m) {
 //                              read-modify-write pass over y; the same for dx.
 //   merge_kernel 0 rows:  the CUDA merge kernel with R re-read from L2 for every kMergeRows rows.
 //                1 tiled: R's column strip staged in shared memory once per block of many rows (CUDA only).
+//   small_n      0 off
+//                1 on: CUDA forwards of at most kSmallN rows use small_n_forward_cuda (2 launches after the base
+//                  GEMM instead of prep, a split-K u GEMM and the low-rank GEMM).
 struct Tuning {
   std::atomic<int> gemm_order{0};
   std::atomic<int> merge_kernel{0};
+  std::atomic<int> small_n{0};
 };
+constexpr int kSmallN = 16;
 Tuning& tuning();
 
 // ---- per-device launchers ---------------------------------------------------------------------------
@@ -111,6 +116,12 @@ void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& qscale, const
 void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p);
 // weight += Bs·Af in one pass (fp32/fp64 accumulation, one rounding); false when weight has no unit stride.
 bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af);
+// Small-N forward (Tuning::small_n) in two launches: u = x_d (A⊙w)ᵀ (x's dtype), s, a_raw, b_raw as prep
+// writes them, and y (N×out, contiguous, x's dtype) = [y +] (u⊙s) Bᵀ with u⊙s and B in opmath, one rounding.
+// x_d (N×in) contiguous in x's dtype; A, B, lam, w contiguous fp32. False (nothing launched) for fp64 adapters,
+// N outside 1..kSmallN, a size of 0, or N·r fp32 values over 48 KiB.
+bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
+                          Tensor& y, bool accumulate, Tensor& u, Tensor& s, Tensor& a_raw, Tensor& b_raw);
 #endif
 
 }  // namespace delora_ext

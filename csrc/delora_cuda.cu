@@ -23,6 +23,21 @@ constexpr int kThreads = 256;
 // prep and finalize run one block per rank direction k (r blocks only), so each block is made wide: with 1024
 // threads a 4096-long row or column is 4 loads per thread instead of 16 dependent-latency iterations.
 constexpr int kRowThreads = 1024;
+// small-N forward: the update kernel's block (out / 128 blocks: 32 for out = 4096).
+constexpr int kSmallUpdateThreads = 128;
+
+// This thread's share of ‖B[:,k]‖² (B out×r row-major), in double, for a kRowThreads-wide block reduction. prep
+// and the small-N kernel both use it, so their norms are the same bits.
+template <typename T>
+__device__ __forceinline__ double column_sq_partial(const T* __restrict__ B, int64_t k, int64_t r, int64_t out) {
+  double sq = 0;
+#pragma unroll 4
+  for (int64_t o = threadIdx.x; o < out; o += kRowThreads) {
+    const double v = B[o * r + k];
+    sq += v * v;
+  }
+  return sq;
+}
 
 // One block per k: the norms of row A[k,:] and column B[:,k], then s_k, and the folded operands row k of Af / Ad
 // and column k of Bd (PrepOutputs in delora.h). T is the opmath type, D the GEMM dtype of Ad and Bd.
@@ -48,13 +63,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   const double a2 = Reduce(tmp).Sum(sq_a);
   __syncthreads();
-  double sq_b = 0;
-#pragma unroll 4
-  for (int64_t o = threadIdx.x; o < out; o += kRowThreads) {
-    const double v = B[o * r + k];
-    sq_b += v * v;
-  }
-  const double b2 = Reduce(tmp).Sum(sq_b);
+  const double b2 = Reduce(tmp).Sum(column_sq_partial(B, k, r, out));
   if (threadIdx.x == 0) {
     const T a = static_cast<T>(sqrt(a2)), b = static_cast<T>(sqrt(b2));
     const T sk = scale_of<T>(lam[0], a, b, r), sak = split_scale_a<T>(lam[0], a, r);
@@ -339,6 +348,106 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
 }
 
+// ---- small-N forward (Tuning::small_n): N ≤ kSmallN rows, e.g. decoding ------------------------------
+// Two launches instead of prep + the u GEMM (split-K + reduce) + the low-rank GEMM:
+//   small_u_kernel, one block per k: the norms a_k, b_k and s_k exactly as prep_kernel computes them (same
+//     thread count, loop and block reduction, so the same bits), and u[n,k] = Σ_j x_d[n,j] A[k,j] w[j] for all
+//     n at once (fp32 accumulation; each block reads x once), written as u (x's dtype, saved for backward) and
+//     v = u ⊙ s (opmath; no fp16 rounding of the scaled term, so no split scale is needed).
+//   small_update_kernel, one thread per output column o: y[n,o] = round(y[n,o] + Σ_k v[n,k] B[o,k]) (or without
+//     y's old value), B in opmath, v staged in shared memory.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T, typename D>
+__global__ void __launch_bounds__(kRowThreads)
+    small_u_kernel(const D* __restrict__ x, const T* __restrict__ A, const T* __restrict__ B,
+                   const T* __restrict__ lam, const T* __restrict__ w, T* __restrict__ v, D* __restrict__ u_out,
+                   T* __restrict__ s, T* __restrict__ a_raw, T* __restrict__ b_raw, int n_rows, int64_t r,
+                   int64_t in, int64_t out) {
+  using Reduce = cub::BlockReduce<double, kRowThreads>;
+  constexpr int kWarps = kRowThreads / 32;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ T part[kSmallN][kWarps];
+  __shared__ T s_shared;
+  const int64_t k = blockIdx.x;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const T* row = A + k * in;
+  T acc[kSmallN];
+#pragma unroll
+  for (int n = 0; n < kSmallN; ++n) acc[n] = T(0);
+  double sq_a = 0;
+#pragma unroll 4
+  for (int64_t j = threadIdx.x; j < in; j += kRowThreads) {
+    const T av = row[j];
+    sq_a += double(av) * double(av);
+    const T aw = av * w[j];
+#pragma unroll
+    for (int n = 0; n < kSmallN; ++n)
+      if (n < n_rows) acc[n] += T(x[n * in + j]) * aw;
+  }
+  const double a2 = Reduce(tmp).Sum(sq_a);
+  __syncthreads();
+  const double b2 = Reduce(tmp).Sum(column_sq_partial(B, k, r, out));
+  // u[n,k]: each warp's sum, then thread n adds the warps' sums for row n in warp order (deterministic).
+#pragma unroll
+  for (int n = 0; n < kSmallN; ++n) {
+    if (n < n_rows) {
+      const T t = warp_sum(acc[n]);
+      if (lane == 0) part[n][warp] = t;
+    }
+  }
+  if (threadIdx.x == 0) {
+    const T a = static_cast<T>(sqrt(a2)), b = static_cast<T>(sqrt(b2));
+    const T sk = scale_of<T>(lam[0], a, b, r);
+    a_raw[k] = a;
+    b_raw[k] = b;
+    s[k] = sk;
+    s_shared = sk;
+  }
+  __syncthreads();
+  if (threadIdx.x < n_rows) {
+    const int n = threadIdx.x;
+    T u = 0;
+    for (int i = 0; i < kWarps; ++i) u += part[n][i];
+    u_out[n * r + k] = static_cast<D>(u);
+    v[n * r + k] = u * s_shared;
+  }
+}
+
+template <typename T, typename D>
+__global__ void __launch_bounds__(kSmallUpdateThreads)
+    small_update_kernel(D* __restrict__ y, const T* __restrict__ v, const T* __restrict__ B, int n_rows,
+                        int64_t r, int64_t out, bool accumulate) {
+  extern __shared__ __align__(16) unsigned char small_smem[];
+  T* vs = reinterpret_cast<T*>(small_smem);  // n_rows × r
+  for (int64_t i = threadIdx.x; i < n_rows * r; i += kSmallUpdateThreads) vs[i] = v[i];
+  __syncthreads();
+  const int64_t o = int64_t(blockIdx.x) * kSmallUpdateThreads + threadIdx.x;
+  if (o >= out) return;
+  T acc[kSmallN];
+#pragma unroll
+  for (int n = 0; n < kSmallN; ++n) acc[n] = T(0);
+  const T* brow = B + o * r;
+  for (int64_t k = 0; k < r; ++k) {
+    const T bv = brow[k];
+#pragma unroll
+    for (int n = 0; n < kSmallN; ++n)
+      if (n < n_rows) acc[n] += vs[n * r + k] * bv;
+  }
+#pragma unroll
+  for (int n = 0; n < kSmallN; ++n) {
+    if (n < n_rows) {
+      D* p = y + n * out + o;
+      *p = static_cast<D>(accumulate ? T(*p) + acc[n] : acc[n]);
+    }
+  }
+}
+
 template <typename scalar_t>
 __global__ void dropout_kernel(const scalar_t* src, scalar_t* dst,  // may alias (in-place use in backward)
                                const int64_t* __restrict__ seed,
@@ -462,6 +571,36 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
     });
   });
   return launched;
+}
+
+bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
+                          Tensor& y, bool accumulate, Tensor& u, Tensor& s, Tensor& a_raw, Tensor& b_raw) {
+  const int64_t n_rows = x_d.size(0), r = A.size(0), in = A.size(1), out = B.size(0);
+  const size_t smem = static_cast<size_t>(n_rows * r) * A.element_size();
+  // fp32 adapters only: 16 fp64 accumulators do not fit the 64 registers a thread of a 1024-thread block has.
+  if (A.scalar_type() != at::kFloat || n_rows < 1 || n_rows > kSmallN || r < 1 || in < 1 || out < 1 ||
+      smem > 48 * 1024)
+    return false;
+  const c10::cuda::CUDAGuard guard(x_d.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  Tensor v = at::empty({n_rows, r}, A.options());
+  {
+    using opmath_t = float;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_d.scalar_type(), "delora_small_n_cuda_x", [&] {
+      small_u_kernel<opmath_t, scalar_t><<<r, kRowThreads, 0, stream>>>(
+          x_d.const_data_ptr<scalar_t>(), A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(),
+          lam.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(), v.mutable_data_ptr<opmath_t>(),
+          u.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<opmath_t>(), a_raw.mutable_data_ptr<opmath_t>(),
+          b_raw.mutable_data_ptr<opmath_t>(), static_cast<int>(n_rows), r, in, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const unsigned blocks = static_cast<unsigned>((out + kSmallUpdateThreads - 1) / kSmallUpdateThreads);
+      small_update_kernel<opmath_t, scalar_t><<<blocks, kSmallUpdateThreads, smem, stream>>>(
+          y.mutable_data_ptr<scalar_t>(), v.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(),
+          static_cast<int>(n_rows), r, out, accumulate);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return true;
 }
 
 void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {

@@ -235,6 +235,36 @@ std::pair<Tensor, Tensor> low_rank(Tensor y2, const Tensor& x_d, const GemmOpera
   return {u, y2};
 }
 
+// The small-N CUDA forward (Tuning::small_n) applies: CUDA, switched on, fp32 opmath (not fp64 adapters),
+// 1..kSmallN rows, no empty size, and v (N×r fp32) fits the update kernel's 48 KiB of shared memory (the
+// launcher's own conditions).
+bool small_n_applies(const Tensor& x2, const Tensor& A, int64_t out) {
+#ifdef DELORA_WITH_CUDA
+  const int64_t N = x2.size(0), r = A.size(0), in = A.size(1);
+  return x2.is_cuda() && tuning().small_n.load(std::memory_order_relaxed) == 1 && opmath_of(A) == at::kFloat &&
+         N >= 1 && N <= kSmallN && r >= 1 && in >= 1 && out >= 1 && N * r * 4 <= 48 * 1024;
+#else
+  (void)x2, (void)A, (void)out;
+  return false;
+#endif
+}
+
+// y2 (N×out, contiguous) [+]= (u⊙s) Bᵀ through small_n_forward_cuda; returns u, s, a, b as the forward op does.
+std::tuple<Tensor, Tensor, Tensor, Tensor> small_n_forward(const Tensor& x_d, const Tensor& A, const Tensor& B,
+                                                           const Tensor& lam, const Tensor& w, Tensor& y2,
+                                                           bool accumulate) {
+  const Folded f = opmath_params(A, B, lam, w);
+  PrepOutputs o = prep_outputs(f);
+  Tensor u = at::empty({x_d.size(0), f.A.size(0)}, x_d.options());
+#ifdef DELORA_WITH_CUDA
+  const bool ok = small_n_forward_cuda(x_d, f.A, f.B, f.lam, f.w, y2, accumulate, u, o.s, o.a, o.b);
+#else
+  const bool ok = false;
+#endif
+  TORCH_INTERNAL_ASSERT(ok, "delora_ext: small-N forward launched outside its conditions");
+  return {u, o.s, o.a, o.b};
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> prep(const Tensor& A, const Tensor& B, const Tensor& lam,
@@ -272,6 +302,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd(const Tensor& x, c
 
   const bool has_bias = bias.has_value() && bias->defined();
   Tensor x2 = rows_of(x, d.in);
+  if (small_n_applies(x2, A, d.out)) {
+    Tensor y2 = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+    auto [u, s, a, b] = small_n_forward(dropped(x2, dropout_p, seed), A, B, lam, w, y2, /*accumulate=*/true);
+    return {y2.view(out_shape(x, d.out)), u, s, a, b};
+  }
   if (tuning().gemm_order.load(std::memory_order_relaxed) == 1) {
     // Seeded: y = (u⊙s) Bᵀ + bias first, then the base GEMM accumulates x Wᵀ onto it (beta = 1).
     const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
@@ -296,8 +331,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd(const Tensor& x, 
   check_dropout(op, dropout_p, seed, x);
   c10::OptionalDeviceGuard guard(x.device());
 
-  const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
   Tensor x2 = rows_of(x, d.in);
+  if (small_n_applies(x2, A, d.out)) {
+    Tensor y2 = at::empty({x2.size(0), d.out}, x.options());
+    auto [u, s, a, b] = small_n_forward(dropped(x2, dropout_p, seed), A, B, lam, w, y2, /*accumulate=*/false);
+    return {y2.view(out_shape(x, d.out)), u, s, a, b};
+  }
+  const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
   auto [u, y2] = low_rank(Tensor(), dropped(x2, dropout_p, seed), g);
   return {y2.view(out_shape(x, d.out)), u, g.s, g.a, g.b};
 }

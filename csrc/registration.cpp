@@ -246,9 +246,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Kernel-variant switches (delora.h, Tuning), for A/B benchmarks in one process.
   m.def("set_tuning", [](const std::string& name, int value) {
     auto& t = delora_ext::tuning();
-    std::atomic<int>* slot = name == "gemm_order" ? &t.gemm_order : name == "merge_kernel" ? &t.merge_kernel : nullptr;
+    std::atomic<int>* slot = name == "gemm_order"     ? &t.gemm_order
+                             : name == "merge_kernel" ? &t.merge_kernel
+                             : name == "small_n"      ? &t.small_n
+                                                      : nullptr;
     if (slot == nullptr)
-      throw pybind11::value_error("set_tuning: `name` must be 'gemm_order' or 'merge_kernel', got '" + name + "'");
+      throw pybind11::value_error("set_tuning: `name` must be 'gemm_order', 'merge_kernel' or 'small_n', got '" +
+                                  name + "'");
     if (value != 0 && value != 1)
       throw pybind11::value_error("set_tuning: `value` for '" + name + "' must be 0 or 1, got " + std::to_string(value));
     slot->store(value);
@@ -257,6 +261,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::dict d;
     d["gemm_order"] = delora_ext::tuning().gemm_order.load();
     d["merge_kernel"] = delora_ext::tuning().merge_kernel.load();
+    d["small_n"] = delora_ext::tuning().small_n.load();
     return d;
   });
 }

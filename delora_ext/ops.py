@@ -74,13 +74,14 @@ if not NATIVE:
 CUDA_VALIDATED = os.environ.get("DELORA_EXT_NATIVE_CUDA", "1") != "0"
 
 
-_TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows", "tiled")}
+_TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows", "tiled"), "small_n": ("off", "on")}
 
 
 def set_tuning(**switches: str) -> None:
     """Select kernel variants process-wide (for A/B benchmarks; the defaults are the measured choices):
     ``gemm_order`` "base_first" | "seeded" (the adapter term computed first and the base GEMM accumulating onto
-    it, beta = 1) and ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel). No effect without the native ops."""
+    it, beta = 1), ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel) and ``small_n`` "off" | "on" (CUDA
+    forwards of at most 16 rows in two fused launches). No effect without the native ops."""
     for name, value in switches.items():
         if name not in _TUNING_VALUES:
             raise ValueError(f"set_tuning: unknown switch {name!r}; expected one of {sorted(_TUNING_VALUES)}")

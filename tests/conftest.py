@@ -42,6 +42,15 @@ def gemm_order(request):
         yield request.param
 
 
+@pytest.fixture(params=["off", "on"])
+def small_n(request):
+    """The CUDA small-N forward (at most 16 rows) switched off and on (CPU ops are unaffected)."""
+    if not NATIVE:
+        pytest.skip("kernel variants need the native extension")
+    with tuned(small_n=request.param):
+        yield request.param
+
+
 @pytest.fixture(params=["rows", "tiled"])
 def merge_kernel(request):
     """Both CUDA merge kernels (bit-identical by construction; CPU merges are unaffected)."""

@@ -44,7 +44,7 @@ def _grad_out(y, seed=3):
 @pytest.mark.parametrize("shape,in_f,out,r", SHAPES)
 @pytest.mark.parametrize("kind", ["random", "zeroB", "clamped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_cuda_matches_reference(shape, in_f, out, r, kind, dtype, gemm_order):
+def test_cuda_matches_reference(shape, in_f, out, r, kind, dtype, gemm_order, small_n):
     A, B, lam, w = make_adapter(r, in_f, out, kind, dtype, device="cuda")
     W, b = make_base(in_f, out, dtype, device="cuda")
     x = make_x(shape, in_f, dtype, device="cuda").requires_grad_()
@@ -245,6 +245,49 @@ def test_cuda_merge_kernels_bit_identical(out, in_f, r, wdtype):
     assert ((results["tiled"].double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("n", [1, 7, 16])
+@pytest.mark.parametrize("in_f,out,r", [(7, 4097, 1), (4096, 4096, 32), (300, 200, 129)])
+@pytest.mark.parametrize("kind", ["random", "zeroB", "clamped"])
+def test_cuda_small_n_forward(dtype, n, in_f, out, r, kind):
+    """The small-N forward (2 launches) against the general path and the fp64 reference: s and the norms bit for
+    bit (prep's reduction), y and u as close to the reference as the general path's, the exact base output at
+    B = 0, and gradients through the saved u."""
+    A, B, lam, w = make_adapter(r, in_f, out, kind, torch.float32, device="cuda", seed=n)
+    W, b = make_base(in_f, out, dtype, device="cuda")
+    x = make_x((n,), in_f, dtype, device="cuda")
+    outs = {}
+    for mode in ("off", "on"):
+        with tuned(small_n=mode):
+            outs[mode] = [OPS.linear_fwd(x, W, b, A, B, lam, w, 0.0, None), OPS.adapter_fwd(x, A, B, lam, w, 0.0, None)]
+    (y_off, u_off, *norms_off), (d_off, *_) = outs["off"]
+    (y_on, u_on, *norms_on), (d_on, ud_on, *_) = outs["on"]
+    for name, p, q in zip(["s", "a", "b"], norms_off, norms_on):
+        assert torch.equal(p, q), name
+    assert torch.equal(u_on, ud_on)
+    W64, b64, A64, B64, l64, w64, x64 = [t.double() for t in (W, b, A, B, lam, w, x)]
+    y64 = ref.linear_ref(x64, W64, b64, A64, B64, l64, w64)
+    d64 = ref.adapter_ref(x64, A64, B64, l64, w64)
+    u64 = x64 @ (A64 * w64).t()
+    floor = torch.finfo(dtype).eps
+    for name, on, off, exp in [("y", y_on, y_off, y64), ("u", u_on, u_off, u64), ("delta", d_on, d_off, d64)]:
+        assert torch.isfinite(on).all(), name
+        assert rel_err(on, exp) <= 2 * rel_err(off, exp) + floor, f"{name}: {rel_err(on, exp):.2e} vs {rel_err(off, exp):.2e}"
+    if kind == "zeroB":
+        assert torch.equal(y_on, torch.nn.functional.linear(x, W, b))
+    with tuned(small_n="on"):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, lam)]
+        y = ops.linear(leaves[0], W, b, *leaves[1:], w)
+        grads = torch.autograd.grad(y, leaves, _grad_out(y))
+    with tuned(small_n="off"):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, lam)]
+        y = ops.linear(leaves[0], W, b, *leaves[1:], w)
+        grads_off = torch.autograd.grad(y, leaves, _grad_out(y))
+    for name, gn, go in zip(["dx", "dA", "dB", "dlam"], grads, grads_off):
+        assert torch.isfinite(gn).all(), name
+        assert rel_err(gn, go) <= 8 * floor + (1e-4 if name == "dlam" else 0), f"{name}: {rel_err(gn, go):.2e}"
+
+
 def test_cuda_merge_is_in_place_on_views():
     A, B, lam, w = make_adapter(2, 8, 6, device="cuda")
     W, _ = make_base(8, 6, device="cuda")
@@ -256,7 +299,7 @@ def test_cuda_merge_is_in_place_on_views():
     assert torch.all(big[:, 1::2] == 0)
 
 
-def test_cuda_opcheck():
+def test_cuda_opcheck(small_n):
     A, B, lam, w = make_adapter(3, 10, 6, "random", torch.float32, device="cuda")
     W, b = make_base(10, 6, device="cuda")
     x = make_x((2, 5), 10, device="cuda")
@@ -367,7 +410,7 @@ def test_cuda_layer_two_adapters_bf16_matches_reference(native_cuda_layers, monk
     assert rel_err(layer.base_layer.weight, W0) < 1e-2
 
 
-def test_cuda_graph_captured_training_step(native_cuda_layers, gemm_order):
+def test_cuda_graph_captured_training_step(native_cuda_layers, gemm_order, small_n):
     torch.manual_seed(0)
     layer = delora_ext.DeLoRALinear(torch.nn.Linear(256, 128).cuda(), r=8, init_weights=False)
     x = torch.randn(64, 256, device="cuda", requires_grad=True)
@@ -394,7 +437,7 @@ def test_cuda_graph_captured_training_step(native_cuda_layers, gemm_order):
         assert_close(a, e, 1e-5, "graph grad")
 
 
-def test_cuda_graph_captured_bf16_inference_forward(native_cuda_layers):
+def test_cuda_graph_captured_bf16_inference_forward(native_cuda_layers, small_n):
     """The decode-time use: a bf16 no-grad forward captured once and replayed on new inputs."""
     torch.manual_seed(1)
     layer = delora_ext.DeLoRALinear(torch.nn.Linear(512, 384).cuda().to(torch.bfloat16), r=16,

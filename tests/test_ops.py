@@ -410,3 +410,22 @@ def test_prep_norms_are_accurate_for_long_rows():
     _, _, a, b = OPS.prep(A, B, lam, w)
     for got, exact in ((a, A.double().norm(dim=1)), (b, B.double().norm(dim=0))):
         assert ((got.double() - exact).abs() / exact).max().item() <= 2 ** -24
+
+
+def test_set_tuning_validates_and_round_trips():
+    """Kernel-variant switches: unknown names and values are refused naming them; set values read back."""
+    before = ops.tuning()
+    assert set(before) == {"gemm_order", "merge_kernel", "small_n"}
+    with pytest.raises(ValueError, match=r"unknown switch 'gemm'"):
+        ops.set_tuning(gemm="seeded")
+    with pytest.raises(ValueError, match=r"`merge_kernel` must be one of \('rows', 'tiled'\), got 'fast'"):
+        ops.set_tuning(merge_kernel="fast")
+    with pytest.raises(ValueError, match=r"`value` for 'small_n' must be 0 or 1, got 2"):
+        ops._C.set_tuning("small_n", 2)
+    try:
+        ops.set_tuning(gemm_order="seeded", merge_kernel="tiled", small_n="on")
+        assert ops.tuning() == {"gemm_order": "seeded", "merge_kernel": "tiled", "small_n": "on"}
+        assert ops.build_info()["tuning"] == ops.tuning()
+    finally:
+        ops.set_tuning(**before)
+    assert ops.tuning() == before
