@@ -539,9 +539,11 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
         int64_t passes = std::max<int64_t>(1, std::min<int64_t>(16, strips * pass_count / (4 * sms)));
         passes = std::max<int64_t>(passes, (pass_count + 65534) / 65535);  // gridDim.y limit
         const int64_t rows_per_block = passes * P;
-        // Shared memory: kc ranks of the R strip plus kc×P of L, at most 96 KiB (two blocks an SM).
+        // Shared memory: kc ranks of the R strip plus kc×P of L, at most 96 KiB (two blocks an SM on sm_90) and
+        // never more than the device allows a block.
         const int64_t per_k = int64_t(SW + P) * sizeof(acc_t);
-        const int kc = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(r, (96 * 1024) / per_k)));
+        const int64_t cap = std::min<int64_t>(96 * 1024, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+        const int kc = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(r, cap / per_k)));
         const size_t smem = static_cast<size_t>(kc * per_k);
         if (smem > 48 * 1024) {
           C10_CUDA_CHECK(cudaFuncSetAttribute(merge_tiled_kernel<scalar_t, acc_t>,
@@ -577,8 +579,9 @@ bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, c
                           Tensor& y, bool accumulate, Tensor& u, Tensor& s, Tensor& a_raw, Tensor& b_raw) {
   const int64_t n_rows = x_d.size(0), r = A.size(0), in = A.size(1), out = B.size(0);
   const size_t smem = static_cast<size_t>(n_rows * r) * A.element_size();
-  // fp32 adapters only: 16 fp64 accumulators do not fit the 64 registers a thread of a 1024-thread block has.
-  if (A.scalar_type() != at::kFloat || n_rows < 1 || n_rows > kSmallN || r < 1 || in < 1 || out < 1 ||
+  // fp32 adapters only: 16 fp64 accumulators do not fit the 64 registers a thread of a 1024-thread block has;
+  // and not an fp64 x, whose output the fp32 accumulation would round.
+  if (A.scalar_type() != at::kFloat || x_d.scalar_type() == at::kDouble || n_rows < 1 || n_rows > kSmallN || r < 1 || in < 1 || out < 1 ||
       smem > 48 * 1024)
     return false;
   const c10::cuda::CUDAGuard guard(x_d.device());
