@@ -448,74 +448,78 @@ def kernel_times(fn, clock: Clock, iters: int) -> dict:
 
 def section_profile(cfg: Config, template: nn.Linear, clock: Clock, seed: int, log) -> dict:
     """Where the device time goes: per-kernel times of frozen and our layer's forward and backward at the head
-    shape (each gemm_order), of the N=small no-grad forward, and of ops.merge_ (each merge_kernel)."""
+    shape, of the N=small no-grad forward, and of ops.merge_; the default kernels first, then each variant of
+    delora_ext.ops.set_tuning (seeded GEMM order, small_n on, tiled merge). A failure is recorded and ends the
+    section with what it measured (a CUDA error may leave the context unusable for the rest)."""
     from delora_ext import ops
     dev, dt = cfg.device, cfg.dtype
     default = ops.tuning()
     res = {"default": default, "regions": {}}
     iters = 10 if clock.cuda else 2
-    try:
-        N, r = cfg.head["N"], cfg.head["r"]
-        torch.manual_seed(seed + N)
-        ours, fz = build_ours(template, r), frozen(template)
-        x = torch.randn(N, cfg.in_f, device=dev, dtype=dt).requires_grad_()
-        g = torch.randn(N, cfg.out_f, device=dev, dtype=dt)
-        orders = ("base_first", "seeded") if default else (None,)
-        for name, layer, order in [("frozen", fz, None)] + [("ours", ours, o) for o in orders]:
-            if order is not None:
-                ops.set_tuning(**{**default, "gemm_order": order})
-            label = name if order is None else f"{name}[{order}]"
-            for _ in range(3):
-                layer(x).backward(g)
-            ys = []
+    N, r, n = cfg.head["N"], cfg.head["r"], cfg.small_n
+    torch.manual_seed(seed + N)
+    ours, fz = build_ours(template, r), frozen(template)
+    x = torch.randn(N, cfg.in_f, device=dev, dtype=dt).requires_grad_()
+    g = torch.randn(N, cfg.out_f, device=dev, dtype=dt)
+    xs = torch.randn(n, cfg.in_f, device=dev, dtype=dt)
+    out_f, in_f = cfg.merge_shape
+    torch.manual_seed(seed)
+    mlayer = build_ours(nn.Linear(in_f, out_f, bias=False, device=dev, dtype=torch.bfloat16), r)
+    mA, mB, mlam = [t.detach() for t in _delora_params(mlayer)]
+    mw, mW = mlayer.delora_w_norm["default"], mlayer.base_layer.weight.detach()
 
-            def fwd():
-                ys.append(layer(x))
+    def train_regions(label, layer):
+        for _ in range(3):
+            layer(x).backward(g)
+        ys = []
 
-            def bwd():  # grads start as None each time (as in training): no accumulation kernels
-                x.grad = None
-                for p in trainable(layer):
-                    p.grad = None
-                ys.pop().backward(g)
+        def fwd():
+            ys.append(layer(x))
 
-            res["regions"][f"{label} fwd N={N}"] = kernel_times(fwd, clock, iters)
-            # backward of `iters` forwards made above, one per call
-            res["regions"][f"{label} bwd N={N}"] = kernel_times(bwd, clock, iters)
+        def bwd():  # grads start as None each time (as in training): no accumulation kernels
             x.grad = None
             for p in trainable(layer):
                 p.grad = None
-        ops.set_tuning(**default)
-        n = cfg.small_n
-        xs = torch.randn(n, cfg.in_f, device=dev, dtype=dt)
+            ys.pop().backward(g)
+
+        res["regions"][f"{label} fwd N={N}"] = kernel_times(fwd, clock, iters)
+        res["regions"][f"{label} bwd N={N}"] = kernel_times(bwd, clock, iters)  # one per forward above
+        x.grad = None
+        for p in trainable(layer):
+            p.grad = None
+
+    def nograd_region(label, layer):
+        layer.eval()
         with torch.no_grad():
-            for name, layer, mode in (("frozen", fz, None), ("ours", ours, None), ("ours[small_n=on]", ours, "on")):
-                if mode is not None and not default:
-                    continue
-                if mode is not None:
-                    ops.set_tuning(**{**default, "small_n": mode})
-                layer.eval()
-                res["regions"][f"{name} no-grad fwd N={n}"] = kernel_times(lambda: layer(xs), clock, iters)
-                layer.train()
-                if default:
-                    ops.set_tuning(**default)
-        ours = fz = x = g = xs = None
-        _free(dev)
-        out_f, in_f = cfg.merge_shape
-        torch.manual_seed(seed)
-        layer = build_ours(nn.Linear(in_f, out_f, bias=False, device=dev, dtype=torch.bfloat16), r)
-        A, B, lam = [t.detach() for t in _delora_params(layer)]
-        w, W = layer.delora_w_norm["default"], layer.base_layer.weight.detach()
+            res["regions"][f"{label} no-grad fwd N={n}"] = kernel_times(lambda: layer(xs), clock, iters)
+        layer.train()
+
+    def merge_region(label):
         with torch.no_grad():
-            for kern in (("rows", "tiled") if default else (None,)):
-                if kern is not None:
-                    ops.set_tuning(**{**default, "merge_kernel": kern})
-                res["regions"][f"ops.merge_ bf16 {out_f}x{in_f}" + (f" [{kern}]" if kern else "")] = kernel_times(
-                    lambda: (ops.merge_(W, A, B, lam, w, 1.0), ops.merge_(W, A, B, lam, w, -1.0)), clock, iters)
-        layer = None
-        _free(dev)
+            res["regions"][f"ops.merge_ bf16 {out_f}x{in_f}{label}"] = kernel_times(
+                lambda: (ops.merge_(mW, mA, mB, mlam, mw, 1.0), ops.merge_(mW, mA, mB, mlam, mw, -1.0)), clock, iters)
+
+    d = " [defaults]" if default else ""  # the switches in force: res["default"]
+    jobs = [({}, lambda: train_regions("frozen", fz)), ({}, lambda: train_regions("ours" + d, ours)),
+            ({}, lambda: nograd_region("frozen", fz)), ({}, lambda: nograd_region("ours" + d, ours)),
+            ({}, lambda: merge_region(d))]
+    if default:
+        jobs += [({"gemm_order": "seeded"}, lambda: train_regions("ours [gemm_order=seeded]", ours)),
+                 ({"small_n": "on"}, lambda: nograd_region("ours [small_n=on]", ours)),
+                 ({"merge_kernel": "tiled"}, lambda: merge_region(" [merge_kernel=tiled]"))]
+    try:
+        for tun, job in jobs:
+            if default:
+                ops.set_tuning(**{**default, **tun})
+            job()
+    except Exception:
+        res["error"] = traceback.format_exc()
+        log(f"  profile FAILED after {len(res['regions'])} regions:\n{res['error']}")
     finally:
         if default:
             ops.set_tuning(**default)
+        ours = fz = x = g = xs = mlayer = mW = None
+        _free(dev)
     log("  profile: " + ", ".join(f"{k} {v['busy_us']:.0f}/{v['span_us'] or 0:.0f} us busy/span"
                                   for k, v in res["regions"].items()))
     return res
@@ -525,6 +529,8 @@ def render_profile(p: dict | None) -> list[str]:
     if not p:
         return []
     L = ["## Device time per kernel (torch.profiler, mean per call of the region)", ""]
+    if p.get("error"):
+        L += [f"**Stopped by an error** after {len(p['regions'])} regions: {p['error'].strip().splitlines()[-1]}", ""]
     L.append("busy = sum of kernel times; span = first kernel start to last kernel end (the difference is idle "
              "device time between kernels). merge rows time a merge and an unmerge (two ops).")
     L.append("")
@@ -879,6 +885,9 @@ def section_variants(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Fl
                 + f"; bit-identical {row['bit_identical']}")
             layer = lin = W = W0 = dst = merged = items = None  # the next dtype rebinds them
             _free(dev)
+    except Exception:  # keep what was measured; a CUDA error may leave the context unusable
+        res["error"] = traceback.format_exc()
+        log(f"  variants FAILED:\n{res['error']}")
     finally:
         ops.set_tuning(**default)
     return res
@@ -1021,6 +1030,8 @@ def render_variants(v: dict | None) -> list[str]:
         f"{k}={val}" for k, val in (v.get("default") or {}).items()) + ")", ""]
     if v.get("skipped"):
         return L + [f"Skipped: {v['skipped']}", ""]
+    if v.get("error"):
+        L += [f"**Stopped by an error**: {v['error'].strip().splitlines()[-1]}", ""]
     sh = v.get("steps_shape", {})
     if v.get("steps"):
         L.append(f"gemm_order, N={sh.get('N')} r={sh.get('r')}: median µs, queued (ratio to frozen) / host-synced "
@@ -1207,8 +1218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test of every code path)")
     ap.add_argument("--out", default=None, help="FILE.md and FILE.json are written (a .md/.json suffix is "
                                                 "stripped); default bench/out/gpu/bench_gpu[-quick]")
-    ap.add_argument("--sections", default="steps,launches,graphs,merge,variants,profile",
-                    help="comma-separated subset of steps,launches,graphs,merge,variants,profile")
+    ap.add_argument("--sections", default="steps,launches,graphs,merge,profile,variants",
+                    help="comma-separated subset of steps,launches,graphs,merge,profile,variants (the default "
+                         "order puts the kernel variants last: a CUDA error there cannot lose the rest)")
     ap.add_argument("--rounds-scale", type=float, default=1.0, help="multiply every round count")
     ap.add_argument("--commit", default=None, help="commit to record (default: $DELORA_COMMIT, else git)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
