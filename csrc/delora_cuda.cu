@@ -13,6 +13,8 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include <mutex>
+
 #include "delora.h"
 #include "delora_math.h"
 
@@ -506,6 +508,24 @@ void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& qscale, const
   if (dlam.defined()) at::sum_out(dlam, parts, {0}, /*keepdim=*/true);
 }
 
+// Lets merge_tiled_kernel<scalar_t, acc_t> use up to `bytes` (the same cap on every call) of dynamic shared
+// memory on `device`: set once per instantiation and device, so later launches, also those captured in a CUDA
+// graph, make no attribute call.
+template <typename scalar_t, typename acc_t>
+void allow_tiled_smem(int device, int64_t bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag done[kMaxDevices];
+  auto set = [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(merge_tiled_kernel<scalar_t, acc_t>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  };
+  if (device >= 0 && device < kMaxDevices) {
+    std::call_once(done[device], set);
+  } else {
+    set();
+  }
+}
+
 bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
   // weight (out×in) += Bs (out×r) · Af (r×in). A transposed weight (Conv1D's (in, out) storage seen as
   // (out, in)) is handled as Wᵀ += Afᵀ Bsᵀ so the unit stride stays on the fast axis.
@@ -545,10 +565,7 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
         const int64_t cap = std::min<int64_t>(96 * 1024, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
         const int kc = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(r, cap / per_k)));
         const size_t smem = static_cast<size_t>(kc * per_k);
-        if (smem > 48 * 1024) {
-          C10_CUDA_CHECK(cudaFuncSetAttribute(merge_tiled_kernel<scalar_t, acc_t>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        }
+        if (smem > 48 * 1024) allow_tiled_smem<scalar_t, acc_t>(weight.get_device(), cap);
         const dim3 grid(static_cast<unsigned>(strips),
                         static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));
         merge_tiled_kernel<scalar_t, acc_t><<<grid, kMergeThreads, smem, stream>>>(
