@@ -1022,6 +1022,30 @@ def _fmt_bytes(b) -> str:
     return f"{int(b)} B"
 
 
+def suggest_defaults(v: dict) -> list[str]:
+    """Which variant of each switch was faster in this run (queued medians; ≥ 2 % to count), for the person
+    deciding the defaults; correctness is tests/test_cuda.py's job, not this."""
+    out = []
+    st = v.get("steps") or {}
+    if "base_first" in st and "seeded" in st:
+        a, b = (st[o]["queued"]["step"]["median_ms"] for o in ("base_first", "seeded"))
+        out.append(f"gemm_order: {'seeded' if b < 0.98 * a else 'base_first'} (step {b * 1e3:.0f} vs "
+                   f"{a * 1e3:.0f} µs, seeded vs base_first)")
+    gr = (v.get("graphs") or {}).get("per_layer") or {}
+    if gr.get("small_n=off") and gr.get("small_n=on"):
+        a, b = gr["small_n=off"]["median_ms"], gr["small_n=on"]["median_ms"]
+        out.append(f"small_n: {'on' if b < 0.98 * a else 'off'} (graphed {b * 1e3:.1f} vs {a * 1e3:.1f} µs per layer, "
+                   f"on vs off)")
+    ms = v.get("merge") or []
+    if ms and all("rows" in m and "tiled" in m for m in ms):
+        faster = all(m["tiled"]["queued"]["median_ms"] < 0.98 * m["rows"]["queued"]["median_ms"] for m in ms)
+        same = all(m["bit_identical"] for m in ms)
+        out.append(f"merge_kernel: {'tiled' if faster and same else 'rows'} (" + "; ".join(
+            f"{m['dtype']} {m['tiled']['queued']['median_ms'] * 1e3:.0f} vs {m['rows']['queued']['median_ms'] * 1e3:.0f} µs"
+            for m in ms) + f", tiled vs rows; bit-identical: {same})")
+    return out
+
+
 def render_variants(v: dict | None) -> list[str]:
     """The kernel-variant A/B tables (section 5), placed after the targets."""
     if not v:
@@ -1032,6 +1056,9 @@ def render_variants(v: dict | None) -> list[str]:
         return L + [f"Skipped: {v['skipped']}", ""]
     if v.get("error"):
         L += [f"**Stopped by an error**: {v['error'].strip().splitlines()[-1]}", ""]
+    sug = suggest_defaults(v)
+    if sug:
+        L += ["Faster in this run (queued medians, ≥ 2 % margin): " + "; ".join(sug), ""]
     sh = v.get("steps_shape", {})
     if v.get("steps"):
         L.append(f"gemm_order, N={sh.get('N')} r={sh.get('r')}: median µs, queued (ratio to frozen) / host-synced "
