@@ -102,8 +102,11 @@ def tuning() -> dict:
 
 
 def _tuning_from_env() -> None:
-    for name in _TUNING_VALUES:
+    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N: a value name, or 0 / 1 for the first / second."""
+    for name, choices in _TUNING_VALUES.items():
         value = os.environ.get(f"DELORA_EXT_{name.upper()}", "").strip().lower()
+        if value in ("0", "1"):
+            value = choices[int(value)]
         if value:
             try:
                 set_tuning(**{name: value})

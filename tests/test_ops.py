@@ -429,3 +429,19 @@ def test_set_tuning_validates_and_round_trips():
     finally:
         ops.set_tuning(**before)
     assert ops.tuning() == before
+
+
+def test_tuning_env_vars():
+    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N at import: names or 0/1; a bad value fails the import
+    naming the variable."""
+    import os
+    import subprocess
+    import sys
+    code = "from delora_ext import ops; print(sorted(ops.tuning().items()))"
+    env = {**os.environ, "DELORA_EXT_GEMM_ORDER": "seeded", "DELORA_EXT_SMALL_N": "1", "DELORA_EXT_MERGE_KERNEL": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[('gemm_order', 'seeded'), ('merge_kernel', 'rows'), ('small_n', 'on')]" in out.stdout
+    env["DELORA_EXT_SMALL_N"] = "yes"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "DELORA_EXT_SMALL_N" in bad.stderr and "got 'yes'" in bad.stderr
