@@ -128,7 +128,8 @@ assert i["native"] and "cuda" in (i.get("kernels") or []), "the CUDA kernels are
 '
 }
 
-# Separate processes: test_cuda.py; the merge_many_ crash probe; test_ops.py alone; then test_cuda + test_ops together.
+# Separate processes: test_cuda.py; the training-stack tests on CUDA; the merge_many_ crash probe; test_ops.py alone;
+# then test_cuda + test_ops together.
 # The 2026-11-28 runs segfaulted in test_ops.py::test_merge_many_errors_name_the_argument (test_ops.py:172, CPU
 # tensors, list-length check) on this machine, alone and after test_cuda.py; not reproducible on the development
 # machines. The probe runs each mismatched-length call in its own process with c10's C++ stack trace on a crash.
@@ -137,6 +138,8 @@ run_tests() {
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
   echo "--- test_cuda.py"
   "$PY" "${extra[@]}" --durations=8 tests/test_cuda.py || rc=$?
+  echo "--- test_training_stack.py -k cuda (torch.compile fullgraph, autocast, gradient checkpointing on CUDA)"
+  "$PY" "${extra[@]}" tests/test_training_stack.py -k cuda || rc=$?
   echo "--- merge_many_ crash probe (each case in its own process, C++ stack on a fatal signal)"
   "$PY" tools/merge_many_crash_probe.py || rc=$?
   echo "--- test_ops.py alone"
@@ -211,7 +214,7 @@ BUILD_RC=$LAST_RC
 spills=$(grep -cE '[1-9][0-9]* bytes spill (stores|loads)' "$OUT/build.log" 2>/dev/null)
 note "$(last_line "$OUT/build.log" '^BUILD_INFO' | sed 's/^BUILD_INFO //'); ptxas lines with spills: ${spills:-?}"
 
-step "tests (test_cuda + test_ops)" 130 75 "$OUT/tests.log" bash -c run_tests
+step "tests (test_cuda, training stack on CUDA, test_ops)" 170 75 "$OUT/tests.log" bash -c run_tests
 note "$(last_line "$OUT/tests.log" "$PYTEST_RESULT")"
 
 step "bench" 150 30 "$OUT/bench.log" bash -c run_bench

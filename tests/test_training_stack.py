@@ -87,8 +87,9 @@ def assert_grads_close(actual: dict, expected: dict, tol: float, what: str) -> N
 
 
 # ---- torch.compile ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["eval", "train-dropout"])
-def test_torch_compile_fullgraph_matches_eager(dropout):
+def test_torch_compile_fullgraph_matches_eager(dropout, device):
     """The whole patched model compiles as one graph with the default inductor backend (fullgraph=True raises on
     any graph break; transformers' Llama itself needs nothing set for that), and the native op stays in the graph
     as a custom op, once per adapted layer (its fake kernel and registered autograd let Dynamo and AOTAutograd
@@ -102,8 +103,12 @@ def test_torch_compile_fullgraph_matches_eager(dropout):
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    model = patched_llama(module_dropout=dropout).train(dropout > 0)
-    ids = token_batch()
+    if device == "cuda" and not CUDA:
+        pytest.skip("no CUDA device visible")
+    model = patched_llama(module_dropout=dropout).train(dropout > 0).to(device)
+    ids = token_batch().to(device)
+    # CUDA: inductor's fused kernels for the rest of the model (norms, softmax) round differently from eager's
+    tol = 1e-5 if device == "cpu" else 1e-4
     n_layers = len([m for m in model.modules() if isinstance(m, DeLoRALinear)])
     graphs = []
 
@@ -136,13 +141,13 @@ def test_torch_compile_fullgraph_matches_eager(dropout):
     targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     fused = sum(t in (torch.ops.delora_ext.linear_fwd, torch.ops.delora_ext.linear_fwd.default) for t in targets)
     assert fused == n_layers, f"{fused} delora_ext::linear_fwd calls in the graph, expected {n_layers}"
-    assert rel_err(y_comp, y_eager) <= 1e-5, rel_err(y_comp, y_eager)
-    assert rel_err(y_comp_other, y_eager_other) <= 1e-5, rel_err(y_comp_other, y_eager_other)
+    assert rel_err(y_comp, y_eager) <= tol, rel_err(y_comp, y_eager)
+    assert rel_err(y_comp_other, y_eager_other) <= tol, rel_err(y_comp_other, y_eager_other)
     if dropout:
         assert rel_err(y_comp_other, y_comp) > 1e-2, "the same dropout mask on two calls"
     else:
         assert torch.equal(y_comp_other, y_comp)
-    assert_grads_close(g_comp, g_eager, 1e-5, "compiled vs eager")
+    assert_grads_close(g_comp, g_eager, tol, "compiled vs eager")
 
 
 # ---- autocast --------------------------------------------------------------------------------------------
@@ -244,13 +249,16 @@ def _enable_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
         model.enable_input_require_grads()
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, device):
     """Checkpointed decoder layers recompute their forward in backward. With module dropout on, the recomputed
     forward must draw the same dropout seed (torch's checkpoint restores the RNG state), so gradients are the
     non-checkpointed ones exactly."""
-    model = patched_llama(module_dropout=0.1).train()
-    ids = token_batch()
+    if device == "cuda" and not CUDA:
+        pytest.skip("no CUDA device visible")
+    model = patched_llama(module_dropout=0.1).train().to(device)
+    ids = token_batch().to(device)
 
     def loss():
         torch.manual_seed(5)
