@@ -33,31 +33,24 @@ def tuned(**switches):
         delora_ext.ops.set_tuning(**{k: before[k] for k in switches if k in before})
 
 
-@pytest.fixture(params=["base_first", "seeded"])
-def gemm_order(request):
-    """Both GEMM orders of the forward/backward (the same math, different rounding order)."""
-    if not NATIVE:
-        pytest.skip("kernel variants need the native extension")
-    with tuned(gemm_order=request.param):
-        yield request.param
+def _switch_fixture(name: str, values: tuple, doc: str):
+    """A fixture running its test once per value of the kernel switch ``name`` (delora_ext.ops.set_tuning)."""
+    @pytest.fixture(params=list(values))
+    def fixture(request):
+        if not NATIVE:
+            pytest.skip("kernel variants need the native extension")
+        with tuned(**{name: request.param}):
+            yield request.param
+    fixture.__doc__ = doc
+    return fixture
 
 
-@pytest.fixture(params=["off", "on"])
-def small_n(request):
-    """The CUDA small-N forward (at most 16 rows) switched off and on (CPU ops are unaffected)."""
-    if not NATIVE:
-        pytest.skip("kernel variants need the native extension")
-    with tuned(small_n=request.param):
-        yield request.param
-
-
-@pytest.fixture(params=["rows", "tiled"])
-def merge_kernel(request):
-    """Both CUDA merge kernels (bit-identical by construction; CPU merges are unaffected)."""
-    if not NATIVE:
-        pytest.skip("kernel variants need the native extension")
-    with tuned(merge_kernel=request.param):
-        yield request.param
+gemm_order = _switch_fixture("gemm_order", ("base_first", "seeded"),
+                             "Both GEMM orders of the forward/backward (the same math, different rounding order).")
+small_n = _switch_fixture("small_n", ("off", "on"),
+                          "The CUDA small-N forward (at most 16 rows) off and on (CPU ops are unaffected).")
+merge_kernel = _switch_fixture("merge_kernel", ("rows", "tiled"),
+                               "Both CUDA merge kernels (bit-identical by construction; CPU merges are unaffected).")
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
