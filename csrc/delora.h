@@ -78,6 +78,15 @@ struct Tuning {
 constexpr int kSmallN = 16;
 Tuning& tuning();
 
+// Where the small-N CUDA forward can run (Tuning::small_n aside): fp32 adapters (16 fp64 accumulators do not fit
+// a 1024-thread block's 64 registers a thread), x not fp64 (fp32 accumulation would round its output),
+// 1..kSmallN rows, no empty size, and v (N×r fp32) within the update kernel's 48 KiB of shared memory.
+inline bool small_n_fits(int64_t N, int64_t r, int64_t in, int64_t out, at::ScalarType adapter_dtype,
+                         at::ScalarType x_dtype) {
+  return adapter_dtype == at::kFloat && x_dtype != at::kDouble && N >= 1 && N <= kSmallN && r >= 1 && in >= 1 &&
+         out >= 1 && N * r * 4 <= 48 * 1024;
+}
+
 // ---- per-device launchers ---------------------------------------------------------------------------
 // All adapter-sized tensors are contiguous and in the opmath dtype (float or double), except Ad and Bd below,
 // which are in the GEMM dtype (x's dtype).
@@ -118,8 +127,7 @@ void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p);
 bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af);
 // Small-N forward (Tuning::small_n) in two launches: u = x_d (A⊙w)ᵀ (x's dtype), s, a_raw, b_raw as prep
 // writes them, and y (N×out, contiguous, x's dtype) = [y +] (u⊙s) Bᵀ with u⊙s and B in opmath, one rounding.
-// x_d (N×in) contiguous in x's dtype; A, B, lam, w contiguous fp32. False (nothing launched) for fp64 adapters,
-// N outside 1..kSmallN, a size of 0, or N·r fp32 values over 48 KiB.
+// x_d (N×in) contiguous in x's dtype; A, B, lam, w contiguous fp32. False (nothing launched) outside small_n_fits.
 bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
                           Tensor& y, bool accumulate, Tensor& u, Tensor& s, Tensor& a_raw, Tensor& b_raw);
 #endif

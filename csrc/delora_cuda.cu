@@ -562,7 +562,8 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
         // Shared memory: kc ranks of the R strip plus kc×P of L, at most 96 KiB (two blocks an SM on sm_90) and
         // never more than the device allows a block.
         const int64_t per_k = int64_t(SW + P) * sizeof(acc_t);
-        const int64_t cap = std::min<int64_t>(96 * 1024, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+        const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+        const int64_t cap = std::min<int64_t>(96 * 1024, optin);
         const int kc = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(r, cap / per_k)));
         const size_t smem = static_cast<size_t>(kc * per_k);
         if (smem > 48 * 1024) allow_tiled_smem<scalar_t, acc_t>(weight.get_device(), cap);
@@ -595,12 +596,8 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
 bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
                           Tensor& y, bool accumulate, Tensor& u, Tensor& s, Tensor& a_raw, Tensor& b_raw) {
   const int64_t n_rows = x_d.size(0), r = A.size(0), in = A.size(1), out = B.size(0);
-  const size_t smem = static_cast<size_t>(n_rows * r) * A.element_size();
-  // fp32 adapters only: 16 fp64 accumulators do not fit the 64 registers a thread of a 1024-thread block has;
-  // and not an fp64 x, whose output the fp32 accumulation would round.
-  if (A.scalar_type() != at::kFloat || x_d.scalar_type() == at::kDouble || n_rows < 1 || n_rows > kSmallN || r < 1 || in < 1 || out < 1 ||
-      smem > 48 * 1024)
-    return false;
+  if (!small_n_fits(n_rows, r, in, out, A.scalar_type(), x_d.scalar_type())) return false;
+  const size_t smem = static_cast<size_t>(n_rows * r) * sizeof(float);
   const c10::cuda::CUDAGuard guard(x_d.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   Tensor v = at::empty({n_rows, r}, A.options());

@@ -235,14 +235,11 @@ std::pair<Tensor, Tensor> low_rank(Tensor y2, const Tensor& x_d, const GemmOpera
   return {u, y2};
 }
 
-// The small-N CUDA forward (Tuning::small_n) applies: CUDA, switched on, fp32 opmath (not fp64 adapters) and
-// x not fp64 (its fp32 accumulation would round an fp64 output), 1..kSmallN rows, no empty size, and v (N×r fp32)
-// fits the update kernel's 48 KiB of shared memory (the launcher's own conditions).
+// The small-N CUDA forward applies: CUDA, Tuning::small_n on, and small_n_fits (delora.h).
 bool small_n_applies(const Tensor& x2, const Tensor& A, int64_t out) {
 #ifdef DELORA_WITH_CUDA
-  const int64_t N = x2.size(0), r = A.size(0), in = A.size(1);
-  return x2.is_cuda() && tuning().small_n.load(std::memory_order_relaxed) == 1 && opmath_of(A) == at::kFloat &&
-         x2.scalar_type() != at::kDouble && N >= 1 && N <= kSmallN && r >= 1 && in >= 1 && out >= 1 && N * r * 4 <= 48 * 1024;
+  return x2.is_cuda() && tuning().small_n.load(std::memory_order_relaxed) == 1 &&
+         small_n_fits(x2.size(0), A.size(0), A.size(1), out, opmath_of(A), x2.scalar_type());
 #else
   (void)x2, (void)A, (void)out;
   return false;

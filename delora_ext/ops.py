@@ -82,16 +82,17 @@ def set_tuning(**switches: str) -> None:
     ``gemm_order`` "base_first" | "seeded" (the adapter term computed first and the base GEMM accumulating onto
     it, beta = 1), ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel) and ``small_n`` "off" | "on" (CUDA
     forwards of at most 16 rows in two fused launches). No effect without the native ops."""
-    for name, value in switches.items():
+    for name, value in switches.items():  # every switch checked before any is set
         if name not in _TUNING_VALUES:
             raise ValueError(f"set_tuning: unknown switch {name!r}; expected one of {sorted(_TUNING_VALUES)}")
-        choices = _TUNING_VALUES[name]
-        if value not in choices:
-            raise ValueError(f"set_tuning: `{name}` must be one of {choices}, got {value!r}")
-        if NATIVE:
-            if not hasattr(_C, "set_tuning"):
-                raise RuntimeError(f"set_tuning: the native build predates kernel switches; rebuild with: {REBUILD_CMD}")
-            _C.set_tuning(name, choices.index(value))
+        if value not in _TUNING_VALUES[name]:
+            raise ValueError(f"set_tuning: `{name}` must be one of {_TUNING_VALUES[name]}, got {value!r}")
+    if not NATIVE:
+        return
+    if not hasattr(_C, "set_tuning"):
+        raise RuntimeError(f"set_tuning: the native build predates kernel switches; rebuild with: {REBUILD_CMD}")
+    for name, value in switches.items():
+        _C.set_tuning(name, _TUNING_VALUES[name].index(value))
 
 
 def tuning() -> dict:

@@ -420,6 +420,9 @@ def test_set_tuning_validates_and_round_trips():
         ops.set_tuning(gemm="seeded")
     with pytest.raises(ValueError, match=r"`merge_kernel` must be one of \('rows', 'tiled'\), got 'fast'"):
         ops.set_tuning(merge_kernel="fast")
+    with pytest.raises(ValueError, match=r"`small_n` must be one of"):
+        ops.set_tuning(gemm_order="seeded", small_n="maybe")
+    assert ops.tuning() == before, "a refused call set nothing"
     with pytest.raises(ValueError, match=r"`value` for 'small_n' must be 0 or 1, got 2"):
         ops._C.set_tuning("small_n", 2)
     try:
