@@ -25,6 +25,10 @@ Sections (all by default):
   merge     ``layer.merge()`` on a bf16 and an fp32 4096×4096 weight (and the ``ops.merge_`` op alone, and
             PEFT's merge) against a device-to-device copy of the same weight in the same run, L2 flushed
             before each, in both timing modes; GB/s counts the weight read once and written once for all of them.
+  profile   device time per kernel (torch.profiler) of frozen and our forward/backward at N = 8192, the N = 16
+            no-grad forward and the merge op, then each GEMM of the side path alone against the bytes it must
+            move and a copy's bandwidth (where a custom kernel could win), then the kernel variants.
+  variants  A/B of each delora_ext.ops.set_tuning switch against the default in the same process.
 
 Targets (N = 8192, r = 32): step ≤ 1.20× frozen step; ≥ 1.3× faster than PEFT DeLoRA; ≤ 1.05× PEFT LoRA;
 merge ≥ 80 % of copy bandwidth (bf16 and fp32); N = 16 graphed forward ≤ 1.5× the graphed frozen forward.
@@ -454,9 +458,9 @@ def section_profile(cfg: Config, template: nn.Linear, clock: Clock, seed: int, l
     from delora_ext import ops
     dev, dt = cfg.device, cfg.dtype
     default = ops.tuning()
-    res = {"default": default, "regions": {}}
     iters = 10 if clock.cuda else 2
     N, r, n = cfg.head["N"], cfg.head["r"], cfg.small_n
+    res = {"default": default, "regions": {}, "N": N}
     torch.manual_seed(seed + N)
     ours, fz = build_ours(template, r), frozen(template)
     x = torch.randn(N, cfg.in_f, device=dev, dtype=dt).requires_grad_()
@@ -499,10 +503,13 @@ def section_profile(cfg: Config, template: nn.Linear, clock: Clock, seed: int, l
             res["regions"][f"ops.merge_ bf16 {out_f}x{in_f}{label}"] = kernel_times(
                 lambda: (ops.merge_(mW, mA, mB, mlam, mw, 1.0), ops.merge_(mW, mA, mB, mlam, mw, -1.0)), clock, iters)
 
+    def gemm_regions():
+        res["gemms"] = adapter_gemms(cfg, clock, seed, iters)
+
     d = " [defaults]" if default else ""  # the switches in force: res["default"]
     jobs = [({}, lambda: train_regions("frozen", fz)), ({}, lambda: train_regions("ours" + d, ours)),
             ({}, lambda: nograd_region("frozen", fz)), ({}, lambda: nograd_region("ours" + d, ours)),
-            ({}, lambda: merge_region(d))]
+            ({}, lambda: merge_region(d)), ({}, gemm_regions)]
     if default:
         jobs += [({"gemm_order": "seeded"}, lambda: train_regions("ours [gemm_order=seeded]", ours)),
                  ({"small_n": "on"}, lambda: nograd_region("ours [small_n=on]", ours)),
@@ -525,6 +532,73 @@ def section_profile(cfg: Config, template: nn.Linear, clock: Clock, seed: int, l
     return res
 
 
+def adapter_gemms(cfg: Config, clock: Clock, seed: int, iters: int) -> list[dict]:
+    """Each GEMM of the DeLoRA side path alone, at the head shape, as linear_fwd/linear_bwd issue it (ATen, so
+    cuBLAS on CUDA), with the bytes it must move at least (operands read once, outputs written once; an
+    in-place accumulation reads and writes its output) and the bandwidth that implies, against a copy of an
+    N×out tensor timed the same way. The step's extra time over frozen is these plus prep/finalize: a row far
+    below the copy's bandwidth is where a custom kernel can win; the sum of the floors bounds what any
+    unfused (ATen-GEMM) design reaches. The two base GEMMs (y = x Wᵀ with beta = 0 and beta = 1) show what
+    the seeded order's epilogue read of C costs."""
+    dev, dt = cfg.device, cfg.dtype
+    N, r, fin, fout = cfg.head["N"], cfg.head["r"], cfg.in_f, cfg.out_f
+    torch.manual_seed(seed + 7)
+    x = torch.randn(N, fin, device=dev, dtype=dt)
+    g = torch.randn(N, fout, device=dev, dtype=dt)
+    W = torch.randn(fout, fin, device=dev, dtype=dt) * fin ** -0.5
+    bias = torch.randn(fout, device=dev, dtype=dt)
+    Ad = torch.randn(r, fin, device=dev, dtype=dt) * fin ** -0.5
+    Bd = torch.randn(fout, r, device=dev, dtype=dt) * r ** -0.5
+    u = torch.randn(N, r, device=dev, dtype=dt)
+    G = torch.randn(N, r, device=dev, dtype=dt)
+    y = torch.empty(N, fout, device=dev, dtype=dt)
+    dx = torch.empty(N, fin, device=dev, dtype=dt)
+    e = x.element_size()
+    # name, call, bytes at least (bf16 operands), FLOPs
+    rows = [
+        ("copy N×out (bandwidth reference)", lambda: y.copy_(g), 2 * N * fout * e, 0),
+        ("fwd: u = x_d·Adᵀ", lambda: torch.mm(x, Ad.t()), (N * fin + r * fin + N * r) * e, 2 * N * fin * r),
+        ("fwd: y += v·Bdᵀ (base first, in place)", lambda: y.addmm_(u, Bd.t()), (2 * N * fout + N * r + fout * r) * e,
+         2 * N * fout * r),
+        ("fwd: y = v·Bdᵀ + bias (seeded, written)", lambda: torch.addmm(bias, u, Bd.t()),
+         (N * fout + N * r + fout * r) * e, 2 * N * fout * r),
+        ("bwd: G = g·Bd", lambda: torch.mm(g, Bd), (N * fout + fout * r + N * r) * e, 2 * N * fout * r),
+        ("bwd: M = gᵀ·u", lambda: torch.mm(g.t(), u), (N * fout + N * r + fout * r) * e, 2 * N * fout * r),
+        ("bwd: dx += G·Ad (base first, in place)", lambda: dx.addmm_(G, Ad), (2 * N * fin + N * r + r * fin) * e,
+         2 * N * fin * r),
+        ("bwd: t = G·Ad (seeded, written)", lambda: torch.mm(G, Ad), (N * fin + N * r + r * fin) * e, 2 * N * fin * r),
+        ("bwd: Q = Gᵀ·x_d", lambda: torch.mm(G.t(), x), (N * fin + N * r + r * fin) * e, 2 * N * fin * r),
+        ("base: y = x·Wᵀ (beta = 0)", lambda: torch.mm(x, W.t(), out=y), (N * fin + fout * fin + N * fout) * e,
+         2 * N * fin * fout),
+        ("base: y += x·Wᵀ (beta = 1, seeded)", lambda: y.addmm_(x, W.t()), (N * fin + fout * fin + 2 * N * fout) * e,
+         2 * N * fin * fout),
+    ]
+    out = []
+    for name, fn, nbytes, flops in rows:
+        t = kernel_times(fn, clock, iters)
+        us = t["busy_us"]
+        out.append({"op": name, "us": us, "bytes": nbytes, "flops": flops,
+                    "gbs": nbytes / us / 1e3 if us else None, "tflops": flops / us / 1e6 if us and flops else None,
+                    "kernels": [k[0][:60] for k in t["kernels"][:3]]})
+    copy = out[0]["gbs"]
+    for o in out:
+        o["of_copy"] = o["gbs"] / copy if copy and o["gbs"] else None
+    return out
+
+
+def render_gemms(rows: list[dict] | None, N: int) -> list[str]:
+    if not rows:
+        return []
+    L = [f"### The side path's GEMMs alone (N={N}, head shape; device µs per call, floor = bytes it must move)", "",
+         "| op | µs | floor MiB | GB/s | of copy | TFLOP/s | kernels |", "|---|---|---|---|---|---|---|"]
+    for o in rows:
+        L.append(f"| {o['op']} | {o['us']:.1f} | {o['bytes'] / 2**20:.1f} | "
+                 f"{o['gbs'] or 0:.0f} | {(o['of_copy'] or 0) * 100:.0f}% | "
+                 f"{'%.0f' % o['tflops'] if o['tflops'] else '–'} | {'; '.join(o['kernels'])} |")
+    L.append("")
+    return L
+
+
 def render_profile(p: dict | None) -> list[str]:
     if not p:
         return []
@@ -540,6 +614,7 @@ def render_profile(p: dict | None) -> list[str]:
         ks = "; ".join(f"{n[:70]} ({c:g} × {us / c:.1f})" for n, c, us in v["kernels"][:8])
         L.append(f"| {k} | {v['busy_us']:.1f} | {v['span_us'] or 0:.1f} | {ks} |")
     L.append("")
+    L.extend(render_gemms(p.get("gemms"), p.get("N", 0)))
     return L
 
 
