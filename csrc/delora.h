@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -70,6 +71,9 @@ inline void register_device_impls(torch::Library& m) {
 //   small_n      0 off
 //                1 on: CUDA forwards of at most kSmallN rows use small_n_forward_cuda (2 launches after the base
 //                  GEMM instead of prep, a split-K u GEMM and the low-rank GEMM).
+//                2 overlap: as on, with the u launch on a side stream, concurrent with linear_fwd's base GEMM
+//                  (joined before the update launch; the fork and join are events, so graph capture records
+//                  them as two parallel branches).
 struct Tuning {
   std::atomic<int> gemm_order{0};
   std::atomic<int> merge_kernel{0};
@@ -128,8 +132,11 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af);
 // Small-N forward (Tuning::small_n) in two launches: u = x_d (A⊙w)ᵀ (x's dtype), s, a_raw, b_raw as prep
 // writes them, and y (N×out, contiguous, x's dtype) = [y +] (u⊙s) Bᵀ with u⊙s and B in opmath, one rounding.
 // x_d (N×in) contiguous in x's dtype; A, B, lam, w contiguous fp32. False (nothing launched) outside small_n_fits.
+// y comes from base() (on the current stream; x Wᵀ + bias, or an empty tensor when accumulate is false), issued
+// before the u launch, or concurrently with it on a side stream when overlap is true.
 bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
-                          Tensor& y, bool accumulate, Tensor& u, Tensor& s, Tensor& a_raw, Tensor& b_raw);
+                          const std::function<Tensor()>& base, bool overlap, Tensor& y, bool accumulate, Tensor& u,
+                          Tensor& s, Tensor& a_raw, Tensor& b_raw);
 #endif
 
 }  // namespace delora_ext

@@ -7,7 +7,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
@@ -594,22 +596,51 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
 }
 
 bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
-                          Tensor& y, bool accumulate, Tensor& u, Tensor& s, Tensor& a_raw, Tensor& b_raw) {
+                          const std::function<Tensor()>& base, bool overlap, Tensor& y, bool accumulate, Tensor& u,
+                          Tensor& s, Tensor& a_raw, Tensor& b_raw) {
   const int64_t n_rows = x_d.size(0), r = A.size(0), in = A.size(1), out = B.size(0);
   if (!small_n_fits(n_rows, r, in, out, A.scalar_type(), x_d.scalar_type())) return false;
   const size_t smem = static_cast<size_t>(n_rows * r) * sizeof(float);
   const c10::cuda::CUDAGuard guard(x_d.device());
   auto stream = at::cuda::getCurrentCUDAStream();
+  // Every tensor below is allocated on `stream` before the fork, and the side stream's work is joined back into
+  // `stream` before this function returns, so the caching allocator's per-stream reuse stays safe.
   Tensor v = at::empty({n_rows, r}, A.options());
   {
     using opmath_t = float;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_d.scalar_type(), "delora_small_n_cuda_x", [&] {
-      small_u_kernel<opmath_t, scalar_t><<<r, kRowThreads, 0, stream>>>(
-          x_d.const_data_ptr<scalar_t>(), A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(),
-          lam.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(), v.mutable_data_ptr<opmath_t>(),
-          u.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<opmath_t>(), a_raw.mutable_data_ptr<opmath_t>(),
-          b_raw.mutable_data_ptr<opmath_t>(), static_cast<int>(n_rows), r, in, out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch_u = [&](cudaStream_t st) {
+        small_u_kernel<opmath_t, scalar_t><<<r, kRowThreads, 0, st>>>(
+            x_d.const_data_ptr<scalar_t>(), A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(),
+            lam.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(), v.mutable_data_ptr<opmath_t>(),
+            u.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<opmath_t>(), a_raw.mutable_data_ptr<opmath_t>(),
+            b_raw.mutable_data_ptr<opmath_t>(), static_cast<int>(n_rows), r, in, out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (overlap) {
+        // fork: the side stream starts after everything already on `stream` (x_d, the adapter tensors);
+        // join: `stream` waits for the u launch before the update reads v.
+        c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, x_d.device().index());
+        at::cuda::CUDAEvent forked, joined;
+        forked.record(stream);
+        forked.block(side);
+        launch_u(side.stream());
+        try {
+          y = base();  // on `stream`, concurrent with the u launch
+        } catch (...) {
+          // Join before the tensors the u launch writes can be freed and reused on `stream`.
+          joined.record(side);
+          joined.block(stream);
+          throw;
+        }
+        joined.record(side);
+        joined.block(stream);
+      } else {
+        y = base();
+        launch_u(stream.stream());
+      }
+      TORCH_CHECK(y.is_contiguous() && y.size(0) == n_rows && y.size(1) == out && y.scalar_type() == x_d.scalar_type(),
+                  "delora_ext: small-N forward: the base output must be a contiguous (N, out) tensor in x's dtype");
       const unsigned blocks = static_cast<unsigned>((out + kSmallUpdateThreads - 1) / kSmallUpdateThreads);
       small_update_kernel<opmath_t, scalar_t><<<blocks, kSmallUpdateThreads, smem, stream>>>(
           y.mutable_data_ptr<scalar_t>(), v.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(),

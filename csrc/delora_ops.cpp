@@ -75,11 +75,13 @@ void check_dropout(const char* op, double p, const std::optional<Tensor>& seed, 
 
 bool is_cuda(const Tensor& t) { return t.device().is_cuda(); }
 
+#ifndef DELORA_WITH_CUDA
 [[noreturn]] void no_cuda(const char* what) {
   TORCH_CHECK(false, "delora_ext: ", what,
               " got CUDA tensors, but this build of delora_ext has no CUDA kernels (rebuild with a CUDA "
               "toolkit present, see README: Build)");
 }
+#endif
 
 void launch_prep(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
   if (is_cuda(A)) {
@@ -238,7 +240,7 @@ std::pair<Tensor, Tensor> low_rank(Tensor y2, const Tensor& x_d, const GemmOpera
 // The small-N CUDA forward applies: CUDA, Tuning::small_n on, and small_n_fits (delora.h).
 bool small_n_applies(const Tensor& x2, const Tensor& A, int64_t out) {
 #ifdef DELORA_WITH_CUDA
-  return x2.is_cuda() && tuning().small_n.load(std::memory_order_relaxed) == 1 &&
+  return x2.is_cuda() && tuning().small_n.load(std::memory_order_relaxed) >= 1 &&
          small_n_fits(x2.size(0), A.size(0), A.size(1), out, opmath_of(A), x2.scalar_type());
 #else
   (void)x2, (void)A, (void)out;
@@ -246,20 +248,27 @@ bool small_n_applies(const Tensor& x2, const Tensor& A, int64_t out) {
 #endif
 }
 
-// y2 (N×out, contiguous) [+]= (u⊙s) Bᵀ through small_n_forward_cuda; returns u, s, a, b as the forward op does.
-std::tuple<Tensor, Tensor, Tensor, Tensor> small_n_forward(const Tensor& x_d, const Tensor& A, const Tensor& B,
-                                                           const Tensor& lam, const Tensor& w, Tensor& y2,
-                                                           bool accumulate) {
+// y2 = base() (N×out, contiguous) [+]= (u⊙s) Bᵀ through small_n_forward_cuda; returns y2 and u, s, a, b as the
+// forward op does. With small_n = overlap and a base GEMM to hide behind (accumulate), the u launch runs on a side
+// stream concurrently with base().
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_n_forward(const Tensor& x_d, const Tensor& A,
+                                                                   const Tensor& B, const Tensor& lam,
+                                                                   const Tensor& w,
+                                                                   const std::function<Tensor()>& base,
+                                                                   bool accumulate) {
   const Folded f = opmath_params(A, B, lam, w);
   PrepOutputs o = prep_outputs(f);
   Tensor u = at::empty({x_d.size(0), f.A.size(0)}, x_d.options());
+  Tensor y2;
 #ifdef DELORA_WITH_CUDA
-  const bool ok = small_n_forward_cuda(x_d, f.A, f.B, f.lam, f.w, y2, accumulate, u, o.s, o.a, o.b);
+  const bool overlap = accumulate && tuning().small_n.load(std::memory_order_relaxed) == 2;
+  const bool ok = small_n_forward_cuda(x_d, f.A, f.B, f.lam, f.w, base, overlap, y2, accumulate, u, o.s, o.a, o.b);
 #else
+  (void)base;
   const bool ok = false;
 #endif
   TORCH_INTERNAL_ASSERT(ok, "delora_ext: small-N forward launched outside its conditions");
-  return {u, o.s, o.a, o.b};
+  return {y2, u, o.s, o.a, o.b};
 }
 
 }  // namespace
@@ -300,8 +309,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd(const Tensor& x, c
   const bool has_bias = bias.has_value() && bias->defined();
   Tensor x2 = rows_of(x, d.in);
   if (small_n_applies(x2, A, d.out)) {
-    Tensor y2 = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    auto [u, s, a, b] = small_n_forward(dropped(x2, dropout_p, seed), A, B, lam, w, y2, /*accumulate=*/true);
+    auto base = [&] { return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()); };
+    auto [y2, u, s, a, b] = small_n_forward(dropped(x2, dropout_p, seed), A, B, lam, w, base, /*accumulate=*/true);
     return {y2.view(out_shape(x, d.out)), u, s, a, b};
   }
   if (tuning().gemm_order.load(std::memory_order_relaxed) == 1) {
@@ -330,8 +339,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd(const Tensor& x, 
 
   Tensor x2 = rows_of(x, d.in);
   if (small_n_applies(x2, A, d.out)) {
-    Tensor y2 = at::empty({x2.size(0), d.out}, x.options());
-    auto [u, s, a, b] = small_n_forward(dropped(x2, dropout_p, seed), A, B, lam, w, y2, /*accumulate=*/false);
+    auto base = [&] { return at::empty({x2.size(0), d.out}, x.options()); };
+    auto [y2, u, s, a, b] = small_n_forward(dropped(x2, dropout_p, seed), A, B, lam, w, base, /*accumulate=*/false);
     return {y2.view(out_shape(x, d.out)), u, s, a, b};
   }
   const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);

@@ -253,8 +253,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (slot == nullptr)
       throw pybind11::value_error("set_tuning: `name` must be 'gemm_order', 'merge_kernel' or 'small_n', got '" +
                                   name + "'");
-    if (value != 0 && value != 1)
-      throw pybind11::value_error("set_tuning: `value` for '" + name + "' must be 0 or 1, got " + std::to_string(value));
+    const int max_value = slot == &t.small_n ? 2 : 1;  // small_n: off, on, overlap
+    if (value < 0 || value > max_value)
+      throw pybind11::value_error("set_tuning: `value` for '" + name + "' must be 0.." + std::to_string(max_value) +
+                                  ", got " + std::to_string(value));
     slot->store(value);
   });
   m.def("tuning", [] {

@@ -74,14 +74,16 @@ if not NATIVE:
 CUDA_VALIDATED = os.environ.get("DELORA_EXT_NATIVE_CUDA", "1") != "0"
 
 
-_TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows", "tiled"), "small_n": ("off", "on")}
+_TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows", "tiled"),
+                  "small_n": ("off", "on", "overlap")}
 
 
 def set_tuning(**switches: str) -> None:
     """Select kernel variants process-wide (for A/B benchmarks; the defaults are the measured choices):
     ``gemm_order`` "base_first" | "seeded" (the adapter term computed first and the base GEMM accumulating onto
-    it, beta = 1), ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel) and ``small_n`` "off" | "on" (CUDA
-    forwards of at most 16 rows in two fused launches). No effect without the native ops."""
+    it, beta = 1), ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel) and ``small_n`` "off" | "on" | "overlap"
+    (CUDA forwards of at most 16 rows in two fused launches; overlap: the first on a side stream, concurrent with
+    the base GEMM). No effect without the native ops."""
     for name, value in switches.items():  # every switch checked before any is set
         if name not in _TUNING_VALUES:
             raise ValueError(f"set_tuning: unknown switch {name!r}; expected one of {sorted(_TUNING_VALUES)}")
@@ -103,10 +105,10 @@ def tuning() -> dict:
 
 
 def _tuning_from_env() -> None:
-    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N: a value name, or 0 / 1 for the first / second."""
+    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N: a value name, or its index (0 the default, 1, 2)."""
     for name, choices in _TUNING_VALUES.items():
         value = os.environ.get(f"DELORA_EXT_{name.upper()}", "").strip().lower()
-        if value in ("0", "1"):
+        if value in [str(i) for i in range(len(choices))]:
             value = choices[int(value)]
         if value:
             try:

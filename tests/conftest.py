@@ -47,8 +47,9 @@ def _switch_fixture(name: str, values: tuple, doc: str):
 
 gemm_order = _switch_fixture("gemm_order", ("base_first", "seeded"),
                              "Both GEMM orders of the forward/backward (the same math, different rounding order).")
-small_n = _switch_fixture("small_n", ("off", "on"),
-                          "The CUDA small-N forward (at most 16 rows) off and on (CPU ops are unaffected).")
+small_n = _switch_fixture("small_n", ("off", "on", "overlap"),
+                          "The CUDA small-N forward (at most 16 rows) off, on, and on with its first launch on a "
+                          "side stream (CPU ops are unaffected).")
 merge_kernel = _switch_fixture("merge_kernel", ("rows", "tiled"),
                                "Both CUDA merge kernels (bit-identical by construction; CPU merges are unaffected).")
 

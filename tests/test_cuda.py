@@ -261,9 +261,12 @@ def test_cuda_small_n_forward(dtype, n, in_f, out, r, kind):
     W, b = make_base(in_f, out, dtype, device="cuda")
     x = make_x((n,), in_f, dtype, device="cuda")
     outs = {}
-    for mode in ("off", "on"):
+    for mode in ("off", "on", "overlap"):
         with tuned(small_n=mode):
             outs[mode] = [OPS.linear_fwd(x, W, b, A, B, lam, w, 0.0, None), OPS.adapter_fwd(x, A, B, lam, w, 0.0, None)]
+    # overlap runs the same kernels, the u launch on a side stream concurrent with the base GEMM: bit-identical.
+    for got, want in zip(outs["overlap"][0] + outs["overlap"][1], outs["on"][0] + outs["on"][1]):
+        assert torch.equal(got, want)
     (y_off, u_off, *norms_off), (d_off, *_) = outs["off"]
     (y_on, u_on, *norms_on), (d_on, ud_on, *_) = outs["on"]
     for name, p, q in zip(["s", "a", "b"], norms_off, norms_on):

@@ -423,19 +423,26 @@ def test_set_tuning_validates_and_round_trips():
     with pytest.raises(ValueError, match=r"`small_n` must be one of"):
         ops.set_tuning(gemm_order="seeded", small_n="maybe")
     assert ops.tuning() == before, "a refused call set nothing"
-    with pytest.raises(ValueError, match=r"`value` for 'small_n' must be 0 or 1, got 2"):
-        ops._C.set_tuning("small_n", 2)
+    with pytest.raises(ValueError, match=r"`value` for 'small_n' must be 0..2, got 3"):
+        ops._C.set_tuning("small_n", 3)
+    with pytest.raises(ValueError, match=r"`value` for 'gemm_order' must be 0..1, got 2"):
+        ops._C.set_tuning("gemm_order", 2)
+    with pytest.raises(ValueError, match=r"`value` for 'merge_kernel' must be 0..1, got -1"):
+        ops._C.set_tuning("merge_kernel", -1)
+    assert ops.tuning() == before, "a refused call set nothing"
     try:
         ops.set_tuning(gemm_order="seeded", merge_kernel="tiled", small_n="on")
         assert ops.tuning() == {"gemm_order": "seeded", "merge_kernel": "tiled", "small_n": "on"}
         assert ops.build_info()["tuning"] == ops.tuning()
+        ops.set_tuning(small_n="overlap")
+        assert ops.tuning()["small_n"] == "overlap" and ops._C.tuning()["small_n"] == 2
     finally:
         ops.set_tuning(**before)
     assert ops.tuning() == before
 
 
 def test_tuning_env_vars():
-    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N at import: names or 0/1; a bad value fails the import
+    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N at import: names or indices; a bad value fails the import
     naming the variable."""
     import os
     import subprocess
@@ -445,6 +452,13 @@ def test_tuning_env_vars():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "[('gemm_order', 'seeded'), ('merge_kernel', 'rows'), ('small_n', 'on')]" in out.stdout
+    env["DELORA_EXT_SMALL_N"] = "2"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "('small_n', 'overlap')" in out.stdout, out.stderr
+    env["DELORA_EXT_GEMM_ORDER"] = "2"  # gemm_order has two values: index 2 is refused
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "DELORA_EXT_GEMM_ORDER" in bad.stderr and "got '2'" in bad.stderr
+    env["DELORA_EXT_GEMM_ORDER"] = "seeded"
     env["DELORA_EXT_SMALL_N"] = "yes"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "DELORA_EXT_SMALL_N" in bad.stderr and "got 'yes'" in bad.stderr
