@@ -49,12 +49,20 @@ class DeLoRAConfig:
             raise ValueError(f"`bias` must be 'none', 'all' or 'delora_only', got {self.bias!r}")
         if self.init_weights not in (True, False, "paper"):
             raise ValueError(f"`init_weights` must be True, False or 'paper', got {self.init_weights!r}")
-        if not 0.0 <= float(self.module_dropout) < 1.0:
+        try:
+            dropout = float(self.module_dropout)
+        except (TypeError, ValueError):
+            raise TypeError(f"`module_dropout` must be a number in [0, 1), got {self.module_dropout!r}") from None
+        if not 0.0 <= dropout < 1.0:
             raise ValueError(f"`module_dropout` must be in [0, 1), got {self.module_dropout!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
+        for name in ("target_modules", "exclude_modules"):
+            v = getattr(self, name)
+            if v is None or isinstance(v, str):
+                continue
+            if not isinstance(v, (list, set, tuple)) or not all(isinstance(x, str) for x in v):
+                raise TypeError(f"`{name}` must be None, a regex string or a list of module names, got {v!r}")
+            if isinstance(v, (set, tuple)):
+                setattr(self, name, sorted(v))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             # as PEFT: a regex (or "all-linear") is matched as is, so layers_to_transform would be silently ignored
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str "

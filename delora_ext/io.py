@@ -364,6 +364,11 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
     if state is not None and adapter_name in state.configs and state.configs[adapter_name] != cfg:
         raise ValueError(f"{cpath}: adapter {adapter_name!r} exists on the model with another config; "
                          f"delete_adapter it first or load under another name")
+    merged = [p for p, layer in delora_layers(model).items() if adapter_name in layer.merged_adapters]
+    if merged:  # new values under a merged ΔW: the weight would keep the old ΔW and unmerge subtract the new
+        raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]!r}"
+                         f"{f' and {len(merged) - 1} more layers' if len(merged) > 1 else ''}; unmerge it "
+                         f"before loading {directory} into it")
     try:
         expected = _expected(model, cfg, adapter_name)
     except (TypeError, ValueError, re.error) as e:
@@ -381,11 +386,13 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
                 continue
             raise ValueError(f"{wpath}: unexpected key {k!r} (not part of this adapter on this model)")
         t = tensors[k]
-        if not t.is_floating_point():
-            raise ValueError(f"{wpath}: key {k!r} has dtype {t.dtype}; a floating-point tensor is required")
+        dtype = _dest_dtype(model, sd, k, adapter_name)
+        # integer buffers of modules_to_save (BatchNorm's num_batches_tracked) load only as their own dtype
+        if not (t.is_floating_point() if dtype.is_floating_point else t.dtype == dtype):
+            raise ValueError(f"{wpath}: key {k!r} has dtype {t.dtype}; "
+                             f"{'a floating-point tensor' if dtype.is_floating_point else dtype} is required")
         if tuple(t.shape) != expected[k][0]:
             raise ValueError(f"{wpath}: key {k!r} has shape {tuple(t.shape)}, expected {expected[k][0]}")
-        dtype = _dest_dtype(model, sd, k, adapter_name)
         try:
             values[k] = t.to(dtype)
         except Exception as e:  # noqa: BLE001 (torch cannot convert some float dtypes, e.g. float4_e2m1fn_x2)

@@ -72,6 +72,18 @@ def _check_lambda(value, name: str = "delora_lambda") -> float:
     return v
 
 
+def _check_dropout(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`module_dropout` must be a number in [0, 1), got {value!r}") from None
+
+
+def _adapter_list(adapter_names) -> list[str]:
+    """A bare string is one adapter name (not a sequence of one-letter names)."""
+    return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+
 class DeLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus DeLoRA adapters: y = x Wᵀ + b + Σ_active ((x_d ⊙ w) Aᵀ ⊙ s) Bᵀ.
 
@@ -153,7 +165,7 @@ class DeLoRALinear(nn.Module):
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
         lam = _check_lambda(delora_lambda)
-        p = float(module_dropout)
+        p = _check_dropout(module_dropout)
         if not 0.0 <= p < 1.0:
             raise ValueError(f"`module_dropout` must be in [0, 1), got {module_dropout!r}")
         if init_weights not in (True, False, "paper"):
@@ -230,7 +242,11 @@ class DeLoRALinear(nn.Module):
         # A state_dict that carries delora_w_norm settles w; otherwise compute it once the real weight is here.
         module._w_pending -= module._load_w_keys
         module._load_w_keys = set()
-        if module._w_pending and module.base_layer.weight.device.type != "meta":
+        # Only once the adapter parameters are real too: base weights loaded first (assign=True) must not fail
+        # the load; w stays pending until the adapter arrives (or resolve_w raises at the first forward/merge).
+        if module._w_pending and module.base_layer.weight.device.type != "meta" and not any(
+                store[n].device.type == "meta" for n in module._w_pending
+                for store in (module.delora_A, module.delora_B, module.delora_lambda)):
             module.resolve_w()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -394,7 +410,7 @@ class DeLoRALinear(nn.Module):
         With ``safe_merge`` it merges into a temporary copy and checks that; ``keep_checked`` returns the copy for
         ``_merge_commit`` to write. A model-wide merge drops it (one temporary per layer at a time) and the commit
         recomputes the same deterministic result in place."""
-        names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
+        names = list(self.active_adapters) if adapter_names is None else _adapter_list(adapter_names)
         for n in names:
             if n not in self.delora_A:
                 raise ValueError(f"`adapter_names`: unknown adapter {n!r}; this layer has {list(self.delora_A)}")
@@ -440,8 +456,14 @@ class DeLoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        names = list(reversed(self.merged_adapters)) if adapter_names is None else \
-            [n for n in reversed(self.merged_adapters) if n in adapter_names]
+        if adapter_names is None:
+            names = list(reversed(self.merged_adapters))
+        else:
+            wanted = _adapter_list(adapter_names)
+            for n in wanted:
+                if n not in self.delora_A:
+                    raise ValueError(f"`adapter_names`: unknown adapter {n!r}; this layer has {list(self.delora_A)}")
+            names = [n for n in reversed(self.merged_adapters) if n in wanted]
         self._check_finite(names, "unmerge")
         if names:
             with torch.no_grad():

@@ -230,9 +230,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     state = _require_state(model)
     if adapter_name not in state.configs:
         raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
-    for layer in delora_layers(model).values():
-        if adapter_name in layer.delora_A:
-            layer.delete_adapter(adapter_name)
+    layers = [layer for layer in delora_layers(model).values() if adapter_name in layer.delora_A]
+    for layer in layers:  # all-or-nothing: every unmerge this needs is checked before any layer changes
+        if adapter_name in layer.merged_adapters:
+            layer._check_finite([adapter_name], "unmerge")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
     del state.configs[adapter_name]
     state.active = [n for n in state.active if n != adapter_name]
     _set_trainable(model, state)
@@ -242,13 +245,20 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def disable_adapters(model: nn.Module):
     """Within the block the model computes as its base model (merged adapters are unmerged first)."""
     outer, model = model, unwrap(model)
-    _require_state(model)
+    state = _require_state(model)
+    unmerge(model)  # all-or-nothing; afterwards disabling a layer cannot fail
     layers = list(delora_layers(model).values())
+    # modules_to_save: the original modules compute while disabled (as PEFT's ModulesToSaveWrapper)
+    twins = {path: model.get_submodule(path) for path in state.saved_originals}
     for layer in layers:
         layer.enable_adapters(False)
+    for path, original in state.saved_originals.items():
+        _set_module(model, path, original)
     try:
         yield outer
     finally:
+        for path, twin in twins.items():
+            _set_module(model, path, twin)
         for layer in layers:
             layer.enable_adapters(True)
 
@@ -262,7 +272,12 @@ def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] |
     the layers merged so far are unmerged again before the error propagates.
     """
     model = unwrap(model)
-    _require_state(model)
+    state = _require_state(model)
+    if adapter_names is not None:
+        adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in adapter_names:
+            if n not in state.configs:
+                raise ValueError(f"`adapter_names`: unknown adapter {n!r}; the model has {list(state.configs)}")
     plans: list[tuple[DeLoRALinear, list[str]]] = []
     for layer in delora_layers(model).values():
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
@@ -285,9 +300,11 @@ def unmerge(model: nn.Module) -> None:
     """Unmerge every merged adapter of every layer."""
     model = unwrap(model)
     _require_state(model)
-    for layer in delora_layers(model).values():
-        if layer.merged:
-            layer.unmerge()
+    layers = [layer for layer in delora_layers(model).values() if layer.merged]
+    for layer in layers:  # all-or-nothing: every layer is checked before any weight is written
+        layer._check_finite(list(layer.merged_adapters), "unmerge")
+    for layer in layers:
+        layer.unmerge()
 
 
 def _restore(model: nn.Module, state: PatchState, keep_saved_copies: bool) -> None:

@@ -1,0 +1,182 @@
+"""Model-level operations at their edges: all-or-nothing unmerge/delete/disable, adapter-name handling, loading
+into a merged adapter, integer buffers of modules_to_save, argument type errors, meta-device loading (each
+failed on the code before 2026-11-29)."""
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import delora_ext
+from delora_ext import DeLoRALinear
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+
+def _merged_with_nan_in_second_layer():
+    m = delora_ext.patch(_mlp(), target_modules=["0", "2"], r=2, init_weights=False)
+    delora_ext.merge(m)
+    merged_w = [m[i].base_layer.weight.detach().clone() for i in (0, 2)]
+    with torch.no_grad():
+        m[2].delora_A["default"][0, 0] = float("nan")
+    return m, merged_w
+
+
+# 1. model-level unmerge / delete_adapter / disable_adapters fail part-way
+def test_model_unmerge_refused_leaves_every_layer_merged():
+    m, merged_w = _merged_with_nan_in_second_layer()
+    with pytest.raises(ValueError, match="non-finite"):
+        delora_ext.unmerge(m)
+    assert m[0].merged_adapters == ["default"] and m[2].merged_adapters == ["default"]
+    assert torch.equal(m[0].base_layer.weight, merged_w[0]), "layer 0 was unmerged although the unmerge failed"
+
+
+def test_model_delete_adapter_refused_leaves_every_layer_intact():
+    m, merged_w = _merged_with_nan_in_second_layer()
+    with pytest.raises(ValueError, match="non-finite"):
+        delora_ext.delete_adapter(m, "default")
+    assert "default" in m[0].delora_A, "layer 0 lost the adapter although delete_adapter failed"
+    assert torch.equal(m[0].base_layer.weight, merged_w[0])
+
+
+def test_disable_adapters_refused_leaves_every_layer_enabled_and_merged():
+    m, merged_w = _merged_with_nan_in_second_layer()
+    with pytest.raises(ValueError, match="non-finite"):
+        with delora_ext.disable_adapters(m):
+            pass
+    assert not m[0].disable_adapters and m[0].merged_adapters == ["default"]
+    assert torch.equal(m[0].base_layer.weight, merged_w[0])
+
+
+# 2. model-level merge silently ignores unknown adapter names (DESIGN: "adapter_names silently ignored" is a
+#    PEFT weakness not to copy; merge's docstring says unknown adapters are checked)
+@pytest.mark.parametrize("names", [["typo"], "default"])
+def test_model_merge_refuses_unknown_adapter_names(names):
+    m = delora_ext.patch(_mlp(), target_modules=["0", "2"], r=2, init_weights=False)
+    if isinstance(names, str):  # a bare string is one adapter name, not a list of characters
+        delora_ext.merge(m, adapter_names=names)
+        assert m[0].merged_adapters == ["default"]
+        return
+    with pytest.raises(ValueError, match="typo"):
+        delora_ext.merge(m, adapter_names=names)
+
+
+# 3. layer.unmerge(adapter_names=str) matches by substring; layer.merge(str) iterates characters
+def test_layer_unmerge_with_a_string_unmerges_only_that_adapter():
+    layer = DeLoRALinear(nn.Linear(8, 8), r=2, init_weights=False, adapter_name="a")
+    layer.update_layer("ab", 2, init_weights=False)
+    layer.merge(adapter_names=["a", "ab"])
+    layer.unmerge("ab")
+    assert layer.merged_adapters == ["a"]
+
+
+def test_layer_merge_with_a_string():
+    layer = DeLoRALinear(nn.Linear(8, 8), r=2, init_weights=False, adapter_name="ab")
+    layer.merge(adapter_names="ab")
+    assert layer.merged_adapters == ["ab"]
+
+
+# 4. load_adapter into a merged adapter: the merged ΔW is the old one, unmerge subtracts the new one
+def test_load_adapter_into_merged_adapter_does_not_corrupt_base_weight(tmp_path):
+    m = delora_ext.patch(_mlp(), target_modules=["0", "2"], r=2, init_weights=False)
+    W0 = m[0].base_layer.weight.detach().clone()
+    with torch.no_grad():
+        m[0].delora_lambda["default"].fill_(3.0)
+    delora_ext.save_adapter(m, str(tmp_path))
+    with torch.no_grad():
+        m[0].delora_lambda["default"].fill_(15.0)
+    delora_ext.merge(m)
+    merged = m[0].base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"adapter 'default' is merged into '0' and 1 more layers; unmerge it"):
+        delora_ext.load_adapter(m, str(tmp_path))
+    assert torch.equal(m[0].base_layer.weight, merged) and m[0].delora_lambda["default"].item() == 15.0
+    delora_ext.unmerge(m)
+    assert torch.allclose(m[0].base_layer.weight, W0, atol=1e-5), "base weight corrupted"
+
+
+# 5. modules_to_save holding an integer buffer (BatchNorm's num_batches_tracked): files cannot be reloaded
+class _BN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+@pytest.mark.parametrize("writer", ["ours", "peft"])
+def test_modules_to_save_with_integer_buffer_round_trips(writer, tmp_path):
+    if writer == "ours":
+        m = delora_ext.patch(_BN(), target_modules=["lin"], r=2, modules_to_save=["bn"])
+        m.train()
+        m(torch.randn(5, 4))  # updates running stats and num_batches_tracked
+        delora_ext.save_adapter(m, str(tmp_path))
+        src_bn = m.bn
+    else:
+        m = peft.get_peft_model(_BN(), peft.DeloraConfig(target_modules=["lin"], r=2, modules_to_save=["bn"]))
+        m.train()
+        m(torch.randn(5, 4))
+        m.save_pretrained(str(tmp_path))
+        src_bn = m.base_model.model.bn.modules_to_save["default"]
+    fresh = delora_ext.load_adapter(_BN(), str(tmp_path))
+    assert torch.equal(fresh.bn.running_mean, src_bn.running_mean)
+    assert int(fresh.bn.num_batches_tracked) == int(src_bn.num_batches_tracked) == 1
+
+
+# 6. disable_adapters keeps using the trained modules_to_save copy (PEFT uses the original module)
+def test_disable_adapters_uses_original_modules_to_save_as_peft():
+    base = _mlp()
+    x = torch.randn(3, 8)
+    y0 = base(x)
+    m = delora_ext.patch(copy.deepcopy(base), target_modules=["0"], r=2, modules_to_save=["2"])
+    with torch.no_grad():
+        m[2].weight.add_(1.0)
+    y_on = m(x)
+    with delora_ext.disable_adapters(m):
+        assert torch.allclose(m(x), y0), "disabled model does not compute as the base model"
+    assert torch.equal(m(x), y_on)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.DeloraConfig(target_modules=["0"], r=2, modules_to_save=["2"]))
+    with torch.no_grad():
+        pm.base_model.model[2].modules_to_save["default"].weight.add_(1.0)
+    with pm.disable_adapter():
+        assert torch.allclose(pm(x), y0)
+
+
+# 7. config arguments of the wrong type crash without naming the argument
+@pytest.mark.parametrize("kw,field", [(dict(module_dropout=None), "module_dropout"),
+                                      (dict(module_dropout="x"), "module_dropout"),
+                                      (dict(target_modules=5), "target_modules"),
+                                      (dict(exclude_modules=5), "exclude_modules")])
+def test_config_type_errors_name_the_argument(kw, field):
+    with pytest.raises((TypeError, ValueError), match=field):
+        delora_ext.DeLoRAConfig(**{"target_modules": ["0"], **kw})
+
+
+def test_layer_module_dropout_type_error_names_the_argument():
+    with pytest.raises((TypeError, ValueError), match="module_dropout"):
+        DeLoRALinear(nn.Linear(4, 4), module_dropout="x")
+
+
+# 8. load_state_dict(assign=True) of the base weights into a model patched on the meta device raises part-way
+def test_meta_patched_model_loads_base_weights_with_assign_then_adapter():
+    real = _mlp()
+    ref = delora_ext.patch(copy.deepcopy(real), target_modules=["0", "2"], r=2, init_weights=False)
+    with torch.device("meta"):
+        meta = _mlp()
+    m = delora_ext.patch(meta, target_modules=["0", "2"], r=2, init_weights=False)
+    base_sd = {k: v for k, v in ref.state_dict().items() if ".base_layer." in k}
+    m.load_state_dict(base_sd, strict=False, assign=True)
+    assert not any(m[i].base_layer.weight.is_meta for i in (0, 2))
+    adapter_sd = {k: v for k, v in ref.state_dict().items() if ".delora_" in k and ".delora_w_norm." not in k}
+    m.load_state_dict(adapter_sd, strict=False, assign=True)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(m(x), ref(x), atol=1e-6)
