@@ -47,6 +47,10 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
 
 Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w);
 
+// keep/(1−p) for every element of a contiguous (N×in) tensor shaped like x2, in dtype `dt`: the mask the ops
+// regenerate from `seed` (used by the differentiable create_graph backward in registration.cpp).
+Tensor dropout_scale(const Tensor& x2, const Tensor& seed, double p, at::ScalarType dt);
+
 // The entry points above are device-independent (they dispatch to the launchers below): registered once per
 // dispatch key, CPU in delora_cpu.cpp and CUDA in delora_cuda.cu, from this one list.
 inline void register_device_impls(torch::Library& m) {

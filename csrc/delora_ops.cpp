@@ -362,19 +362,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
               grad_y.sizes(), " for x of shape ", x.sizes());
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "delora_ext::", op, ": `grad_y` has dtype ",
               grad_y.scalar_type(), " but `x` has dtype ", x.scalar_type());
+  check_same_device(op, "grad_y", grad_y, x);
   const int64_t N = leading_rows(x);
   TORCH_CHECK(u.dim() == 2 && u.size(0) == N && u.size(1) == d.r, "delora_ext::", op,
               ": `u` must have shape (", N, ", ", d.r, "), got ", u.sizes());
+  check_float(op, "u", u);
+  check_same_device(op, "u", u, x);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"s", s}, {"a_norm", a_norm},
                                 {"b_norm", b_norm}}) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == d.r, "delora_ext::", op, ": `", name, "` must have shape (",
                 d.r, ",), got ", t.sizes());
+    check_float(op, name, t);
+    check_same_device(op, name, t, x);
   }
   const bool has_weight = weight.has_value() && weight->defined();
   if (has_weight) {
     TORCH_CHECK(weight->dim() == 2 && weight->size(0) == d.out && weight->size(1) == d.in,
                 "delora_ext::", op, ": `weight` must have shape (", d.out, ", ", d.in, "), got ",
                 weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == x.scalar_type(), "delora_ext::", op, ": `x` has dtype ",
+                x.scalar_type(), " but `weight` has dtype ", weight->scalar_type(),
+                " (they must match, as for nn.Linear)");
+    check_same_device(op, "weight", *weight, x);
   }
   check_dropout(op, dropout_p, seed, x);
   c10::OptionalDeviceGuard guard(x.device());
@@ -534,6 +543,12 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
   } else {
     merge_folded(weight, at::cat(Bs, 1), at::cat(Af, 0));
   }
+}
+
+Tensor dropout_scale(const Tensor& x2, const Tensor& seed, double p, at::ScalarType dt) {
+  Tensor m = at::ones(x2.sizes(), x2.options().dtype(dt));
+  if (p > 0.0) launch_dropout(m, m, seed, p);
+  return m;
 }
 
 Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "delora.h"
+#include "delora_math.h"
 
 #ifndef DELORA_TORCH_VERSION
 #define DELORA_TORCH_VERSION "unknown"
@@ -101,6 +102,41 @@ struct EdgeIndex {
 
 bool wants(AutogradContext* ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
 
+// Backward with create_graph (grad mode on inside backward): linear_bwd has no derivative of its own, so the
+// adapter term is recomputed from differentiable ATen ops (opmath, same math as the kernels) and its
+// vector-Jacobian product taken with create_graph, which makes second derivatives exact. Returns the gradients
+// of (x, A, B, lam) that are asked for (undefined otherwise), each in its input's dtype and shape.
+std::array<Tensor, 4> adapter_vjp_differentiable(const Tensor& gy, const Tensor& x, const Tensor& A, const Tensor& B,
+                                                 const Tensor& lam, const Tensor& w, double p,
+                                                 const std::optional<Tensor>& seed, std::array<bool, 4> need) {
+  const auto om = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+  int64_t n = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) n *= x.size(i);
+  Tensor x2 = x.reshape({n, in}).to(om);
+  if (p > 0.0) x2 = x2 * delora_ext::dropout_scale(x2.contiguous(), *seed, p, om);
+  const Tensor Ao = A.to(om), Bo = B.to(om), lamo = lam.to(om).reshape({1}), wo = w.to(om);
+  const Tensor a = at::linalg_vector_norm(Ao, 2, {1}), b = at::linalg_vector_norm(Bo, 2, {0});
+  const Tensor s = lamo / (static_cast<double>(r) * a.clamp_min(delora_ext::kNormEps) *
+                           b.clamp_min(delora_ext::kNormEps));
+  const Tensor y = at::mm(at::mm(x2 * wo, Ao.t()) * s, Bo.t());
+  const Tensor* leaves[4] = {&x, &A, &B, &lam};
+  std::vector<Tensor> inputs;
+  for (int i = 0; i < 4; ++i)
+    if (need[i]) inputs.push_back(*leaves[i]);
+  std::array<Tensor, 4> result;
+  if (inputs.empty()) return result;
+  auto grads = torch::autograd::grad({y}, inputs, {gy.reshape({n, out}).to(om)}, /*retain_graph=*/true,
+                                     /*create_graph=*/true, /*allow_unused=*/true);
+  size_t j = 0;
+  for (int i = 0; i < 4; ++i) {
+    if (!need[i]) continue;
+    Tensor g = grads[j++];
+    result[i] = g.defined() ? g : at::zeros_like(*leaves[i]);
+  }
+  return result;
+}
+
 struct LinearFwdFn : public torch::autograd::Function<LinearFwdFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                                const std::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
@@ -137,7 +173,13 @@ struct LinearFwdFn : public torch::autograd::Function<LinearFwdFn> {
                   eB = e.take(), elam = e.take();
     const bool nx = wants(ctx, ex), nW = wants(ctx, eW), nb = wants(ctx, eb), nA = wants(ctx, eA),
                nB = wants(ctx, eB), nlam = wants(ctx, elam);
-    if (nx || nA || nB || nlam) {
+    if ((nx || nA || nB || nlam) && at::GradMode::is_enabled()) {
+      auto g = adapter_vjp_differentiable(gy, x, A, B, lam, w, p, seed, {nx, nA, nB, nlam});
+      if (nx) result[0] = g[0].add(at::mm(gy.reshape({u.size(0), gy.size(-1)}), weight).view(x.sizes()));
+      if (nA) result[3] = g[1];
+      if (nB) result[4] = g[2];
+      if (nlam) result[5] = g[3];
+    } else if (nx || nA || nB || nlam) {
       static auto bwd = typed_op<decltype(delora_ext::linear_bwd)>("delora_ext::linear_bwd");
       auto [gx, gA, gB, glam] = bwd.call(gy, x, weight, A, B, lam, w, u, s, a, b, p, seed, {nx, nA, nB, nlam});
       if (nx) result[0] = gx;
@@ -182,6 +224,12 @@ struct AdapterFwdFn : public torch::autograd::Function<AdapterFwdFn> {
     const auto saved = ctx->get_saved_variables();
     const Tensor& seed_t = saved[9];
     const std::optional<Tensor> seed = seed_t.defined() ? std::optional<Tensor>(seed_t) : std::nullopt;
+    if (at::GradMode::is_enabled()) {
+      auto g = adapter_vjp_differentiable(gy, saved[0], saved[1], saved[2], saved[3], saved[4],
+                                          ctx->saved_data["p"].toDouble(), seed, {nx, nA, nB, nlam});
+      for (int i = 0; i < 4; ++i) result[i] = g[i];
+      return result;
+    }
     static auto bwd = typed_op<decltype(delora_ext::linear_bwd)>("delora_ext::linear_bwd");
     auto [gx, gA, gB, glam] = bwd.call(gy, saved[0], std::nullopt, saved[1], saved[2], saved[3], saved[4],
                                        saved[5], saved[6], saved[7], saved[8], ctx->saved_data["p"].toDouble(),
@@ -209,6 +257,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd_autograd(const Te
   return {o[0], o[1], o[2], o[3], o[4]};
 }
 
+// prep and delta_weight at the Autograd key: the native kernel when no gradient is wanted (merges, ΔW reports run
+// under no_grad), else the same math in differentiable ATen ops (opmath), so a gradient through them is exact
+// instead of silently missing (the not-implemented autograd fallback only warns at backward).
+bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : ts)
+    if (t->requires_grad()) return true;
+  return false;
+}
+
+struct ComposedPrep {
+  Tensor Af, s, a, b;
+};
+ComposedPrep prep_composite(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
+  const auto om = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor Ao = A.to(om), Bo = B.to(om), lamo = lam.to(om).reshape({1}), wo = w.to(om);
+  const Tensor a = at::linalg_vector_norm(Ao, 2, {1}), b = at::linalg_vector_norm(Bo, 2, {0});
+  const Tensor s = lamo / (static_cast<double>(Ao.size(0)) * a.clamp_min(delora_ext::kNormEps) *
+                           b.clamp_min(delora_ext::kNormEps));
+  return {Ao * wo, s, a, b};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> prep_autograd(const Tensor& A, const Tensor& B, const Tensor& lam,
+                                                         const Tensor& w) {
+  static auto op = typed_op<decltype(delora_ext::prep)>("delora_ext::prep");
+  const bool grad = any_requires_grad({&A, &B, &lam, &w});
+  std::tuple<Tensor, Tensor, Tensor, Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(A, B, lam, w);  // also the op's argument checks for the composite path
+  }
+  if (!grad) return out;
+  auto c = prep_composite(A, B, lam, w);
+  return {c.Af, c.s, c.a, c.b};
+}
+
+Tensor delta_weight_autograd(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
+  static auto op = typed_op<decltype(delora_ext::delta_weight)>("delora_ext::delta_weight");
+  if (!any_requires_grad({&A, &B, &lam, &w})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(A, B, lam, w);
+  }
+  static auto checks = typed_op<decltype(delora_ext::prep)>("delora_ext::prep");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    checks.call(A, B, lam, w);  // the op's argument checks (r-sized work) before the composite
+  }
+  auto c = prep_composite(A, B, lam, w);
+  return at::mm(B.to(c.s.scalar_type()) * c.s, c.Af);
+}
+
 using AutocastCPU = Autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
 using AutocastCUDA = Autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>;
 
@@ -217,6 +316,8 @@ using AutocastCUDA = Autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastC
 TORCH_LIBRARY_IMPL(delora_ext, Autograd, m) {
   m.impl("linear_fwd", &linear_fwd_autograd);
   m.impl("adapter_fwd", &adapter_fwd_autograd);
+  m.impl("prep", &prep_autograd);
+  m.impl("delta_weight", &delta_weight_autograd);
 }
 TORCH_LIBRARY_IMPL(delora_ext, AutocastCPU, m) {
   m.impl("linear_fwd", &AutocastCPU::linear_fwd);

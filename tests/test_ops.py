@@ -327,6 +327,22 @@ def test_backward_op_matches_autograd_of_reference(gemm_order):
                 assert outs[j].numel() == 0
 
 
+def test_backward_op_checks_its_saved_tensors():
+    """linear_bwd called directly with a wrong weight dtype or non-float saved tensors: an error naming them."""
+    A, B, lam, w = make_adapter(4, 9, 7, "random", torch.float32)
+    W, b = make_base(9, 7, torch.float32)
+    x = make_x((3,), 9, torch.float32)
+    g = torch.randn(3, 7)
+    _, u, s, a, bn = OPS.linear_fwd(x, W, b, A, B, lam, w, 0.0, None)
+    mask = [True] * 4
+    with pytest.raises(RuntimeError, match=r"`x` has dtype Float but `weight` has dtype Double"):
+        OPS.linear_bwd(g, x, W.double(), A, B, lam, w, u, s, a, bn, 0.0, None, mask)
+    with pytest.raises(RuntimeError, match=r"`u` must be a floating-point tensor, got dtype Long"):
+        OPS.linear_bwd(g, x, W, A, B, lam, w, u.long(), s, a, bn, 0.0, None, mask)
+    with pytest.raises(RuntimeError, match=r"`b_norm` must be a floating-point tensor, got dtype Int"):
+        OPS.linear_bwd(g, x, W, A, B, lam, w, u, s, a, bn.int(), 0.0, None, mask)
+
+
 # ---- opcheck -------------------------------------------------------------------------------------------
 def _opcheck(op, args):
     torch.library.opcheck(op, args)
