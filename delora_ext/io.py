@@ -405,6 +405,11 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
         raise ValueError(f"{wpath}: non-finite values (NaN or ±Inf, in the file or after casting to the parameter's "
                          f"dtype) in key(s) {', '.join(map(repr, nonfinite[:8]))}{more}; they would make every "
                          f"output non-finite. Pass allow_nonfinite=True to load them anyway")
+    others = [k for k in values if k[len(PREFIX):].rpartition(".")[2] not in PARAM_KEYS + PAPER_KEYS]
+    if others and any(t.is_meta for t in model.state_dict().values()):
+        # modules_to_save copies of modules on the meta device could not take the file's values in place
+        raise ValueError(f"{wpath}: key {others[0]!r} (modules_to_save) cannot load into a model with tensors on "
+                         f"the meta device; materialize the model first (e.g. load_state_dict(..., assign=True))")
     try:
         patch(model, cfg, adapter_name=adapter_name)
     except (TypeError, ValueError) as e:  # patch is all-or-nothing: the model is as it was
@@ -418,7 +423,10 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
                 store = getattr(layer, attr)
                 dst = store[adapter_name]
                 if attr in PAPER_KEYS or attr == "delora_w_norm":
-                    store[adapter_name] = t.to(device=dst.device, dtype=torch.float32).clone()
+                    dev = t.device if dst.is_meta else dst.device  # a meta model takes the file's values as they are
+                    store[adapter_name] = t.to(device=dev, dtype=torch.float32).clone()
+                elif dst.is_meta:  # a model patched on the meta device: the file's values become the parameter
+                    store[adapter_name] = torch.nn.Parameter(t.clone(), requires_grad=dst.requires_grad)
                 else:
                     dst.copy_(t)
                 if attr == "delora_w_norm":

@@ -157,8 +157,21 @@ if NATIVE:
     def _rows(x: torch.Tensor, in_features: int) -> int:
         return math.prod(x.shape[:-1])  # not numel // in_features: in_features may be 0
 
+    def _one_device(op: str, **tensors) -> None:
+        """The real kernels' device check, in the fake kernels too: one meta tensor among CPU/CUDA ones sends the
+        call to the Meta key, whose fake kernel would otherwise return uninitialised CPU/CUDA outputs (or, for
+        the merges, do nothing) instead of an error."""
+        named = [(n, t) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
+        named += [(f"{n}[{i}]", t) for n, ts in tensors.items() if isinstance(ts, (list, tuple))
+                  for i, t in enumerate(ts) if isinstance(t, torch.Tensor)]
+        ref_name, ref_t = named[0]
+        for n, t in named[1:]:
+            torch._check(t.device == ref_t.device, lambda: f"delora_ext::{op}: `{n}` is on {t.device} but "
+                                                           f"`{ref_name}` is on {ref_t.device}")
+
     @torch.library.register_fake("delora_ext::prep")
     def _prep_fake(A, B, lam, w):
+        _one_device("prep", A=A, B=B, lam=lam, w=w)
         r = A.shape[0]
         om = _opmath(A)
         return A.new_empty(A.shape, dtype=om), A.new_empty(r, dtype=om), A.new_empty(r, dtype=om), A.new_empty(r, dtype=om)
@@ -172,15 +185,19 @@ if NATIVE:
 
     @torch.library.register_fake("delora_ext::linear_fwd")
     def _linear_fwd_fake(x, weight, bias, A, B, lam, w, dropout_p, seed):
+        _one_device("linear_fwd", x=x, weight=weight, bias=bias, A=A, B=B, lam=lam, w=w, seed=seed)
         torch._check(x.dtype == weight.dtype, lambda: "delora_ext::linear_fwd: `x` and `weight` dtypes differ")
         return _fwd_fake(x, weight.shape[0], A)
 
     @torch.library.register_fake("delora_ext::adapter_fwd")
     def _adapter_fwd_fake(x, A, B, lam, w, dropout_p, seed):
+        _one_device("adapter_fwd", x=x, A=A, B=B, lam=lam, w=w, seed=seed)
         return _fwd_fake(x, B.shape[0], A)
 
     @torch.library.register_fake("delora_ext::linear_bwd")
     def _linear_bwd_fake(grad_y, x, weight, A, B, lam, w, u, s, a_norm, b_norm, dropout_p, seed, output_mask):
+        _one_device("linear_bwd", x=x, grad_y=grad_y, weight=weight, A=A, B=B, lam=lam, w=w, u=u, s=s,
+                    a_norm=a_norm, b_norm=b_norm, seed=seed)
         def pick(flag, like):
             return torch.empty_like(like, memory_format=torch.contiguous_format) if flag else like.new_empty(0)
 
@@ -188,14 +205,17 @@ if NATIVE:
 
     @torch.library.register_fake("delora_ext::merge_")
     def _merge_fake(weight, A, B, lam, w, alpha):
+        _one_device("merge_", weight=weight, A=A, B=B, lam=lam, w=w)
         return None
 
     @torch.library.register_fake("delora_ext::merge_many_")
     def _merge_many_fake(weight, A, B, lam, w, alpha):
+        _one_device("merge_many_", weight=weight, A=A, B=B, lam=lam, w=w)
         return None
 
     @torch.library.register_fake("delora_ext::delta_weight")
     def _delta_weight_fake(A, B, lam, w):
+        _one_device("delta_weight", A=A, B=B, lam=lam, w=w)
         return A.new_empty((B.shape[0], A.shape[1]), dtype=_opmath(A))
 
     # Autograd: C++ autograd.Functions at the Autograd key (csrc/registration.cpp), not register_autograd

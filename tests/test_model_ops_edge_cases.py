@@ -180,3 +180,53 @@ def test_meta_patched_model_loads_base_weights_with_assign_then_adapter():
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert torch.allclose(m(x), ref(x), atol=1e-6)
+
+
+# 9. load_adapter into a model patched on the meta device: the file's values become the adapter parameters
+def test_load_adapter_into_meta_patched_model_then_base_weights(tmp_path):
+    real = _mlp()
+    ref = delora_ext.patch(copy.deepcopy(real), target_modules=["0", "2"], r=2, init_weights=False)
+    delora_ext.save_adapter(ref, str(tmp_path))
+    with torch.device("meta"):
+        meta = _mlp()
+    m = delora_ext.load_adapter(meta, str(tmp_path))
+    for i in (0, 2):
+        for k in ("delora_A", "delora_B", "delora_lambda"):
+            got, want = getattr(m[i], k)["default"], getattr(ref[i], k)["default"]
+            assert not got.is_meta and torch.equal(got, want) and got.requires_grad == want.requires_grad, k
+    base_sd = {k: v for k, v in ref.state_dict().items() if ".base_layer." in k}
+    m.load_state_dict(base_sd, strict=False, assign=True)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x))
+
+
+def test_load_adapter_with_modules_to_save_into_meta_model_refuses(tmp_path):
+    ref = delora_ext.patch(_BN(), target_modules=["lin"], r=2, modules_to_save=["bn"])
+    delora_ext.save_adapter(ref, str(tmp_path))
+    with torch.device("meta"):
+        meta = _BN()
+    with pytest.raises(ValueError, match=r"modules_to_save\) cannot load into a model with tensors on the meta"):
+        delora_ext.load_adapter(meta, str(tmp_path))
+    assert not any(isinstance(mod, DeLoRALinear) for mod in meta.modules()), "refused before patching"
+
+
+# 10. one tensor on the meta device among CPU ones: the ops' fake kernel ran and returned uninitialised memory
+def test_ops_refuse_a_meta_tensor_among_real_ones():
+    from delora_ext import ops
+    if not ops.NATIVE:
+        pytest.skip("native ops only")
+    A, B, lam, W, x = torch.randn(2, 8), torch.randn(8, 2), torch.tensor([3.0]), torch.randn(8, 8), torch.randn(3, 8)
+    w = torch.empty(8, device="meta")
+    with pytest.raises(RuntimeError, match=r"delora_ext::linear_fwd: `w` is on meta but `x` is on cpu"):
+        ops.linear(x, W, None, A, B, lam, w)
+    with pytest.raises(RuntimeError, match=r"delora_ext::adapter_fwd: `A` is on meta"):
+        ops.adapter(x, A.to("meta"), B, lam, torch.ones(8))
+    W0 = W.clone()
+    with pytest.raises(RuntimeError, match=r"delora_ext::merge_: `w` is on meta but `weight` is on cpu"):
+        ops.merge_(W, A, B, lam, w)
+    with pytest.raises(RuntimeError, match=r"delora_ext::merge_many_: `w\[0\]` is on meta"):
+        torch.ops.delora_ext.merge_many_(W, [A], [B], [lam], [w], [1.0])
+    with pytest.raises(RuntimeError, match=r"delora_ext::delta_weight: `w` is on meta"):
+        ops.delta_weight(A, B, lam, w)
+    assert torch.equal(W, W0)
