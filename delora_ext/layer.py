@@ -56,7 +56,11 @@ def supported_base(module: nn.Module) -> bool:
 
 
 def _plain_forward(module: nn.Module) -> bool:
-    """Whether the base layer computes exactly x Wᵀ + b, so the fused native op can replace its forward."""
+    """Whether the base layer computes exactly x Wᵀ + b, so the fused native op can replace its forward. Not when
+    something wraps its forward: module hooks, or an instance-level forward (accelerate's offload/device-map hooks
+    replace ``module.forward``); then the layer calls it, as PEFT's does, and adds the adapter term."""
+    if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
+        return False
     if isinstance(module, nn.Linear):
         return type(module).forward is nn.Linear.forward
     return is_conv1d(module) and type(module).__module__.startswith("transformers.")
@@ -342,7 +346,8 @@ class DeLoRALinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"DeLoRALinear: `x` must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
-        if x.device != base.weight.device:
+        plain = _plain_forward(base)
+        if plain and x.device != base.weight.device:  # a wrapped forward may move the weight itself
             raise RuntimeError(f"DeLoRALinear: `x` is on {x.device} but the layer's weight is on {base.weight.device}")
         if self._disable_adapters or self.merged:
             return base(x, *args, **kwargs)
@@ -355,7 +360,7 @@ class DeLoRALinear(nn.Module):
         if not native:
             _warn_once(f"ref-{x.device.type}", f"delora_ext: no native kernel for {x.device.type} tensors "
                        f"({ops.native_error or 'not enabled for this device'}); using the PyTorch reference")
-        fused = native and _plain_forward(base) and not args and not kwargs and base.weight.is_floating_point()
+        fused = native and plain and not args and not kwargs and base.weight.is_floating_point()
         y = None
         for name in names:
             A, B, lam, w = self._params(name)

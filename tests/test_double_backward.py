@@ -1,7 +1,6 @@
 """Regression tests from the C++ review: double backward of the autograd ops, and autograd of prep/delta_weight."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

@@ -230,3 +230,35 @@ def test_ops_refuse_a_meta_tensor_among_real_ones():
     with pytest.raises(RuntimeError, match=r"delora_ext::delta_weight: `w` is on meta"):
         ops.delta_weight(A, B, lam, w)
     assert torch.equal(W, W0)
+
+
+# 11. hooks on the base layer (user hooks, accelerate's replaced forward) run, as in PEFT, which calls base_layer(x)
+@pytest.mark.parametrize("how", ["forward_hook", "pre_hook", "instance_forward"])
+def test_hooked_base_layer_runs_its_hooks_as_peft(how):
+    import functools
+    base = _mlp()
+    x = torch.randn(3, 8)
+
+    def hook(lin):
+        if how == "forward_hook":
+            lin.register_forward_hook(lambda mod, args, out: out * 2)
+        elif how == "pre_hook":
+            lin.register_forward_pre_hook(lambda mod, args: (args[0] + 1,))
+        else:  # accelerate's add_hook_to_module replaces the instance's forward
+            old = lin.forward
+
+            def new_forward(module, *args, **kwargs):
+                return old(*args, **kwargs) - 0.5
+            lin.forward = functools.partial(new_forward, lin)
+
+    ours = delora_ext.patch(copy.deepcopy(base), target_modules=["0"], r=2, init_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.DeloraConfig(target_modules=["0"], r=2, init_weights=False))
+    for k in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"):
+        getattr(pm.base_model.model[0], k)["default"].data.copy_(getattr(ours[0], k)["default"])
+    with torch.no_grad():
+        y_unhooked = ours(x)
+    hook(ours[0].base_layer), hook(pm.base_model.model[0].base_layer)
+    with torch.no_grad():
+        y_ours, y_peft = ours(x), pm(x)
+    torch.testing.assert_close(y_ours, y_peft, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y_ours, y_unhooked), "the hook changes the output"
