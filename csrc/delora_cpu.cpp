@@ -79,7 +79,7 @@ void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor&
           const opmath_t sa = split_scale_a<opmath_t>(lam_v, pa[k], r);
           if (psa) psa[k] = sa;
           bcoef[k] = o.b_plain ? opmath_t(1)
-                     : o.b_over_bhat ? opmath_t(1) / clamp_norm(pb[k])
+                     : o.b_over_bhat ? split_scale_b<opmath_t>(lam_v, pb[k], r)
                                      : ps[k] * opmath_t(o.bd_alpha);
           if (pAf)
             for (int64_t j = 0; j < in; ++j) pAf[k * in + j] = row[j] * pw[j];

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kRowThreads)
     s[k] = sk;
     if (sa_out != nullptr) sa_out[k] = sak;
     sa_shared = sak;
-    bcoef_shared = b_plain ? T(1) : b_over_bhat ? T(1) / clamp_norm(b) : sk * bd_alpha;
+    bcoef_shared = b_plain ? T(1) : b_over_bhat ? split_scale_b<T>(lam[0], b, r) : sk * bd_alpha;
   }
   __syncthreads();
   if (Ad != nullptr) {

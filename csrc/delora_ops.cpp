@@ -169,8 +169,8 @@ Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w
 
 // The GEMM operands in x's dtype, written by the one prep launch (no separate cast or scale kernels):
 //   full scale (fp32, fp64, bf16):  Ad = A⊙w,  Bd = B⊙s            y += (x_d Adᵀ) Bdᵀ
-//   split scale (fp16):             Ad = A⊙w,  Bd = B/b̂, sa = λ/(r·â)   y += ((x_d Adᵀ) ⊙ sa) Bdᵀ
-//   split scale, backward:          Ad = A⊙w⊙sa, Bd = B            dx += ((g Bd) ⊙ 1/b̂) Ad, Q = (g Bd)ᵀ x_d
+//   split scale (fp16):             Ad = A⊙w,  Bd = B⊙λ/(r·b̂), sa = 1/â   y += ((x_d Adᵀ) ⊙ sa) Bdᵀ
+//   split scale, backward:          Ad = A⊙w⊙sa, Bd = B            dx += ((g Bd) ⊙ λ/(r·b̂)) Ad, Q = (g Bd)ᵀ x_d
 //     (g·B unnormalised keeps Q = (gB)ᵀx_d as small as B is: with g·(B/b̂), Q overflowed fp16 where dA is finite)
 // The split keeps every fp16 factor bounded by the data it scales (see low_rank below); bf16 has fp32's
 // range, so B⊙s cannot overflow there and bf16 takes the full scale (no N×r scaling pass).
@@ -218,10 +218,11 @@ std::vector<int64_t> out_shape(const Tensor& x, int64_t out) {
   return shape;
 }
 
-// s_k = λ/(r·â_k) · 1/b̂_k split into two factors that are each bounded by the data they scale (fp16 only):
-// ‖u_k‖·λ/(r·â_k) ≤ |λ|/r·‖x⊙w‖ and ‖B_k‖/b̂_k ≤ 1 (â, b̂ the clamped norms). Applying s whole to u or to B
+// s_k = 1/â_k · λ/(r·b̂_k) split into two factors that are each bounded by the data they scale (fp16 only):
+// ‖u_k‖/â_k ≤ ‖x⊙w‖ and ‖B_k‖·|λ|/(r·b̂_k) ≤ |λ|/r (â, b̂ the clamped norms). Applying s whole to u or to B
 // instead overflows fp16 when a norm sits below the clamp (B = 0 at PEFT's init gives s ~ 1e4·λ/r), which turns
-// the exact 0 of the DeLoRA term into inf·0 = NaN.
+// the exact 0 of the DeLoRA term into inf·0 = NaN; so did λ on the u side for a large λ (B = 0 keeps
+// B⊙λ/(r·b̂) exactly 0 for any finite λ).
 //
 // Returns u = x_d Adᵀ (x's dtype, saved for backward) and the low-rank product to add: (u or u⊙sa) Bdᵀ is
 // accumulated into y2 when y2 is defined (beta = 1), else returned as a new tensor (plus `bias` when given).
@@ -421,9 +422,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   }
 
   if (want_x) {
-    // dx_adapter = G Ad: (g·(B⊙s))(A⊙w), or ((g·B) ⊙ 1/b̂)(A⊙w⊙λ/(r·â)) with the split scale (factors bounded).
+    // dx_adapter = G Ad: (g·(B⊙s))(A⊙w), or ((g·B) ⊙ λ/(r·b̂))(A⊙w/â) with the split scale (factors bounded).
     Tensor Gx = G;
-    if (op_g.split) Gx = (G.to(opmath) * b_op.clamp_min(kNormEps).reciprocal()).to(dt);
+    if (op_g.split) Gx = (G.to(opmath) * (f.lam / (static_cast<double>(d.r) * b_op.clamp_min(kNormEps)))).to(dt);
     if (seeded) {
       Tensor t = at::mm(Gx, op_g.Ad);
       if (dropout_p > 0.0) launch_dropout(t, t, *seed, dropout_p);

@@ -338,6 +338,9 @@ class DeLoRALinear(nn.Module):
             if name in self.delora_A0:
                 terms.append(self._params0(name))
                 alphas.append(-alpha)
+        if len({t[0].dtype == torch.float64 for t in terms}) > 1:
+            # fp64 adapters (after model.double()) and fp32 ones added later: one pass computes in one precision
+            terms = [tuple(p.detach().to(torch.float64) for p in t) for t in terms]
         ops.merge_many_(W, terms, alphas)
 
     # ---- forward -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, DeLoRAConfig, matches
@@ -23,7 +24,9 @@ class PatchState:
     """What delora_ext keeps on a patched model (as the attribute ``_delora_ext_state``)."""
 
     configs: dict  # adapter name -> DeLoRAConfig
-    requires_grad: list  # (parameter, requires_grad before the first patch)
+    # (parameter name, requires_grad before the first patch): by name, not by Parameter object, since to_empty(),
+    # overwrite_module_params_on_conversion or FSDP2 replace the objects (their flags would go to stale copies)
+    requires_grad: list
     active: list
     # modules_to_save: path -> the original module. The model holds a trained copy instead (as PEFT's
     # ModulesToSaveWrapper), so a tied weight (T5's lm_head is the input embedding) is not trained in place.
@@ -152,7 +155,7 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
 
     first = state is None
     if first:
-        state = PatchState(configs={}, requires_grad=[(p, p.requires_grad) for p in model.parameters()],
+        state = PatchState(configs={}, requires_grad=[(n, p.requires_grad) for n, p in model.named_parameters()],
                            active=[adapter_name])
     activate = first or adapter_name in state.active
     new_layers, extended = {}, []
@@ -253,6 +256,7 @@ def disable_adapters(model: nn.Module):
     for layer in layers:
         layer.enable_adapters(False)
     for path, original in state.saved_originals.items():
+        _follow(original, twins[path])
         _set_module(model, path, original)
     try:
         yield outer
@@ -307,14 +311,33 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def _follow(original: nn.Module, twin: nn.Module) -> None:
+    """Give ``original``'s tensors the device and floating dtype of the same-named tensors of ``twin`` (its trained
+    copy in the model). PEFT keeps the original inside the model, so model.to()/.half()/.double() converts it too;
+    here it is outside the module tree, so it is converted when it goes back into the model."""
+    theirs = dict(twin.named_parameters())
+    theirs.update(twin.named_buffers())
+    with torch.no_grad():
+        for name, t in list(original.named_parameters()) + list(original.named_buffers()):
+            o = theirs.get(name)
+            if o is None:
+                continue
+            dtype = o.dtype if t.is_floating_point() and o.is_floating_point() else t.dtype
+            if t.device != o.device or t.dtype != dtype:
+                t.data = t.data.to(device=o.device, dtype=dtype)
+
+
 def _restore(model: nn.Module, state: PatchState, keep_saved_copies: bool) -> None:
     for name, layer in delora_layers(model).items():
         _set_module(model, name, layer.base_layer)
     if not keep_saved_copies:
         for name, original in state.saved_originals.items():
+            _follow(original, model.get_submodule(name))
             _set_module(model, name, original)
-    for p, flag in state.requires_grad:
-        p.requires_grad_(flag)
+    params = dict(model.named_parameters())
+    for name, flag in state.requires_grad:
+        if name in params:
+            params[name].requires_grad_(flag)
     delattr(model, STATE_ATTR)
 
 

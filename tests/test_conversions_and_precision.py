@@ -1,0 +1,80 @@
+"""Model dtype/device conversions with modules_to_save, unpatch after parameters were replaced, fp16 at PEFT init
+with a large λ, merging adapters of different precision (each failed on the code before 2026-11-29)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import delora_ext
+from delora_ext import DeLoRALinear
+from delora_ext import reference as ref
+
+from tiny_models import one_thread  # noqa: F401
+from tiny_models import build
+
+IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("conv", ["double", "half"])
+def test_modules_to_save_original_follows_model_dtype_moves(conv):
+    """PEFT keeps the original of a modules_to_save module inside the model (ModulesToSaveWrapper.original_module),
+    so model.double()/.half()/.to() converts it too; disable_adapters and unpatch must not bring back a module of
+    the old dtype/device."""
+    base = build("llama")
+    model = build("llama")
+    delora_ext.patch(model, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    getattr(model, conv)()
+    getattr(base, conv)()
+    with delora_ext.disable_adapters(model):
+        y = model(input_ids=IDS).logits
+    assert torch.equal(y, base(input_ids=IDS).logits)
+    delora_ext.unpatch(model)
+    assert model.lm_head.weight.dtype == base.lm_head.weight.dtype
+
+
+def test_unpatch_restores_requires_grad_after_parameters_were_replaced():
+    """to_empty() (meta-initialised model) and conversions with overwrite_module_params_on_conversion create new
+    Parameter objects; unpatch must still restore the flags the model had before patch (all True here)."""
+    with torch.device("meta"):
+        model = build("llama")
+    assert all(p.requires_grad for p in model.parameters())
+    delora_ext.patch(model, target_modules=["q_proj"])
+    model.to_empty(device="cpu")
+    delora_ext.unpatch(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("lam", [1e5, 1e8])
+def test_fp16_base_peft_init_large_lambda_is_exactly_the_base(lam):
+    """B = 0 (PEFT init): the DeLoRA term is exactly 0 for any finite λ (the fp32 reference gives the base output);
+    the fp16 native path must not produce inf·0 = NaN, in the output or in dx."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).half()
+    layer = DeLoRALinear(lin, r=1, delora_lambda=lam)
+    x = torch.randn(3, 64, dtype=torch.float16, requires_grad=True)
+    y = layer(x)
+    y_ref = ref.linear_ref(x.detach(), lin.weight, lin.bias, *(t.detach() for t in layer._params("default")))
+    assert torch.equal(y_ref, lin(x).detach())
+    assert torch.equal(y, lin(x))
+    y.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    for n, p in layer.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p.grad).all(), n
+
+
+def test_merge_adapters_of_different_precision_together():
+    """model.double() makes the existing adapter fp64; an adapter added afterwards is fp32 (the documented default).
+    Merging both (PEFT merges any set of adapters) must work and match the unmerged output."""
+    model = build("llama")
+    torch.manual_seed(1)
+    delora_ext.patch(model, target_modules=["q_proj"], init_weights=False)
+    model.double()
+    delora_ext.patch(model, target_modules=["q_proj"], init_weights=False, adapter_name="b")
+    delora_ext.set_adapter(model, ["default", "b"])
+    y = model(input_ids=IDS).logits
+    delora_ext.merge(model)
+    assert torch.allclose(model(input_ids=IDS).logits, y, atol=1e-6)
+    delora_ext.unmerge(model)
+    assert torch.allclose(model(input_ids=IDS).logits, y, atol=1e-6)
