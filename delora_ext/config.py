@@ -16,6 +16,12 @@ DEFAULT_TARGET_MODULES = {
     "falcon": ["query_key_value"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj", "fc1", "fc2"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"], "deberta": ["in_proj"], "layoutlm": ["query", "value"],
+    "llama4": ["q_proj", "v_proj"], "chatglm": ["query_key_value"], "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"], "RefinedWeb": ["query_key_value"], "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"], "gemma3_text": ["q_proj", "v_proj"], "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"], "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 ALL_LINEAR = "all-linear"
@@ -113,6 +119,12 @@ def _listed(spec, key: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, key) is not None
     return key in spec or any(key.endswith(f".{t}") for t in spec)
+
+
+def is_module_to_save(key: str, modules_to_save) -> bool:
+    """PEFT's rule for modules_to_save (``peft.utils.other._set_trainable``): a plain string suffix,
+    ``key.endswith(name)``, without a '.' boundary (["head"] selects ``lm_head``)."""
+    return bool(key) and bool(modules_to_save) and any(key.endswith(m) for m in modules_to_save)
 
 
 def matches(config: DeLoRAConfig, key: str, target_modules) -> bool:

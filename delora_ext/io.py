@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from . import ops
 from .config import DeLoRAConfig, matches
 from .layer import DeLoRALinear, is_conv1d, supported_base
-from .patching import _candidates, _require_state, _resolve_targets, delora_layers, get_state, patch
+from .patching import _candidates, _require_state, _resolve_targets, delora_layers, get_state, modules_to_save_paths, patch
 from .patching import unwrap as _unwrap
 
 CONFIG_NAME = "adapter_config.json"
@@ -66,11 +66,14 @@ def _untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _modules_to_save(model, cfg: DeLoRAConfig):
-    if not cfg.modules_to_save:
-        return {}
-    return {n: m for n, m in model.named_modules()
-            if n and any(n == s or n.endswith("." + s) for s in cfg.modules_to_save)}
+def _modules_to_save(model, cfg: DeLoRAConfig, adapter_name: str | None = None):
+    """Path -> module of ``cfg.modules_to_save``; with ``adapter_name``, that adapter's own trained copy (the
+    model holds only the active adapter's)."""
+    found = modules_to_save_paths(model, cfg.modules_to_save)
+    state = get_state(model)
+    if adapter_name is not None and state is not None:
+        found = {p: state.saved_copies.get(p, {}).get(adapter_name, m) for p, m in found.items()}
+    return found
 
 
 def _is_bias_key(key: str) -> bool:
@@ -114,11 +117,11 @@ def adapter_state_dict(model, adapter_name: str = "default", for_peft: bool = Tr
         for k in keys:
             t = getattr(layer, k)[adapter_name]
             out[f"{PREFIX}{path}.{k}"] = _full(t)
-    for mpath, mod in _modules_to_save(model, state.configs[adapter_name]).items():
+    for mpath, mod in _modules_to_save(model, state.configs[adapter_name], adapter_name).items():
         for pname, p in mod.state_dict().items():
             out[f"{PREFIX}{mpath}.{pname}"] = _full(p)
     for k, t in _bias_tensors(model, state.configs[adapter_name], adapter_name).items():
-        out[f"{PREFIX}{k}"] = _full(t)
+        out.setdefault(f"{PREFIX}{k}", _full(t))  # a bias inside a modules_to_save module: the adapter's copy
     return out
 
 
@@ -289,7 +292,7 @@ def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple[tu
             exp[f"{PREFIX}{path}.{k}"] = (tuple(shp), REQUIRED)
     to_save = _modules_to_save(model, cfg)
     for mpath, mod in to_save.items():
-        if state is not None and isinstance(mod, DeLoRALinear):
+        if mpath in adapted:  # adapted by this config, so never a modules_to_save copy (as patch)
             continue
         for pname, p in mod.state_dict().items():
             exp[f"{PREFIX}{mpath}.{pname}"] = (tuple(p.shape), REQUIRED)
@@ -415,6 +418,7 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
     except (TypeError, ValueError) as e:  # patch is all-or-nothing: the model is as it was
         raise type(e)(f"{cpath}: this config cannot be applied to the model ({e})") from None
     layers = delora_layers(model)
+    copies = {p: c[adapter_name] for p, c in get_state(model).saved_copies.items() if adapter_name in c}
     with torch.no_grad():
         for k, t in values.items():
             path, _, attr = k[len(PREFIX):].rpartition(".")
@@ -432,8 +436,13 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
                 if attr == "delora_w_norm":
                     layer._w_pending.discard(adapter_name)
             else:
-                mpath, _, pname = k[len(PREFIX):].rpartition(".")
-                dst = model.get_submodule(mpath).state_dict()[pname] if mpath else model.state_dict()[pname]
+                rel = k[len(PREFIX):]
+                own = [p for p in copies if rel.startswith(p + ".")]
+                if own:  # this adapter's own modules_to_save copy (the model may hold another adapter's)
+                    dst = copies[own[0]].state_dict()[rel[len(own[0]) + 1:]]
+                else:
+                    mpath, _, pname = rel.rpartition(".")
+                    dst = model.get_submodule(mpath).state_dict()[pname] if mpath else model.state_dict()[pname]
                 dst.copy_(t)
     if not is_trainable:  # inference: nothing trains, as PEFT's inference_mode
         for p in model.parameters():
@@ -466,11 +475,11 @@ def export_lora(model, directory: str, adapter_name: str = "default") -> None:
             tensors[f"{PREFIX}{path}.lora_B.weight"] = Bs.float().cpu().contiguous()
             ranks[path] = Af.shape[0]
             conv = conv or is_conv1d(layer.base_layer)
-    for mpath, mod in _modules_to_save(model, cfg).items():
+    for mpath, mod in _modules_to_save(model, cfg, adapter_name).items():
         for pname, p in mod.state_dict().items():
             tensors[f"{PREFIX}{mpath}.{pname}"] = p.detach().cpu().contiguous()
     for k, t in _bias_tensors(model, cfg, adapter_name).items():
-        tensors[f"{PREFIX}{k}"] = t.detach().cpu().contiguous()
+        tensors.setdefault(f"{PREFIX}{k}", t.detach().cpu().contiguous())
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(p): r for p, r in ranks.items() if r != r0}
     lora_cfg = {

@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, DeLoRAConfig, matches
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, DeLoRAConfig, is_module_to_save, matches
 from .layer import DeLoRALinear, supported_base
 
 STATE_ATTR = "_delora_ext_state"
@@ -31,6 +31,9 @@ class PatchState:
     # modules_to_save: path -> the original module. The model holds a trained copy instead (as PEFT's
     # ModulesToSaveWrapper), so a tied weight (T5's lm_head is the input embedding) is not trained in place.
     saved_originals: dict = dataclasses.field(default_factory=dict)
+    # path -> {adapter name: its trained copy}; one copy per adapter, as PEFT's wrapper. The model holds the active
+    # adapter's copy at `path` (the original when no active adapter has one).
+    saved_copies: dict = dataclasses.field(default_factory=dict)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -54,6 +57,24 @@ def get_state(model: nn.Module) -> PatchState | None:
 def delora_layers(model: nn.Module) -> dict[str, DeLoRALinear]:
     """Module path -> DeLoRALinear, in model order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, DeLoRALinear)}
+
+
+def modules_to_save_paths(model: nn.Module, modules_to_save) -> dict[str, nn.Module]:
+    """Path -> module selected by ``modules_to_save`` (PEFT's plain-suffix rule), outermost only, never a DeLoRA
+    layer or anything inside one."""
+    out: dict[str, nn.Module] = {}
+    if not modules_to_save:
+        return out
+    inside: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(mod, DeLoRALinear):
+            inside.append(name)
+        elif is_module_to_save(name, modules_to_save):
+            out[name] = mod
+            inside.append(name)
+    return out
 
 
 def _resolve_targets(model: nn.Module, config: DeLoRAConfig):
@@ -105,8 +126,8 @@ def _set_trainable(model: nn.Module, state: PatchState) -> None:
             for layer in delora_layers(model).values():
                 if getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(True)
-        for mname, mod in model.named_modules():
-            if cfg.modules_to_save and any(mname == m or mname.endswith("." + m) for m in cfg.modules_to_save):
+        for mname, mod in modules_to_save_paths(model, cfg.modules_to_save).items():
+            if name in state.saved_copies.get(mname, {}):
                 for p in mod.parameters():
                     p.requires_grad_(True)
 
@@ -131,6 +152,12 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
             return model
         raise ValueError(f"adapter {adapter_name!r} already exists on this model with a different config "
                          f"({state.configs[adapter_name]}); delete_adapter it first or pick another name")
+    if state is not None and config.bias != "none":
+        # as PEFT (BaseTuner._check_new_adapter_config): the biases are the model's own, shared by every adapter
+        with_bias = [n for n, c in state.configs.items() if c.bias != "none"]
+        if with_bias:
+            raise ValueError(f"only one adapter may train biases (bias != 'none'): adapter {with_bias[0]!r} has "
+                             f"bias={state.configs[with_bias[0]].bias!r}, so {adapter_name!r} needs bias='none'")
     targets = _resolve_targets(model, config)
     adaptable, to_wrap, to_extend = [], [], []
     for name, mod in _candidates(model):
@@ -144,7 +171,7 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
             to_extend.append((name, mod))
         elif supported_base(mod):
             to_wrap.append((name, mod))
-        elif isinstance(targets, list) and (name in targets or any(name.endswith("." + t) for t in targets)):
+        else:  # as PEFT, for a list and for a regex alike
             raise TypeError(f"target module {name!r} is a {type(mod).__name__}; DeLoRA supports nn.Linear "
                             f"(and subclasses) and transformers' Conv1D")
     if not to_wrap and not to_extend:
@@ -185,14 +212,12 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
         raise
     for name, layer in new_layers.items():
         _set_module(model, name, layer)
-    for mname, mod in list(model.named_modules()):
-        if (mname and config.modules_to_save and mname not in state.saved_originals
-                and not isinstance(mod, DeLoRALinear)
-                and not any(mname.startswith(o + ".") for o in state.saved_originals)
-                and any(mname == m or mname.endswith("." + m) for m in config.modules_to_save)):
-            twin = copy.deepcopy(mod)
+    for mname, mod in modules_to_save_paths(model, config.modules_to_save).items():
+        original = state.saved_originals.setdefault(mname, mod)
+        twin = copy.deepcopy(original)  # from the original, as PEFT's wrapper (not another adapter's trained copy)
+        state.saved_copies.setdefault(mname, {})[adapter_name] = twin
+        if activate:
             _set_module(model, mname, twin)
-            state.saved_originals[mname] = mod
     state.configs[adapter_name] = config
     if first:
         setattr(model, STATE_ATTR, state)
@@ -221,8 +246,20 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
     for n in names:
         if n not in state.configs:
             raise ValueError(f"`adapter_names`: unknown adapter {n!r}; the model has {list(state.configs)}")
+    installs = {}
+    for path, copies in state.saved_copies.items():
+        have = [n for n in names if n in copies]
+        if len(have) > 1:  # as PEFT's ModulesToSaveWrapper
+            raise ValueError(f"adapters {have} all have a modules_to_save copy of {path!r}; only one of them can be "
+                             f"active at a time")
+        installs[path] = copies[have[0]] if have else state.saved_originals[path]
     for layer in delora_layers(model).values():
         layer.active_adapters = [n for n in names if n in layer.delora_A]
+    for path, mod in installs.items():
+        current = model.get_submodule(path)
+        if mod is not current:  # kept outside the module tree: take the model's conversions since (.to(), .half())
+            _follow(mod, current)
+            _set_module(model, path, mod)
     state.active = names
     _set_trainable(model, state)
 
@@ -239,6 +276,16 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer._check_finite([adapter_name], "unmerge")
     for layer in layers:
         layer.delete_adapter(adapter_name)
+    for path, copies in list(state.saved_copies.items()):
+        if copies.pop(adapter_name, None) is None:
+            continue
+        active = [n for n in state.active if n != adapter_name and n in copies]
+        mod, current = (copies[active[0]] if active else state.saved_originals[path]), model.get_submodule(path)
+        if mod is not current:
+            _follow(mod, current)
+            _set_module(model, path, mod)
+        if not copies:
+            del state.saved_copies[path], state.saved_originals[path]
     del state.configs[adapter_name]
     state.active = [n for n in state.active if n != adapter_name]
     _set_trainable(model, state)

@@ -248,7 +248,11 @@ def _file_tensor_targets(model, key):
     path, _, attr = key[len(PREFIX):].rpartition(".")
     if attr in ADAPTER_ATTRS:
         return getattr(model.get_submodule(path), attr)["default"]
-    mpath, _, pname = key[len(PREFIX):].rpartition(".")
+    rel = key[len(PREFIX):]
+    for mpath, copies in get_state(model).saved_copies.items():  # the adapter's own modules_to_save copy
+        if rel.startswith(mpath + ".") and "default" in copies:
+            return copies["default"].state_dict()[rel[len(mpath) + 1:]]
+    mpath, _, pname = rel.rpartition(".")
     return model.get_submodule(mpath).state_dict()[pname]
 
 
