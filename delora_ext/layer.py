@@ -125,6 +125,10 @@ class DeLoRALinear(nn.Module):
         self.delora_w_norm = BufferDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        # name -> the (A, B, λ, w) [+ paper init's frozen term] that merge added to the weight, so unmerge subtracts
+        # exactly that even if the parameters changed meanwhile (an optimizer step with zero gradients, weight
+        # decay, a manual edit): subtracting the new ΔW would leave ΔW_old − ΔW_new in the base weight for good.
+        self._merged_terms: dict[str, list[tuple]] = {}
         self._disable_adapters = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -219,7 +223,7 @@ class DeLoRALinear(nn.Module):
             if not self.merged_adapters:
                 return ref.column_norms_ref(W)
             unmerged = W.detach().to(torch.float32).clone()
-            self._apply_delta(unmerged, list(self.merged_adapters), -1.0)
+            self._apply_delta(unmerged, list(self.merged_adapters), -1.0, merged=True)
             return ref.column_norms_ref(unmerged)
 
     def resolve_w(self) -> None:
@@ -266,8 +270,9 @@ class DeLoRALinear(nn.Module):
         if adapter_name in self.merged_adapters:
             self._check_finite([adapter_name], "unmerge")
             with torch.no_grad():
-                self._apply_delta(self.weight_oi(), [adapter_name], -1.0)
+                self._apply_delta(self.weight_oi(), [adapter_name], -1.0, merged=True)
             self.merged_adapters.remove(adapter_name)
+            self._merged_terms.pop(adapter_name, None)
         for store in (self.delora_A, self.delora_B, self.delora_lambda, self.delora_w_norm, self.delora_A0,
                       self.delora_B0, self.delora_lambda0):
             if adapter_name in store:
@@ -309,7 +314,10 @@ class DeLoRALinear(nn.Module):
     def _check_finite(self, names: list[str], action: str) -> None:
         """Refuse to ``action`` (merge/unmerge) adapters with a non-finite parameter: one NaN/Inf in A, B, λ or w
         would turn a whole row or column of the base weight into NaN for good (unmerge cannot undo it).
-        One host sync for all of them; merging is not on the training path."""
+        One host sync for all of them; merging is not on the training path. An unmerge subtracts what merge
+        added (``_merged_terms``, checked then), so only adapters without that record are checked for it."""
+        if action == "unmerge":
+            names = [n for n in names if n not in self._merged_terms]
         stores = [("delora_A", self.delora_A), ("delora_B", self.delora_B), ("delora_lambda", self.delora_lambda),
                   ("delora_w_norm", self.delora_w_norm), ("delora_A0", self.delora_A0),
                   ("delora_B0", self.delora_B0), ("delora_lambda0", self.delora_lambda0)]
@@ -328,16 +336,21 @@ class DeLoRALinear(nn.Module):
             raise ValueError(f"cannot {action}: {', '.join(bad)} has non-finite values{hint}; "
                              f"the base weight was left unchanged")
 
-    def _apply_delta(self, W: torch.Tensor, names: list[str], alpha: float) -> None:
+    def _terms(self, name: str) -> list[tuple]:
+        """(A, B, λ, w) of ``name`` and, for paper init, its frozen initial term (subtracted)."""
+        return [self._params(name)] + ([self._params0(name)] if name in self.delora_A0 else [])
+
+    def _apply_delta(self, W: torch.Tensor, names: list[str], alpha: float, merged: bool = False) -> None:
         """W += alpha · Σ (ΔW − ΔW₀) over ``names`` in place, for the (out, in) view W, in one pass (one rounding
-        per element, also for several adapters and paper init's frozen term)."""
+        per element, also for several adapters and paper init's frozen term). ``merged``: the terms merge
+        recorded for these adapters (the current parameters for one without a record)."""
         terms, alphas = [], []
         for name in names:
-            terms.append(self._params(name))
-            alphas.append(alpha)
-            if name in self.delora_A0:
-                terms.append(self._params0(name))
-                alphas.append(-alpha)
+            ts = self._merged_terms.get(name) if merged else None
+            ts = [tuple(t.to(W.device) for t in term) for term in ts] if ts is not None else self._terms(name)
+            for i, term in enumerate(ts):  # [adapter, paper init's frozen term]
+                terms.append(term)
+                alphas.append(alpha if i == 0 else -alpha)
         if len({t[0].dtype == torch.float64 for t in terms}) > 1:
             # fp64 adapters (after model.double()) and fp32 ones added later: one pass computes in one precision
             terms = [tuple(p.detach().to(torch.float64) for p in t) for t in terms]
@@ -457,6 +470,8 @@ class DeLoRALinear(nn.Module):
                     self.weight_oi().copy_(checked)
                 else:
                     self._apply_delta(self.weight_oi(), names, 1.0)
+                for n in names:  # what was added, for unmerge
+                    self._merged_terms[n] = [tuple(t.detach().clone() for t in term) for term in self._terms(n)]
         self.merged_adapters.extend(names)
 
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
@@ -475,9 +490,10 @@ class DeLoRALinear(nn.Module):
         self._check_finite(names, "unmerge")
         if names:
             with torch.no_grad():
-                self._apply_delta(self.weight_oi(), names, -1.0)
+                self._apply_delta(self.weight_oi(), names, -1.0, merged=True)
         for n in names:
             self.merged_adapters.remove(n)
+            self._merged_terms.pop(n, None)
 
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}(r={self.r[n]}, dropout={self.module_dropout[n]}"

@@ -25,6 +25,9 @@ def _merged_with_nan_in_second_layer():
     merged_w = [m[i].base_layer.weight.detach().clone() for i in (0, 2)]
     with torch.no_grad():
         m[2].delora_A["default"][0, 0] = float("nan")
+    # unmerge subtracts what merge recorded; without that record (merged_adapters set by hand) layer 2 falls back
+    # to its current, non-finite parameters and must refuse
+    m[2]._merged_terms.clear()
     return m, merged_w
 
 
@@ -262,3 +265,26 @@ def test_hooked_base_layer_runs_its_hooks_as_peft(how):
         y_ours, y_peft = ours(x), pm(x)
     torch.testing.assert_close(y_ours, y_peft, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y_ours, y_unhooked), "the hook changes the output"
+
+
+# 12. parameters changed while merged (an optimizer step with zero gradients, weight decay): unmerge subtracted the
+#     new ΔW and left ΔW_old − ΔW_new in the base weight (PEFT does the same)
+@pytest.mark.parametrize("init", [False, "paper"])
+def test_unmerge_after_parameters_changed_while_merged_restores_the_base_weight(init):
+    m = delora_ext.patch(_mlp(), target_modules=["0", "2"], r=2, init_weights=init)
+    W0 = [m[i].base_layer.weight.detach().clone() for i in (0, 2)]
+    x = torch.randn(4, 8)
+    delora_ext.merge(m)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    for p in m.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)  # zero_grad(set_to_none=False): weight decay still moves them
+    opt.step()
+    assert not torch.equal(m[0].delora_A["default"], m[0]._merged_terms["default"][0][0])
+    delora_ext.unmerge(m)
+    for i, W in zip((0, 2), W0):
+        torch.testing.assert_close(m[i].base_layer.weight, W)
+    with torch.no_grad():  # and the layer computes base + its current adapter
+        y = m(x)
+        delora_ext.merge(m)
+        torch.testing.assert_close(m(x), y)

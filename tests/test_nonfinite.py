@@ -132,9 +132,23 @@ def test_paper_init_frozen_terms_are_checked_too():
     assert torch.equal(layer.base_layer.weight, W0)
 
 
-def test_unmerge_refuses_parameters_made_non_finite_after_merge():
+def test_unmerge_subtracts_what_merge_added_even_if_parameters_became_non_finite():
+    """unmerge subtracts the recorded merged terms: parameters poisoned after the merge do not reach the weight."""
+    layer = _trained_layer()
+    W0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    _poison(layer, "delora_B", math.nan)
+    layer.unmerge()
+    assert not layer.merged and torch.isfinite(layer.base_layer.weight).all()
+    torch.testing.assert_close(layer.base_layer.weight, W0)
+
+
+def test_unmerge_without_a_merge_record_refuses_non_finite_parameters():
+    """A layer whose merge was not recorded (merged_adapters set by hand) falls back to the current parameters,
+    and refuses non-finite ones before writing."""
     layer = _trained_layer()
     layer.merge()
+    layer._merged_terms.clear()
     W_merged = layer.base_layer.weight.detach().clone()
     _poison(layer, "delora_B", math.nan)
     with pytest.raises(ValueError, match=r"cannot unmerge: delora_B\['default'\]"):
