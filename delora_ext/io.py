@@ -357,8 +357,9 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
     wrapped (torch.compile, DDP; the wrapper is returned); loading into an FSDP2-sharded model is not supported
     (load first, then shard).
     """
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {adapter_name!r}")
+    if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
+        # also a folder name in saved adapter directories: no path separators (an absolute name escaped the folder)
+        raise ValueError(f"`adapter_name` must be a non-empty string without '.', '/' or '\\', got {adapter_name!r}")
     wrapper, model = model, _unwrap(model)
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     cfg = _read_config(directory)

@@ -166,8 +166,9 @@ class DeLoRALinear(nn.Module):
         weight is not floating point. w is taken from the unmerged base weight; on the meta device it is computed
         once the real weight arrives (first forward, merge or state_dict load), never guessed.
         """
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {adapter_name!r}")
+        if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
+            # also a folder name in saved adapter directories: no path separators (an absolute name escaped the folder)
+            raise ValueError(f"`adapter_name` must be a non-empty string without '.', '/' or '\\', got {adapter_name!r}")
         if adapter_name in self.delora_A:
             raise ValueError(f"`adapter_name`: adapter {adapter_name!r} already exists in this layer")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:

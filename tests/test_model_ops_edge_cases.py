@@ -288,3 +288,14 @@ def test_unmerge_after_parameters_changed_while_merged_restores_the_base_weight(
         y = m(x)
         delora_ext.merge(m)
         torch.testing.assert_close(m(x), y)
+
+
+# 13. an adapter name is also a folder name in saved adapter directories: an absolute one escaped the folder
+@pytest.mark.parametrize("name", ["/tmp/elsewhere", "a/b", "a\\b", "..", "a.b", ""])
+def test_adapter_names_that_are_paths_are_refused(name, tmp_path):
+    m = _mlp()
+    with pytest.raises(ValueError, match=r"`adapter_name` must be a non-empty string without '\.', '/' or '\\'"):
+        delora_ext.patch(m, target_modules=["0"], r=2, adapter_name=name)
+    assert not any(isinstance(mod, DeLoRALinear) for mod in m.modules())
+    with pytest.raises(ValueError, match=r"`adapter_name` must be a non-empty string"):
+        delora_ext.load_adapter(_mlp(), str(tmp_path), adapter_name=name)
