@@ -69,6 +69,9 @@ class DeLoRAConfig:
                 raise TypeError(f"`{name}` must be None, a regex string or a list of module names, got {v!r}")
             if isinstance(v, (set, tuple)):
                 setattr(self, name, sorted(v))
+        for name in ("layers_to_transform", "layers_pattern"):  # a tuple is saved as a JSON list: compare as one
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             # as PEFT: a regex (or "all-linear") is matched as is, so layers_to_transform would be silently ignored
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str "

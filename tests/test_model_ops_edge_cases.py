@@ -299,3 +299,15 @@ def test_adapter_names_that_are_paths_are_refused(name, tmp_path):
     assert not any(isinstance(mod, DeLoRALinear) for mod in m.modules())
     with pytest.raises(ValueError, match=r"`adapter_name` must be a non-empty string"):
         delora_ext.load_adapter(_mlp(), str(tmp_path), adapter_name=name)
+
+
+# 14. layers_to_transform given as a tuple was saved as a JSON list; reloading into the same model then found
+#     "another config" for the same adapter
+def test_tuple_layers_to_transform_round_trips(tmp_path):
+    from tiny_models import build
+    model = build("llama")
+    delora_ext.patch(model, target_modules=["q_proj"], r=2, layers_to_transform=(0,), layers_pattern=("layers",))
+    delora_ext.save_adapter(model, str(tmp_path))
+    delora_ext.load_adapter(model, str(tmp_path))  # the same adapter again: a no-op, not a config clash
+    from delora_ext.patching import get_state
+    assert get_state(model).configs["default"].layers_to_transform == [0]
