@@ -102,8 +102,8 @@ inline bool small_n_fits(int64_t N, int64_t r, int64_t in, int64_t out, at::Scal
 struct PrepOutputs {
   Tensor s, a, b;  // (r): s_k = λ/(r·â_k·b̂_k) and the raw norms a_k = ‖A[k,:]‖, b_k = ‖B[:,k]‖   (required)
   Tensor Af;       // (r×in) A⊙w in opmath                                                  (optional)
-  Tensor sa;       // (r)    1/â_k, the A-side factor of the split scale                      (optional)
-  Tensor Ad;       // (r×in) A⊙w in the GEMM dtype, times 1/â_k when a_times_sa               (optional)
+  Tensor sa;       // (r)    the A-side factor of the split scale: 1/â_k, or λ/(r·â_k) when a_times_sa (optional)
+  Tensor Ad;       // (r×in) A⊙w in the GEMM dtype, times λ/(r·â_k) when a_times_sa          (optional)
   Tensor Bd;       // (out×r) bd_alpha·B⊙s in the GEMM dtype, or B⊙λ/(r·b̂_k) when b_over_bhat, or B when b_plain
   bool a_times_sa = false, b_over_bhat = false, b_plain = false;
   double bd_alpha = 1.0;  // host scalar (merge's ±1 or a merge weight), not λ

@@ -76,10 +76,10 @@ void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor&
           pa[k] = static_cast<opmath_t>(std::sqrt(sq));
           pb[k] = static_cast<opmath_t>(std::sqrt(bsq[k]));
           ps[k] = scale_of<opmath_t>(lam_v, pa[k], pb[k], r);
-          const opmath_t sa = split_scale_a<opmath_t>(lam_v, pa[k], r);
+          const opmath_t sa = o.a_times_sa ? lam_over_r_clamped<opmath_t>(lam_v, pa[k], r) : inv_clamped(pa[k]);
           if (psa) psa[k] = sa;
           bcoef[k] = o.b_plain ? opmath_t(1)
-                     : o.b_over_bhat ? split_scale_b<opmath_t>(lam_v, pb[k], r)
+                     : o.b_over_bhat ? lam_over_r_clamped<opmath_t>(lam_v, pb[k], r)
                                      : ps[k] * opmath_t(o.bd_alpha);
           if (pAf)
             for (int64_t j = 0; j < in; ++j) pAf[k * in + j] = row[j] * pw[j];

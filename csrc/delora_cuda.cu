@@ -70,13 +70,13 @@ __global__ void __launch_bounds__(kRowThreads)
   const double b2 = Reduce(tmp).Sum(column_sq_partial(B, k, r, out));
   if (threadIdx.x == 0) {
     const T a = static_cast<T>(sqrt(a2)), b = static_cast<T>(sqrt(b2));
-    const T sk = scale_of<T>(lam[0], a, b, r), sak = split_scale_a<T>(lam[0], a, r);
+    const T sk = scale_of<T>(lam[0], a, b, r), sak = a_times_sa ? lam_over_r_clamped<T>(lam[0], a, r) : inv_clamped(a);
     a_raw[k] = a;
     b_raw[k] = b;
     s[k] = sk;
     if (sa_out != nullptr) sa_out[k] = sak;
     sa_shared = sak;
-    bcoef_shared = b_plain ? T(1) : b_over_bhat ? split_scale_b<T>(lam[0], b, r) : sk * bd_alpha;
+    bcoef_shared = b_plain ? T(1) : b_over_bhat ? lam_over_r_clamped<T>(lam[0], b, r) : sk * bd_alpha;
   }
   __syncthreads();
   if (Ad != nullptr) {

@@ -37,18 +37,20 @@ DELORA_HD T scale_of(T lam, T a_raw, T b_raw, int64_t r) {
   return lam / (T(r) * clamp_norm(a_raw) * clamp_norm(b_raw));
 }
 
-// s_k split as (1/â_k) · (λ/(r·b̂_k)), each factor bounded by the data it scales (the fp16 path, see
-// delora_ops.cpp): 1/max(a_k, eps) is the A-side factor, λ / (r · max(b_k, eps)) the B-side one. λ goes to the
-// B side: with B = 0 (PEFT's init) B⊙λ/(r·b̂) is exactly 0 for any finite λ, while u⊙λ/(r·â) overflowed fp16
-// for a large λ and turned the exact 0 of the DeLoRA term into inf·0 = NaN.
+// The fp16 path splits s_k into two factors, each bounded by the data it scales (see delora_ops.cpp), and puts
+// λ/r on the side whose operand may be exactly 0 so that 0 stays 0 (never inf·0 = NaN):
+//   forward   y  += (u ⊙ 1/â) · (B ⊙ λ/(r·b̂))ᵀ      u/â ≤ ‖x⊙w‖; B = 0 (PEFT's init) gives 0 for any finite λ
+//   backward  dx += ((g·B) ⊙ 1/b̂) · (A⊙w ⊙ λ/(r·â))  (g·B)/b̂ ≤ ‖g‖; an all-zero A row gives 0 for any λ
+// 1 / max(n, eps):
 template <typename T>
-DELORA_HD T split_scale_a(T /*lam*/, T a_raw, int64_t /*r*/) {
-  return T(1) / clamp_norm(a_raw);
+DELORA_HD T inv_clamped(T raw) {
+  return T(1) / clamp_norm(raw);
 }
 
+// λ / (r · max(n, eps)):
 template <typename T>
-DELORA_HD T split_scale_b(T lam, T b_raw, int64_t r) {
-  return lam / (T(r) * clamp_norm(b_raw));
+DELORA_HD T lam_over_r_clamped(T lam, T raw, int64_t r) {
+  return lam / (T(r) * clamp_norm(raw));
 }
 
 // ∂s_k/∂a_k · (1/a_k) = −s_k / a_k² where the clamp is not active, else 0. Multiplying this by

@@ -170,7 +170,7 @@ Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w
 // The GEMM operands in x's dtype, written by the one prep launch (no separate cast or scale kernels):
 //   full scale (fp32, fp64, bf16):  Ad = A⊙w,  Bd = B⊙s            y += (x_d Adᵀ) Bdᵀ
 //   split scale (fp16):             Ad = A⊙w,  Bd = B⊙λ/(r·b̂), sa = 1/â   y += ((x_d Adᵀ) ⊙ sa) Bdᵀ
-//   split scale, backward:          Ad = A⊙w⊙sa, Bd = B            dx += ((g Bd) ⊙ λ/(r·b̂)) Ad, Q = (g Bd)ᵀ x_d
+//   split scale, backward:          Ad = A⊙w⊙λ/(r·â), Bd = B      dx += ((g Bd) ⊙ 1/b̂) Ad, Q = (g Bd)ᵀ x_d
 //     (g·B unnormalised keeps Q = (gB)ᵀx_d as small as B is: with g·(B/b̂), Q overflowed fp16 where dA is finite)
 // The split keeps every fp16 factor bounded by the data it scales (see low_rank below); bf16 has fp32's
 // range, so B⊙s cannot overflow there and bf16 takes the full scale (no N×r scaling pass).
@@ -422,9 +422,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   }
 
   if (want_x) {
-    // dx_adapter = G Ad: (g·(B⊙s))(A⊙w), or ((g·B) ⊙ λ/(r·b̂))(A⊙w/â) with the split scale (factors bounded).
+    // dx_adapter = G Ad: (g·(B⊙s))(A⊙w), or ((g·B) ⊙ 1/b̂)(A⊙w⊙λ/(r·â)) with the split scale (factors bounded;
+    // λ on A's side, so an all-zero A row gives 0, where (g·B)⊙λ/(r·b̂) could overflow fp16 and make it NaN).
     Tensor Gx = G;
-    if (op_g.split) Gx = (G.to(opmath) * (f.lam / (static_cast<double>(d.r) * b_op.clamp_min(kNormEps)))).to(dt);
+    if (op_g.split) Gx = (G.to(opmath) * b_op.clamp_min(kNormEps).reciprocal()).to(dt);
     if (seeded) {
       Tensor t = at::mm(Gx, op_g.Ad);
       if (dropout_p > 0.0) launch_dropout(t, t, *seed, dropout_p);
