@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 from typing import Iterable
 
 import torch
@@ -287,7 +288,14 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if not copies:
             del state.saved_copies[path], state.saved_originals[path]
     del state.configs[adapter_name]
+    was_active = adapter_name in state.active
     state.active = [n for n in state.active if n != adapter_name]
+    if was_active and not state.active and state.configs:
+        # as PEFT (BaseTunerLayer.delete_adapter): the first remaining adapter becomes active, with a warning
+        first = next(iter(state.configs))
+        warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {first}.")
+        set_adapter(model, first)
+        return
     _set_trainable(model, state)
 
 

@@ -311,3 +311,27 @@ def test_tuple_layers_to_transform_round_trips(tmp_path):
     delora_ext.load_adapter(model, str(tmp_path))  # the same adapter again: a no-op, not a config clash
     from delora_ext.patching import get_state
     assert get_state(model).configs["default"].layers_to_transform == [0]
+
+
+# 15. deleting the only active adapter: PEFT activates the first remaining one (with a warning); we left none active
+def test_deleting_the_active_adapter_activates_the_first_remaining_as_peft():
+    base = _mlp()
+    x = torch.randn(3, 8)
+    m = delora_ext.patch(copy.deepcopy(base), target_modules=["0"], r=2, init_weights=False, adapter_name="a")
+    delora_ext.patch(m, target_modules=["0"], r=2, init_weights=False, adapter_name="b")
+    delora_ext.set_adapter(m, "b")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.DeloraConfig(target_modules=["0"], r=2, init_weights=False),
+                             adapter_name="a")
+    pm.add_adapter("b", peft.DeloraConfig(target_modules=["0"], r=2, init_weights=False))
+    pm.set_adapter("b")
+    for k in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"):
+        for n in ("a", "b"):
+            getattr(pm.base_model.model[0], k)[n].data.copy_(getattr(m[0], k)[n])
+    with pytest.warns(UserWarning, match="Setting active adapter to a"):
+        delora_ext.delete_adapter(m, "b")
+    with pytest.warns(UserWarning, match="Setting active adapter to a"):
+        pm.delete_adapter("b")
+    assert m[0].active_adapters == ["a"] == pm.base_model.model[0].active_adapters
+    assert m[0].delora_A["a"].requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), pm(x))
