@@ -55,12 +55,7 @@ class DeLoRAConfig:
             raise ValueError(f"`bias` must be 'none', 'all' or 'delora_only', got {self.bias!r}")
         if self.init_weights not in (True, False, "paper"):
             raise ValueError(f"`init_weights` must be True, False or 'paper', got {self.init_weights!r}")
-        try:
-            dropout = float(self.module_dropout)
-        except (TypeError, ValueError):
-            raise TypeError(f"`module_dropout` must be a number in [0, 1), got {self.module_dropout!r}") from None
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`module_dropout` must be in [0, 1), got {self.module_dropout!r}")
+        check_module_dropout(self.module_dropout)
         for name in ("target_modules", "exclude_modules"):
             v = getattr(self, name)
             if v is None or isinstance(v, str):
@@ -122,6 +117,17 @@ def _listed(spec, key: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, key) is not None
     return key in spec or any(key.endswith(f".{t}") for t in spec)
+
+
+def check_module_dropout(value) -> float:
+    """``module_dropout`` as a float in [0, 1), or an error naming it."""
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`module_dropout` must be a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"`module_dropout` must be in [0, 1), got {value!r}")
+    return p
 
 
 def is_module_to_save(key: str, modules_to_save) -> bool:

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import ops
 from . import reference as ref
+from .config import check_module_dropout
 
 _warned: set[str] = set()
 
@@ -74,13 +75,6 @@ def _check_lambda(value, name: str = "delora_lambda") -> float:
     if not math.isfinite(v):
         raise ValueError(f"`{name}` must be finite, got {v}")
     return v
-
-
-def _check_dropout(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`module_dropout` must be a number in [0, 1), got {value!r}") from None
 
 
 def _adapter_list(adapter_names) -> list[str]:
@@ -174,9 +168,7 @@ class DeLoRALinear(nn.Module):
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
         lam = _check_lambda(delora_lambda)
-        p = _check_dropout(module_dropout)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"`module_dropout` must be in [0, 1), got {module_dropout!r}")
+        p = check_module_dropout(module_dropout)
         if init_weights not in (True, False, "paper"):
             raise ValueError(f"`init_weights` must be True, False or 'paper', got {init_weights!r}")
         weight = self.base_layer.weight
@@ -285,7 +277,7 @@ class DeLoRALinear(nn.Module):
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
         """Make ``adapter_names`` the active adapters (several are summed)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = _adapter_list(adapter_names)
         for n in names:
             if n not in self.delora_A:
                 raise ValueError(f"`adapter_names`: unknown adapter {n!r}; this layer has {list(self.delora_A)}")

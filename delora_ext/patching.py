@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, DeLoRAConfig, is_module_to_save, matches
-from .layer import DeLoRALinear, supported_base
+from .layer import DeLoRALinear, _adapter_list, supported_base
 
 STATE_ATTR = "_delora_ext_state"
 
@@ -243,7 +243,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
     """Make ``adapter_names`` the active adapters (several are summed) and the only trainable ones."""
     model = unwrap(model)
     state = _require_state(model)
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    names = _adapter_list(adapter_names)
     for n in names:
         if n not in state.configs:
             raise ValueError(f"`adapter_names`: unknown adapter {n!r}; the model has {list(state.configs)}")
@@ -333,7 +333,7 @@ def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] |
     model = unwrap(model)
     state = _require_state(model)
     if adapter_names is not None:
-        adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        adapter_names = _adapter_list(adapter_names)
         for n in adapter_names:
             if n not in state.configs:
                 raise ValueError(f"`adapter_names`: unknown adapter {n!r}; the model has {list(state.configs)}")
