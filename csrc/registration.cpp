@@ -102,6 +102,20 @@ struct EdgeIndex {
 
 bool wants(AutogradContext* ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
 
+struct ComposedPrep {
+  Tensor Af, s, a, b;
+};
+// DeLoRA's folded factor A⊙w, s and the raw norms from differentiable ATen ops, in opmath (fp64 for fp64
+// adapters): the create_graph backward and the Autograd kernels of prep / delta_weight.
+ComposedPrep prep_composite(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
+  const auto om = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor Ao = A.to(om), Bo = B.to(om), lamo = lam.to(om).reshape({1}), wo = w.to(om);
+  const Tensor a = at::linalg_vector_norm(Ao, 2, {1}), b = at::linalg_vector_norm(Bo, 2, {0});
+  const Tensor s = lamo / (static_cast<double>(Ao.size(0)) * a.clamp_min(delora_ext::kNormEps) *
+                           b.clamp_min(delora_ext::kNormEps));
+  return {Ao * wo, s, a, b};
+}
+
 // Backward with create_graph (grad mode on inside backward): linear_bwd has no derivative of its own, so the
 // adapter term is recomputed from differentiable ATen ops (opmath, same math as the kernels) and its
 // vector-Jacobian product taken with create_graph, which makes second derivatives exact. Returns the gradients
@@ -109,17 +123,14 @@ bool wants(AutogradContext* ctx, int64_t edge) { return edge >= 0 && ctx->needs_
 std::array<Tensor, 4> adapter_vjp_differentiable(const Tensor& gy, const Tensor& x, const Tensor& A, const Tensor& B,
                                                  const Tensor& lam, const Tensor& w, double p,
                                                  const std::optional<Tensor>& seed, std::array<bool, 4> need) {
-  const auto om = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+  const ComposedPrep c = prep_composite(A, B, lam, w);
+  const auto om = c.s.scalar_type();
+  const int64_t in = A.size(1), out = B.size(0);
   int64_t n = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) n *= x.size(i);
   Tensor x2 = x.reshape({n, in}).to(om);
   if (p > 0.0) x2 = x2 * delora_ext::dropout_scale(x2.contiguous(), *seed, p, om);
-  const Tensor Ao = A.to(om), Bo = B.to(om), lamo = lam.to(om).reshape({1}), wo = w.to(om);
-  const Tensor a = at::linalg_vector_norm(Ao, 2, {1}), b = at::linalg_vector_norm(Bo, 2, {0});
-  const Tensor s = lamo / (static_cast<double>(r) * a.clamp_min(delora_ext::kNormEps) *
-                           b.clamp_min(delora_ext::kNormEps));
-  const Tensor y = at::mm(at::mm(x2 * wo, Ao.t()) * s, Bo.t());
+  const Tensor y = at::mm(at::mm(x2, c.Af.t()) * c.s, B.to(om).t());
   const Tensor* leaves[4] = {&x, &A, &B, &lam};
   std::vector<Tensor> inputs;
   for (int i = 0; i < 4; ++i)
@@ -265,18 +276,6 @@ bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
   for (const Tensor* t : ts)
     if (t->requires_grad()) return true;
   return false;
-}
-
-struct ComposedPrep {
-  Tensor Af, s, a, b;
-};
-ComposedPrep prep_composite(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
-  const auto om = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor Ao = A.to(om), Bo = B.to(om), lamo = lam.to(om).reshape({1}), wo = w.to(om);
-  const Tensor a = at::linalg_vector_norm(Ao, 2, {1}), b = at::linalg_vector_norm(Bo, 2, {0});
-  const Tensor s = lamo / (static_cast<double>(Ao.size(0)) * a.clamp_min(delora_ext::kNormEps) *
-                           b.clamp_min(delora_ext::kNormEps));
-  return {Ao * wo, s, a, b};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> prep_autograd(const Tensor& A, const Tensor& B, const Tensor& lam,
