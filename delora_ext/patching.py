@@ -257,10 +257,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
     for layer in delora_layers(model).values():
         layer.active_adapters = [n for n in names if n in layer.delora_A]
     for path, mod in installs.items():
-        current = model.get_submodule(path)
-        if mod is not current:  # kept outside the module tree: take the model's conversions since (.to(), .half())
-            _follow(mod, current)
-            _set_module(model, path, mod)
+        _install(model, path, mod)
     state.active = names
     _set_trainable(model, state)
 
@@ -281,10 +278,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if copies.pop(adapter_name, None) is None:
             continue
         active = [n for n in state.active if n != adapter_name and n in copies]
-        mod, current = (copies[active[0]] if active else state.saved_originals[path]), model.get_submodule(path)
-        if mod is not current:
-            _follow(mod, current)
-            _set_module(model, path, mod)
+        _install(model, path, copies[active[0]] if active else state.saved_originals[path])
         if not copies:
             del state.saved_copies[path], state.saved_originals[path]
     del state.configs[adapter_name]
@@ -311,8 +305,7 @@ def disable_adapters(model: nn.Module):
     for layer in layers:
         layer.enable_adapters(False)
     for path, original in state.saved_originals.items():
-        _follow(original, twins[path])
-        _set_module(model, path, original)
+        _install(model, path, original)
     try:
         yield outer
     finally:
@@ -366,6 +359,15 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def _install(model: nn.Module, path: str, mod: nn.Module) -> None:
+    """Put ``mod`` (a modules_to_save original or copy, kept outside the module tree) at ``path``, converted first
+    to the device/dtype of the module it replaces (the model's .to()/.half() since it was taken out)."""
+    current = model.get_submodule(path)
+    if mod is not current:
+        _follow(mod, current)
+        _set_module(model, path, mod)
+
+
 def _follow(original: nn.Module, twin: nn.Module) -> None:
     """Give ``original``'s tensors the device and floating dtype of the same-named tensors of ``twin`` (its trained
     copy in the model). PEFT keeps the original inside the model, so model.to()/.half()/.double() converts it too;
@@ -387,8 +389,7 @@ def _restore(model: nn.Module, state: PatchState, keep_saved_copies: bool) -> No
         _set_module(model, name, layer.base_layer)
     if not keep_saved_copies:
         for name, original in state.saved_originals.items():
-            _follow(original, model.get_submodule(name))
-            _set_module(model, name, original)
+            _install(model, name, original)
     params = dict(model.named_parameters())
     for name, flag in state.requires_grad:
         if name in params:
