@@ -2,15 +2,21 @@
 Hugging Face PEFT's ``DeloraConfig`` adapters."""
 from . import ops, reference
 from .config import DeLoRAConfig
-from .io import adapter_state_dict, export_lora, load_adapter, save_adapter
-from .layer import DeLoRALinear
+from .io import adapter_state_dict, load_adapter, save_adapter
+from .layer import DeLoRALayer, DeLoRALinear
+from .lora_export import export_lora
 from .ops import build_info
 from .patching import (delete_adapter, disable_adapters, merge, merge_and_unload, patch, set_adapter,
                        trainable_parameters, unmerge, unpatch)
 
+# PEFT's spellings, so a PEFT user's first guess works
+DeloraConfig = DeLoRAConfig
+DeloraLinear = DeLoRALinear
+
 __version__ = "0.1.0"
 __all__ = [
-    "DeLoRAConfig", "DeLoRALinear", "adapter_state_dict", "build_info", "delete_adapter", "disable_adapters",
-    "export_lora", "load_adapter", "merge", "merge_and_unload", "ops", "patch", "reference", "save_adapter",
-    "set_adapter", "trainable_parameters", "unmerge", "unpatch", "__version__",
+    "DeLoRAConfig", "DeLoRALayer", "DeLoRALinear", "DeloraConfig", "DeloraLinear", "adapter_state_dict",
+    "build_info", "delete_adapter", "disable_adapters", "export_lora", "load_adapter", "merge", "merge_and_unload",
+    "ops", "patch", "reference", "save_adapter", "set_adapter", "trainable_parameters", "unmerge", "unpatch",
+    "__version__",
 ]

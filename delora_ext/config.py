@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 # transformers model_type -> default target modules (PEFT's TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING,
 # which is its LoRA mapping), for target_modules=None.
@@ -163,3 +164,103 @@ def matches(config: DeLoRAConfig, key: str, target_modules) -> bool:
         layer = int(m.group("idx"))
         return layer == idx if isinstance(idx, int) else layer in idx
     return found
+
+
+# ---- argument checks shared by the layer, the model operations and the file loader -------------------------
+def check_adapter_name(name) -> str:
+    """An adapter name: a non-empty string without '.', '/' or '\\' (it is a state_dict key part and a folder
+    name in saved adapter directories: a name with a separator wrote outside the directory)."""
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\"):
+        raise ValueError(f"`adapter_name` must be a non-empty string without '.', '/' or '\\', got {name!r}")
+    return name
+
+
+def adapter_list(adapter_names) -> list[str]:
+    """A bare string is one adapter name (not a sequence of one-letter names)."""
+    return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+
+def check_known(names: Iterable[str], known, where: str, arg: str = "adapter_names") -> None:
+    """Every name is an adapter of ``known`` (a container keyed by adapter name), or a ValueError naming ``arg``."""
+    for n in names:
+        if n not in known:
+            raise ValueError(f"`{arg}`: unknown adapter {n!r}; {where} has {list(known)}")
+
+
+def check_lambda(value, name: str = "delora_lambda") -> float:
+    """λ as a finite float, or an error naming it."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"`{name}` must be finite, got {v}")
+    return v
+
+
+# ---- the JSON types of a (possibly foreign) adapter_config.json -------------------------------------------
+def _bad_field(raw: dict, field: str, what: str) -> ValueError:
+    value = repr(raw[field])
+    return ValueError(f"`{field}` must be {what}, got {value[:200]}{'...' if len(value) > 200 else ''}")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_peft_dict_types(raw: dict) -> None:
+    """JSON types of a config file's fields, which DeLoRAConfig takes as given; regexes compile.
+
+    DeLoRAConfig checks r, bias and module_dropout's range itself; this refuses what would otherwise fail (or be
+    silently misread) only when the model is patched: a string λ, a list of non-strings as target_modules, ...
+    """
+    def real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def lam(v):  # λ becomes an fp32 parameter: 1e308 is finite in JSON but not in fp32
+        return real(v) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
+
+    def str_list(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def regex(field, pattern, form="{}"):
+        try:
+            re.compile(form.format(pattern))
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ValueError(f"`{field}`: {pattern[:200]!r} is not a valid regular expression ({e})") from None
+
+    if "delora_lambda" in raw and not lam(raw["delora_lambda"]):
+        raise _bad_field(raw, "delora_lambda", "a number finite in float32")
+    if "module_dropout" in raw and not real(raw["module_dropout"]):
+        raise _bad_field(raw, "module_dropout", "a number in [0, 1)")
+    if "init_weights" in raw and not (isinstance(raw["init_weights"], bool) or raw["init_weights"] == "paper"):
+        raise _bad_field(raw, "init_weights", "true, false or \"paper\"")
+    if "bias" in raw and not isinstance(raw["bias"], str):
+        raise _bad_field(raw, "bias", "\"none\", \"all\" or \"delora_only\"")
+    for field in ("target_modules", "exclude_modules"):
+        v = raw.get(field)
+        if v is not None and not (isinstance(v, str) or str_list(v)):
+            raise _bad_field(raw, field, "null, a regex string or a list of module names")
+        if isinstance(v, str):
+            regex(field, v)
+    v = raw.get("layers_to_transform")
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool)) and not (
+            isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        raise _bad_field(raw, "layers_to_transform", "null, a layer index or a list of layer indices")
+    v = raw.get("layers_pattern")
+    if v is not None and not (isinstance(v, str) or str_list(v)):
+        raise _bad_field(raw, "layers_pattern", "null, a string or a list of strings")
+    for p in [v] if isinstance(v, str) else v or []:
+        regex("layers_pattern", p, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+    for field, ok, what in (("rank_pattern", lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0,
+                             "positive integers"),
+                            ("lambda_pattern", lam, "numbers finite in float32")):
+        v = raw.get(field)
+        if v is not None and not (isinstance(v, dict) and all(ok(x) for x in v.values())):
+            raise _bad_field(raw, field, f"an object mapping module name patterns to {what}")
+        for p in v or {}:
+            regex(field, p, r"(.*\.)?({})$")
+    v = raw.get("modules_to_save")
+    if v is not None and not str_list(v):
+        raise _bad_field(raw, "modules_to_save", "null or a list of module names")
+    for m in v or []:
+        regex("modules_to_save", m, r"(^|.*\.){}($|\..*)")

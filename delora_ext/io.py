@@ -1,4 +1,4 @@
-"""Adapter files in PEFT's format (safetensors only), loading with full validation, and exact LoRA export.
+"""Adapter files in PEFT's format (safetensors only): saving, and loading with full validation.
 
 Layout (as PEFT's ``save_pretrained``): ``<dir>/adapter_config.json`` + ``<dir>/adapter_model.safetensors`` for the
 adapter named "default", ``<dir>/<name>/...`` for any other; tensor keys ``base_model.model.<module path>.delora_A``
@@ -9,7 +9,6 @@ layers' biases, keyed as in the patched model (``<module path>.base_layer.bias``
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -18,11 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import ops
-from .config import DeLoRAConfig, matches
-from .layer import DeLoRALinear, is_conv1d, supported_base
-from .patching import _candidates, _require_state, _resolve_targets, delora_layers, get_state, modules_to_save_paths, patch
-from .patching import unwrap as _unwrap
+from .config import DeLoRAConfig, check_adapter_name, check_known, check_peft_dict_types, matches
+from .core import is_conv1d
+from .layer import DeLoRALinear, supported_base
+from .model import candidates, delora_layers, get_state, modules_to_save_paths, require_state, resolve_targets, unwrap
+from .patching import patch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,7 +34,7 @@ def _adapter_dir(directory: str, name: str) -> str:
     return directory if name == "default" else os.path.join(directory, name)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
@@ -55,7 +54,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def _untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies of tensors that share storage with an earlier one (tied weights, e.g. BERT's decoder bias):
     safetensors refuses to write shared tensors."""
     seen, out = set(), {}
@@ -66,7 +65,7 @@ def _untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _modules_to_save(model, cfg: DeLoRAConfig, adapter_name: str | None = None):
+def adapter_modules_to_save(model, cfg: DeLoRAConfig, adapter_name: str | None = None):
     """Path -> module of ``cfg.modules_to_save``; with ``adapter_name``, that adapter's own trained copy (the
     model holds only the active adapter's)."""
     found = modules_to_save_paths(model, cfg.modules_to_save)
@@ -82,7 +81,7 @@ def _is_bias_key(key: str) -> bool:
     return last == "bias" and parent.rpartition(".")[2] not in PARAM_KEYS + PAPER_KEYS
 
 
-def _bias_tensors(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+def bias_tensors(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, torch.Tensor]:
     """The biases ``cfg.bias`` trains, keyed as in the patched model's state_dict; PEFT saves them with the adapter:
     bias="all": every bias of the model; "delora_only": the base-layer biases of the adapter's layers."""
     if cfg.bias == "none":
@@ -100,10 +99,9 @@ def adapter_state_dict(model, adapter_name: str = "default", for_peft: bool = Tr
 
     ``model`` may be wrapped (torch.compile, DDP); with FSDP2 call it on every rank (sharded tensors are gathered).
     """
-    model = _unwrap(model)
-    state = _require_state(model)
-    if adapter_name not in state.configs:
-        raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
+    model = unwrap(model)
+    state = require_state(model)
+    check_known([adapter_name], state.configs, "the model", "adapter_name")
     out: dict[str, torch.Tensor] = {}
     for path, layer in delora_layers(model).items():
         if adapter_name not in layer.delora_A:
@@ -117,10 +115,10 @@ def adapter_state_dict(model, adapter_name: str = "default", for_peft: bool = Tr
         for k in keys:
             t = getattr(layer, k)[adapter_name]
             out[f"{PREFIX}{path}.{k}"] = _full(t)
-    for mpath, mod in _modules_to_save(model, state.configs[adapter_name], adapter_name).items():
+    for mpath, mod in adapter_modules_to_save(model, state.configs[adapter_name], adapter_name).items():
         for pname, p in mod.state_dict().items():
             out[f"{PREFIX}{mpath}.{pname}"] = _full(p)
-    for k, t in _bias_tensors(model, state.configs[adapter_name], adapter_name).items():
+    for k, t in bias_tensors(model, state.configs[adapter_name], adapter_name).items():
         out.setdefault(f"{PREFIX}{k}", _full(t))  # a bias inside a modules_to_save module: the adapter's copy
     return out
 
@@ -134,86 +132,22 @@ def save_adapter(model, directory: str, adapter_names: list[str] | None = None, 
     ``model`` may be wrapped (torch.compile, DDP). On an FSDP2-sharded model call it on every rank: the shards are
     gathered (a collective) and every rank writes the same files (atomically).
     """
-    model = _unwrap(model)
-    state = _require_state(model)
+    model = unwrap(model)
+    state = require_state(model)
     names = list(state.configs) if adapter_names is None else list(adapter_names)
-    payloads = {n: (_untied(adapter_state_dict(model, n, for_peft)), state.configs[n])
+    payloads = {n: (untied(adapter_state_dict(model, n, for_peft)), state.configs[n])
                 for n in names}  # fail before writing
     for n, (tensors, cfg) in payloads.items():
         d = _adapter_dir(directory, n)
         os.makedirs(d, exist_ok=True)
         cfg_dict = cfg.to_peft_dict()
         cfg_dict["inference_mode"] = True
-        _atomic_write(os.path.join(d, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        _atomic_write(os.path.join(d, CONFIG_NAME),
-                      lambda p: open(p, "w").write(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n"))
+        atomic_write(os.path.join(d, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(os.path.join(d, CONFIG_NAME),
+                     lambda p: open(p, "w").write(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n"))
 
 
 MAX_CONFIG_BYTES = 16 * 2 ** 20  # a config is a few KB; a larger (or endless, e.g. /dev/zero) file is refused
-
-
-def _bad_field(raw: dict, field: str, what: str) -> ValueError:
-    value = repr(raw[field])
-    return ValueError(f"`{field}` must be {what}, got {value[:200]}{'...' if len(value) > 200 else ''}")
-
-
-def _check_config_types(raw: dict) -> None:
-    """JSON types of a (possibly foreign) config's fields, which DeLoRAConfig takes as given; regexes compile.
-
-    DeLoRAConfig checks r, bias and module_dropout's range itself; this refuses what would otherwise fail (or be
-    silently misread) only when the model is patched: a string λ, a list of non-strings as target_modules, ...
-    """
-    def real(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    def lam(v):  # λ becomes an fp32 parameter: 1e308 is finite in JSON but not in fp32
-        return real(v) and math.isfinite(v) and abs(v) <= torch.finfo(torch.float32).max
-
-    def str_list(v):
-        return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-    def regex(field, pattern, form="{}"):
-        try:
-            re.compile(form.format(pattern))
-        except (re.error, RecursionError, OverflowError) as e:
-            raise ValueError(f"`{field}`: {pattern[:200]!r} is not a valid regular expression ({e})") from None
-
-    if "delora_lambda" in raw and not lam(raw["delora_lambda"]):
-        raise _bad_field(raw, "delora_lambda", "a number finite in float32")
-    if "module_dropout" in raw and not real(raw["module_dropout"]):
-        raise _bad_field(raw, "module_dropout", "a number in [0, 1)")
-    if "init_weights" in raw and not (isinstance(raw["init_weights"], bool) or raw["init_weights"] == "paper"):
-        raise _bad_field(raw, "init_weights", "true, false or \"paper\"")
-    if "bias" in raw and not isinstance(raw["bias"], str):
-        raise _bad_field(raw, "bias", "\"none\", \"all\" or \"delora_only\"")
-    for field in ("target_modules", "exclude_modules"):
-        v = raw.get(field)
-        if v is not None and not (isinstance(v, str) or str_list(v)):
-            raise _bad_field(raw, field, "null, a regex string or a list of module names")
-        if isinstance(v, str):
-            regex(field, v)
-    v = raw.get("layers_to_transform")
-    if v is not None and not (isinstance(v, int) and not isinstance(v, bool)) and not (
-            isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
-        raise _bad_field(raw, "layers_to_transform", "null, a layer index or a list of layer indices")
-    v = raw.get("layers_pattern")
-    if v is not None and not (isinstance(v, str) or str_list(v)):
-        raise _bad_field(raw, "layers_pattern", "null, a string or a list of strings")
-    for p in [v] if isinstance(v, str) else v or []:
-        regex("layers_pattern", p, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
-    for field, ok, what in (("rank_pattern", lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0,
-                             "positive integers"),
-                            ("lambda_pattern", lam, "numbers finite in float32")):
-        v = raw.get(field)
-        if v is not None and not (isinstance(v, dict) and all(ok(x) for x in v.values())):
-            raise _bad_field(raw, field, f"an object mapping module name patterns to {what}")
-        for p in v or {}:
-            regex(field, p, r"(.*\.)?({})$")
-    v = raw.get("modules_to_save")
-    if v is not None and not str_list(v):
-        raise _bad_field(raw, "modules_to_save", "null or a list of module names")
-    for m in v or []:
-        regex("modules_to_save", m, r"(^|.*\.){}($|\..*)")
 
 
 def _read_config(d: str) -> DeLoRAConfig:
@@ -235,7 +169,7 @@ def _read_config(d: str) -> DeLoRAConfig:
         raise ValueError(f"{path}: adapter config must be a JSON object, got {type(raw).__name__}")
     try:
         if raw.get("peft_type") == "DELORA":
-            _check_config_types(raw)
+            check_peft_dict_types(raw)
         return DeLoRAConfig.from_peft_dict(raw)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
@@ -264,10 +198,10 @@ def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple[tu
     kind: REQUIRED (must be in the file) or OPTIONAL (loaded if present: biases beyond those ``cfg.bias`` trains).
     """
     state = get_state(model)
-    targets = _resolve_targets(model, cfg)
+    targets = resolve_targets(model, cfg)
     exp: dict[str, tuple[tuple, str]] = {}
     wrap, adapted = set(), set()
-    for path, mod in _candidates(model):
+    for path, mod in candidates(model):
         if not path or not matches(cfg, path, targets):
             continue
         if isinstance(mod, DeLoRALinear) or supported_base(mod):
@@ -290,7 +224,7 @@ def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple[tu
             shapes.update(delora_A0=(r, in_f), delora_B0=(out_f, r), delora_lambda0=(1,))
         for k, shp in shapes.items():
             exp[f"{PREFIX}{path}.{k}"] = (tuple(shp), REQUIRED)
-    to_save = _modules_to_save(model, cfg)
+    to_save = adapter_modules_to_save(model, cfg)
     for mpath, mod in to_save.items():
         if mpath in adapted:  # adapted by this config, so never a modules_to_save copy (as patch)
             continue
@@ -318,7 +252,7 @@ def _peft_wrapper_copy(model, cfg: DeLoRAConfig, key: str) -> bool:
         return False
     k = key[len(PREFIX):]
     return any(k.startswith(f"{m}.modules_to_save.") or k.startswith(f"{m}.original_module.")
-               for m in _modules_to_save(model, cfg))
+               for m in adapter_modules_to_save(model, cfg))
 
 
 def _dest_dtype(model, sd: dict, key: str, adapter_name: str) -> torch.dtype:
@@ -357,10 +291,8 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
     wrapped (torch.compile, DDP; the wrapper is returned); loading into an FSDP2-sharded model is not supported
     (load first, then shard).
     """
-    if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
-        # also a folder name in saved adapter directories: no path separators (an absolute name escaped the folder)
-        raise ValueError(f"`adapter_name` must be a non-empty string without '.', '/' or '\\', got {adapter_name!r}")
-    wrapper, model = model, _unwrap(model)
+    check_adapter_name(adapter_name)
+    wrapper, model = model, unwrap(model)
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     cfg = _read_config(directory)
     tensors = _read_tensors(directory)
@@ -449,51 +381,3 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
         for p in model.parameters():
             p.requires_grad_(False)
     return wrapper
-
-
-def export_lora(model, directory: str, adapter_name: str = "default") -> None:
-    """Write a PEFT LoRA adapter whose outputs equal this DeLoRA adapter's: lora_A = A ⊙ w, lora_B = B ⊙ s,
-    lora_alpha = r (scaling 1). A paper-init adapter exports as rank 2r: [A' ; A₀'] and [B' | −B₀']."""
-    model = _unwrap(model)
-    state = _require_state(model)
-    if adapter_name not in state.configs:
-        raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
-    cfg = state.configs[adapter_name]
-    tensors, ranks, conv = {}, {}, False
-    with torch.no_grad():
-        for path, layer in delora_layers(model).items():
-            if adapter_name not in layer.delora_A:
-                continue
-            layer.resolve_w()
-            Af, s, _, _ = ops.prep(*layer._params(adapter_name))
-            Bs = layer.delora_B[adapter_name].float() * s
-            if adapter_name in layer.delora_A0:
-                A0, B0, lam0, w = layer._params0(adapter_name)
-                A0f, s0, _, _ = ops.prep(A0, B0, lam0, w)
-                Af = torch.cat([Af, A0f], 0)
-                Bs = torch.cat([Bs, -(B0.float() * s0)], 1)
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = Af.float().cpu().contiguous()
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = Bs.float().cpu().contiguous()
-            ranks[path] = Af.shape[0]
-            conv = conv or is_conv1d(layer.base_layer)
-    for mpath, mod in _modules_to_save(model, cfg, adapter_name).items():
-        for pname, p in mod.state_dict().items():
-            tensors[f"{PREFIX}{mpath}.{pname}"] = p.detach().cpu().contiguous()
-    for k, t in _bias_tensors(model, cfg, adapter_name).items():
-        tensors.setdefault(f"{PREFIX}{k}", t.detach().cpu().contiguous())
-    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {re.escape(p): r for p, r in ranks.items() if r != r0}
-    lora_cfg = {
-        "peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": r0, "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "lora_dropout": 0.0,
-        "bias": {"delora_only": "lora_only"}.get(cfg.bias, cfg.bias),
-        "fan_in_fan_out": conv, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-        "modules_to_save": cfg.modules_to_save, "inference_mode": True, "base_model_name_or_path": None,
-        "layers_to_transform": None, "layers_pattern": None, "revision": None,
-    }
-    tensors = _untied(tensors)
-    os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(directory, CONFIG_NAME),
-                  lambda p: open(p, "w").write(json.dumps(lora_cfg, indent=2, sort_keys=True) + "\n"))
-

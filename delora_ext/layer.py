@@ -1,4 +1,5 @@
-"""``DeLoRALinear``: an ``nn.Linear`` with one or more DeLoRA adapters, laid out as PEFT's ``DeloraLinear``."""
+"""DeLoRA layers, laid out as PEFT's: ``DeLoRALayer`` holds the per-adapter containers and their lifecycle,
+``DeLoRALinear`` adds the forward and merging for a linear base layer."""
 from __future__ import annotations
 
 import math
@@ -9,20 +10,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import ops
-from . import reference as ref
-from .config import check_module_dropout
-
-_warned: set[str] = set()
-
+from . import core
+from .config import adapter_list, check_adapter_name, check_known, check_lambda, check_module_dropout
+from .core import is_conv1d, plain_forward
 
 _RESOLVE_LOCK = threading.RLock()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 class BufferDict(nn.Module):
@@ -47,62 +39,29 @@ class BufferDict(nn.Module):
         return self._buffers.keys()
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2 family): y = x W + b with W stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
 def supported_base(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _plain_forward(module: nn.Module) -> bool:
-    """Whether the base layer computes exactly x Wᵀ + b, so the fused native op can replace its forward. Not when
-    something wraps its forward: module hooks, or an instance-level forward (accelerate's offload/device-map hooks
-    replace ``module.forward``); then the layer calls it, as PEFT's does, and adds the adapter term."""
-    if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
-        return False
-    if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward
-    return is_conv1d(module) and type(module).__module__.startswith("transformers.")
+class DeLoRALayer:
+    """The per-adapter state of a DeLoRA layer and its lifecycle (create, delete, activate, enable), as PEFT's
+    ``DeloraLayer``: subclasses add the forward and merging for their kind of base layer.
 
-
-def _check_lambda(value, name: str = "delora_lambda") -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a real number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"`{name}` must be finite, got {v}")
-    return v
-
-
-def _adapter_list(adapter_names) -> list[str]:
-    """A bare string is one adapter name (not a sequence of one-letter names)."""
-    return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-
-
-class DeLoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus DeLoRA adapters: y = x Wᵀ + b + Σ_active ((x_d ⊙ w) Aᵀ ⊙ s) Bᵀ.
-
-    Args:
-        base_layer: the ``nn.Linear`` (or subclass) to adapt; its parameters are frozen.
-        r: rank (> 0).
-        delora_lambda: initial λ, the bound on ‖ΔW‖_F / max_j w_j (default 15, as PEFT).
-        module_dropout: dropout probability on the adapter input during training (PEFT's ``module_dropout``).
-        init_weights: True (PEFT's default): A kaiming-uniform, B = 0, so the output equals the base output;
-            False: B kaiming-uniform too.
-        adapter_name: key of the adapter in the containers (state_dict keys ``delora_A.<adapter_name>``, ...).
-
-    Parameters (per adapter, fp32, on the base weight's device): ``delora_A[name]`` (r, in),
-    ``delora_B[name]`` (out, r), ``delora_lambda[name]`` (1,); persistent buffer ``delora_w_norm[name]`` (in,)
-    = column norms of the base weight, computed in fp32 when the adapter is created.
+    Containers, keyed by adapter name: ``delora_A`` (r, in), ``delora_B`` (out, r), ``delora_lambda`` (1,)
+    (parameters, fp32, on the base weight's device); persistent buffers ``delora_w_norm`` (in,) = the column norms
+    of the base weight, in fp32, taken when the adapter is created; for the paper's init the frozen initial
+    adapter ``delora_A0``/``delora_B0``/``delora_lambda0``; plain dicts ``r`` and ``module_dropout``.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int = 8, delora_lambda: float = 15.0, module_dropout: float = 0.0,
-                 init_weights: bool | str = True, adapter_name: str = "default",
-                 w_norm: torch.Tensor | None = None) -> None:
-        super().__init__()
+    # containers holding trainable adapter parameters (PEFT's adapter_layer_names)
+    adapter_layer_names = ("delora_A", "delora_B", "delora_lambda")
+    # the other per-adapter containers (PEFT's other_param_names); every name in both tuples is keyed by adapter
+    other_param_names = ("r", "module_dropout", "delora_w_norm", "delora_A0", "delora_B0", "delora_lambda0")
+    # the tensors of one adapter, in the order the ops take them, and its paper-init frozen term
+    adapter_tensor_names = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
+    frozen_tensor_names = ("delora_A0", "delora_B0", "delora_lambda0")
+
+    def _init_adapter_state(self, base_layer: nn.Module) -> None:
         if not supported_base(base_layer):
             raise TypeError(f"`base_layer` must be an nn.Linear (or subclass) or transformers' Conv1D, "
                             f"got {type(base_layer).__name__}")
@@ -117,22 +76,20 @@ class DeLoRALinear(nn.Module):
         self.delora_B = nn.ParameterDict()
         self.delora_lambda = nn.ParameterDict()
         self.delora_w_norm = BufferDict()
+        self.delora_A0 = BufferDict()  # paper init: the frozen initial adapter, subtracted (see update_layer)
+        self.delora_B0 = BufferDict()
+        self.delora_lambda0 = BufferDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._disable_adapters = False
         # name -> the (A, B, λ, w) [+ paper init's frozen term] that merge added to the weight, so unmerge subtracts
         # exactly that even if the parameters changed meanwhile (an optimizer step with zero gradients, weight
         # decay, a manual edit): subtracting the new ΔW would leave ΔW_old − ΔW_new in the base weight for good.
         self._merged_terms: dict[str, list[tuple]] = {}
-        self._disable_adapters = False
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        self.delora_A0 = BufferDict()  # paper init: the frozen initial adapter, subtracted (see update_layer)
-        self.delora_B0 = BufferDict()
-        self.delora_lambda0 = BufferDict()
         self._w_pending: set[str] = set()  # adapters whose w waits for the base weight to leave the meta device
         self._load_w_keys: set[str] = set()
-        self.register_load_state_dict_post_hook(DeLoRALinear._after_load)
-        self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights, w_norm=w_norm)
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -145,8 +102,10 @@ class DeLoRALinear(nn.Module):
 
     def weight_oi(self) -> torch.Tensor:
         """The base weight as (out, in) (a transposed view for Conv1D, whose weight is stored (in, out))."""
-        w = self.base_layer.weight
-        return w.t() if is_conv1d(self.base_layer) else w
+        return core.weight_oi(self.base_layer)
+
+    def _check_known(self, names: Iterable[str], arg: str = "adapter_names") -> None:
+        check_known(names, self.delora_A, "this layer", arg)
 
     # ---- adapters ----------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, delora_lambda: float = 15.0, module_dropout: float = 0.0,
@@ -160,14 +119,12 @@ class DeLoRALinear(nn.Module):
         weight is not floating point. w is taken from the unmerged base weight; on the meta device it is computed
         once the real weight arrives (first forward, merge or state_dict load), never guessed.
         """
-        if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
-            # also a folder name in saved adapter directories: no path separators (an absolute name escaped the folder)
-            raise ValueError(f"`adapter_name` must be a non-empty string without '.', '/' or '\\', got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.delora_A:
             raise ValueError(f"`adapter_name`: adapter {adapter_name!r} already exists in this layer")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
-        lam = _check_lambda(delora_lambda)
+        lam = check_lambda(delora_lambda)
         p = check_module_dropout(module_dropout)
         if init_weights not in (True, False, "paper"):
             raise ValueError(f"`init_weights` must be True, False or 'paper', got {init_weights!r}")
@@ -214,10 +171,10 @@ class DeLoRALinear(nn.Module):
         with torch.no_grad():
             W = self.weight_oi()
             if not self.merged_adapters:
-                return ref.column_norms_ref(W)
+                return core.column_norms(W)
             unmerged = W.detach().to(torch.float32).clone()
             self._apply_delta(unmerged, list(self.merged_adapters), -1.0, merged=True)
-            return ref.column_norms_ref(unmerged)
+            return core.column_norms(unmerged)
 
     def resolve_w(self) -> None:
         """Compute w for adapters created while the base weight was on the meta device."""
@@ -230,16 +187,16 @@ class DeLoRALinear(nn.Module):
             if weight.device.type == "meta":
                 raise RuntimeError("DeLoRALinear: the base weight is still on the meta device; load the real "
                                    "weights (or an adapter file carrying delora_w_norm) before running or merging")
-            w = ref.column_norms_ref(self.weight_oi())
+            w = core.column_norms(self.weight_oi())
             for name in sorted(self._w_pending):
-                for store in (self.delora_A, self.delora_B, self.delora_lambda):
+                for store in self._stores(self.adapter_layer_names):
                     if store[name].device.type == "meta":
                         raise RuntimeError(f"DeLoRALinear: adapter {name!r} parameters are still on the meta device")
                 self.delora_w_norm[name] = w.to(weight.device).clone()
             self._w_pending.clear()
 
     @staticmethod
-    def _after_load(module: "DeLoRALinear", incompatible_keys) -> None:
+    def _after_load(module: "DeLoRALayer", incompatible_keys) -> None:
         # A state_dict that carries delora_w_norm settles w; otherwise compute it once the real weight is here.
         module._w_pending -= module._load_w_keys
         module._load_w_keys = set()
@@ -247,7 +204,7 @@ class DeLoRALinear(nn.Module):
         # the load; w stays pending until the adapter arrives (or resolve_w raises at the first forward/merge).
         if module._w_pending and module.base_layer.weight.device.type != "meta" and not any(
                 store[n].device.type == "meta" for n in module._w_pending
-                for store in (module.delora_A, module.delora_B, module.delora_lambda)):
+                for store in module._stores(module.adapter_layer_names)):
             module.resolve_w()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -256,31 +213,24 @@ class DeLoRALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _stores(self, names: Iterable[str]) -> list:
+        return [getattr(self, n) for n in names]
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (unmerging it first if it is merged)."""
-        if adapter_name not in self.delora_A:
-            raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; this layer has {list(self.delora_A)}")
+        self._check_known([adapter_name], "adapter_name")
         if adapter_name in self.merged_adapters:
-            self._check_finite([adapter_name], "unmerge")
-            with torch.no_grad():
-                self._apply_delta(self.weight_oi(), [adapter_name], -1.0, merged=True)
-            self.merged_adapters.remove(adapter_name)
-            self._merged_terms.pop(adapter_name, None)
-        for store in (self.delora_A, self.delora_B, self.delora_lambda, self.delora_w_norm, self.delora_A0,
-                      self.delora_B0, self.delora_lambda0):
+            self.unmerge([adapter_name])
+        for store in self._stores(self.adapter_layer_names + self.other_param_names):
             if adapter_name in store:
                 del store[adapter_name]
-        self.r.pop(adapter_name)
-        self.module_dropout.pop(adapter_name)
         self._w_pending.discard(adapter_name)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
         """Make ``adapter_names`` the active adapters (several are summed)."""
-        names = _adapter_list(adapter_names)
-        for n in names:
-            if n not in self.delora_A:
-                raise ValueError(f"`adapter_names`: unknown adapter {n!r}; this layer has {list(self.delora_A)}")
+        names = adapter_list(adapter_names)
+        self._check_known(names)
         self.active_adapters = names
 
     @property
@@ -298,11 +248,16 @@ class DeLoRALinear(nn.Module):
         self._disable_adapters = not enabled
 
     def _params(self, name: str):
-        return (self.delora_A[name], self.delora_B[name], self.delora_lambda[name], self.delora_w_norm[name])
+        """(A, B, λ, w) of adapter ``name``."""
+        return tuple(getattr(self, k)[name] for k in self.adapter_tensor_names)
 
     def _params0(self, name: str):
-        """The frozen initial adapter of a paper-init adapter."""
-        return (self.delora_A0[name], self.delora_B0[name], self.delora_lambda0[name], self.delora_w_norm[name])
+        """The frozen initial adapter of a paper-init adapter, (A₀, B₀, λ₀, w)."""
+        return tuple(getattr(self, k)[name] for k in self.frozen_tensor_names) + (self.delora_w_norm[name],)
+
+    def _terms(self, name: str) -> list[tuple]:
+        """(A, B, λ, w) of ``name`` and, for paper init, its frozen initial term (subtracted)."""
+        return [self._params(name)] + ([self._params0(name)] if name in self.delora_A0 else [])
 
     def _check_finite(self, names: list[str], action: str) -> None:
         """Refuse to ``action`` (merge/unmerge) adapters with a non-finite parameter: one NaN/Inf in A, B, λ or w
@@ -311,10 +266,8 @@ class DeLoRALinear(nn.Module):
         added (``_merged_terms``, checked then), so only adapters without that record are checked for it."""
         if action == "unmerge":
             names = [n for n in names if n not in self._merged_terms]
-        stores = [("delora_A", self.delora_A), ("delora_B", self.delora_B), ("delora_lambda", self.delora_lambda),
-                  ("delora_w_norm", self.delora_w_norm), ("delora_A0", self.delora_A0),
-                  ("delora_B0", self.delora_B0), ("delora_lambda0", self.delora_lambda0)]
-        named = [(f"{attr}[{n!r}]", store[n]) for n in names for attr, store in stores if n in store]
+        keys = self.adapter_tensor_names + self.frozen_tensor_names
+        named = [(f"{k}[{n!r}]", getattr(self, k)[n]) for n in names for k in keys if n in getattr(self, k)]
         if not named:
             return
         with torch.no_grad():
@@ -329,10 +282,6 @@ class DeLoRALinear(nn.Module):
             raise ValueError(f"cannot {action}: {', '.join(bad)} has non-finite values{hint}; "
                              f"the base weight was left unchanged")
 
-    def _terms(self, name: str) -> list[tuple]:
-        """(A, B, λ, w) of ``name`` and, for paper init, its frozen initial term (subtracted)."""
-        return [self._params(name)] + ([self._params0(name)] if name in self.delora_A0 else [])
-
     def _apply_delta(self, W: torch.Tensor, names: list[str], alpha: float, merged: bool = False) -> None:
         """W += alpha · Σ (ΔW − ΔW₀) over ``names`` in place, for the (out, in) view W, in one pass (one rounding
         per element, also for several adapters and paper init's frozen term). ``merged``: the terms merge
@@ -340,14 +289,42 @@ class DeLoRALinear(nn.Module):
         terms, alphas = [], []
         for name in names:
             ts = self._merged_terms.get(name) if merged else None
-            ts = [tuple(t.to(W.device) for t in term) for term in ts] if ts is not None else self._terms(name)
-            for i, term in enumerate(ts):  # [adapter, paper init's frozen term]
+            for i, term in enumerate(ts if ts is not None else self._terms(name)):  # [adapter, frozen term]
                 terms.append(term)
                 alphas.append(alpha if i == 0 else -alpha)
-        if len({t[0].dtype == torch.float64 for t in terms}) > 1:
-            # fp64 adapters (after model.double()) and fp32 ones added later: one pass computes in one precision
-            terms = [tuple(p.detach().to(torch.float64) for p in t) for t in terms]
-        ops.merge_many_(W, terms, alphas)
+        core.apply_delta(W, terms, alphas)
+
+    def get_delta_weight(self, adapter: str = "default") -> torch.Tensor:
+        """ΔW of ``adapter`` (minus its frozen initial update for paper init): (out, in), fp32."""
+        if adapter not in self.delora_A:
+            raise ValueError(f"Adapter {adapter} not found.")
+        if self._w_pending:
+            self.resolve_w()
+        terms = self._terms(adapter)
+        return core.delta_weight(terms, [1.0, -1.0][:len(terms)])
+
+
+class DeLoRALinear(DeLoRALayer, nn.Module):
+    """A frozen ``nn.Linear`` plus DeLoRA adapters: y = x Wᵀ + b + Σ_active ((x_d ⊙ w) Aᵀ ⊙ s) Bᵀ.
+
+    Args:
+        base_layer: the ``nn.Linear`` (or subclass) or transformers ``Conv1D`` to adapt; its parameters are frozen.
+        r: rank (> 0).
+        delora_lambda: initial λ, the bound on ‖ΔW‖_F / max_j w_j (default 15, as PEFT).
+        module_dropout: dropout probability on the adapter input during training (PEFT's ``module_dropout``).
+        init_weights: True (PEFT's default): A kaiming-uniform, B = 0, so the output equals the base output;
+            False: B kaiming-uniform too; ``"paper"``: the paper's init (see ``update_layer``).
+        adapter_name: key of the adapter in the containers (state_dict keys ``delora_A.<adapter_name>``, ...).
+        w_norm: (in,) column norms to use instead of the base weight's.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, delora_lambda: float = 15.0, module_dropout: float = 0.0,
+                 init_weights: bool | str = True, adapter_name: str = "default",
+                 w_norm: torch.Tensor | None = None) -> None:
+        nn.Module.__init__(self)
+        self._init_adapter_state(base_layer)
+        self.register_load_state_dict_post_hook(DeLoRALayer._after_load)
+        self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights, w_norm=w_norm)
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -355,58 +332,29 @@ class DeLoRALinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"DeLoRALinear: `x` must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
-        plain = _plain_forward(base)
-        if plain and x.device != base.weight.device:  # a wrapped forward may move the weight itself
+        if plain_forward(base) and x.device != base.weight.device:  # a wrapped forward may move the weight itself
             raise RuntimeError(f"DeLoRALinear: `x` is on {x.device} but the layer's weight is on {base.weight.device}")
         if self._disable_adapters or self.merged:
             return base(x, *args, **kwargs)
         names = [n for n in self.active_adapters if n in self.delora_A]
-        if not names:
-            return base(x, *args, **kwargs)
-        if self._w_pending:
+        if names and self._w_pending:
             self.resolve_w()
-        native = ops.has_kernel(x.device)
-        if not native:
-            _warn_once(f"ref-{x.device.type}", f"delora_ext: no native kernel for {x.device.type} tensors "
-                       f"({ops.native_error or 'not enabled for this device'}); using the PyTorch reference")
-        fused = native and plain and not args and not kwargs and base.weight.is_floating_point()
-        y = None
+        return core.forward(base, x, self._forward_terms(names), *args, **kwargs)
+
+    def _forward_terms(self, names: list[str]) -> list[core.Term]:
+        """The terms the forward adds for ``names``: each adapter with its dropout (in training), and a paper-init
+        adapter's frozen initial update with −λ₀. That one stands for a change of W (the paper's W ← W₀ − ΔW₀), so
+        it sees no dropout and carries no gradient."""
+        terms = []
         for name in names:
             A, B, lam, w = self._params(name)
-            p = self.module_dropout[name] if self.training else 0.0
-            if y is None and fused:
-                y = ops.linear(x, self.weight_oi(), base.bias, A, B, lam, w, p)
-            else:
-                if y is None:
-                    y = base(x, *args, **kwargs)
-                y = y + self._adapter_term(x, A, B, lam, w, p, native).to(y.dtype)
+            terms.append((A, B, lam, w, self.module_dropout[name] if self.training else 0.0))
             if name in self.delora_A0:
-                # paper init: subtract the frozen initial update (−λ₀ flips its sign). It stands for a change of
-                # W (the paper's W ← W₀ − ΔW₀), so it sees no dropout and carries no gradient.
                 A0, B0, lam0, _ = self._params0(name)
-                y = y + self._adapter_term(x, A0, B0, -lam0, w, 0.0, native).to(y.dtype)
-        return y
-
-    @staticmethod
-    def _adapter_term(x, A, B, lam, w, p, native):
-        if native:
-            return ops.adapter(x, A, B, lam, w, p)
-        x_d = nn.functional.dropout(x, p) if p > 0 else x
-        return ref.adapter_ref(x_d, A, B, lam, w)
+                terms.append((A0, B0, -lam0, w, 0.0))
+        return terms
 
     # ---- merge -------------------------------------------------------------------------------------
-    def get_delta_weight(self, adapter: str = "default") -> torch.Tensor:
-        """ΔW of ``adapter`` (minus its frozen initial update for paper init): (out, in), fp32."""
-        if adapter not in self.delora_A:
-            raise ValueError(f"Adapter {adapter} not found.")
-        if self._w_pending:
-            self.resolve_w()
-        with torch.no_grad():
-            d = ops.delta_weight(*self._params(adapter))
-            if adapter in self.delora_A0:
-                d = d - ops.delta_weight(*self._params0(adapter))
-            return d
-
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' ΔW to the base weight in place (default: the active adapters).
 
@@ -424,10 +372,8 @@ class DeLoRALinear(nn.Module):
         With ``safe_merge`` it merges into a temporary copy and checks that; ``keep_checked`` returns the copy for
         ``_merge_commit`` to write. A model-wide merge drops it (one temporary per layer at a time) and the commit
         recomputes the same deterministic result in place."""
-        names = list(self.active_adapters) if adapter_names is None else _adapter_list(adapter_names)
-        for n in names:
-            if n not in self.delora_A:
-                raise ValueError(f"`adapter_names`: unknown adapter {n!r}; this layer has {list(self.delora_A)}")
+        names = list(self.active_adapters) if adapter_names is None else adapter_list(adapter_names)
+        self._check_known(names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already following adapters were merged {','.join(already)}. "
@@ -475,10 +421,8 @@ class DeLoRALinear(nn.Module):
         if adapter_names is None:
             names = list(reversed(self.merged_adapters))
         else:
-            wanted = _adapter_list(adapter_names)
-            for n in wanted:
-                if n not in self.delora_A:
-                    raise ValueError(f"`adapter_names`: unknown adapter {n!r}; this layer has {list(self.delora_A)}")
+            wanted = adapter_list(adapter_names)
+            self._check_known(wanted)
             names = [n for n in reversed(self.merged_adapters) if n in wanted]
         self._check_finite(names, "unmerge")
         if names:

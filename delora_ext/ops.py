@@ -26,6 +26,8 @@ __all__ = [
     "merge_many_",
     "delta_weight",
     "prep",
+    "set_tuning",
+    "tuning",
 ]
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -228,6 +230,26 @@ def _seed_for(x: torch.Tensor, dropout_p: float):
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
 
 
+_warned: set[str] = set()
+
+
+def _reference_for(device: torch.device) -> bool:
+    """Whether the reference computes for tensors on ``device`` (warned once per device type)."""
+    if has_kernel(device):
+        return False
+    if device.type not in _warned:
+        _warned.add(device.type)
+        warnings.warn(f"delora_ext: no native kernel for {device.type} tensors "
+                      f"({native_error or 'not enabled for this device'}); using the PyTorch reference",
+                      RuntimeWarning, stacklevel=4)
+    return True
+
+
+def _adapter_reference(x, A, B, lam, w, dropout_p: float):
+    x_d = torch.nn.functional.dropout(x, dropout_p) if dropout_p > 0 else x
+    return ref.adapter_ref(x_d, A, B, lam, w)
+
+
 def linear(x, weight, bias, A, B, lam, w, dropout_p: float = 0.0):
     """The whole adapted layer, y = x Wᵀ + bias + DeLoRA(x), through the native op (autograd-aware).
 
@@ -235,11 +257,16 @@ def linear(x, weight, bias, A, B, lam, w, dropout_p: float = 0.0):
     w: (in,). ``dropout_p`` > 0 applies DeLoRA's module dropout to the adapter input (pass 0 in eval).
     Returns y: (..., out) in x's dtype.
     """
+    if _reference_for(x.device):
+        y = torch.nn.functional.linear(x, weight, bias)
+        return y + _adapter_reference(x, A, B, lam, w, dropout_p).to(y.dtype)
     return _ops.linear_fwd(x, weight, bias, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
 
 
 def adapter(x, A, B, lam, w, dropout_p: float = 0.0):
     """The DeLoRA term alone, ((x_d ⊙ w) Aᵀ ⊙ s) Bᵀ: (..., out) in x's dtype, for non-Linear bases."""
+    if _reference_for(x.device):
+        return _adapter_reference(x, A, B, lam, w, dropout_p)
     return _ops.adapter_fwd(x, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
 
 

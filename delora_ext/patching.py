@@ -14,97 +14,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, DeLoRAConfig, is_module_to_save, matches
-from .layer import DeLoRALinear, _adapter_list, supported_base
+from .config import DeLoRAConfig, adapter_list, check_known, matches
+from .layer import DeLoRALinear, supported_base
+from .model import (STATE_ATTR, PatchState, candidates, delora_layers, get_state, modules_to_save_paths,
+                    require_state, resolve_targets, unwrap)
 
-STATE_ATTR = "_delora_ext_state"
-
-
-@dataclasses.dataclass
-class PatchState:
-    """What delora_ext keeps on a patched model (as the attribute ``_delora_ext_state``)."""
-
-    configs: dict  # adapter name -> DeLoRAConfig
-    # (parameter name, requires_grad before the first patch): by name, not by Parameter object, since to_empty(),
-    # overwrite_module_params_on_conversion or FSDP2 replace the objects (their flags would go to stale copies)
-    requires_grad: list
-    active: list
-    # modules_to_save: path -> the original module. The model holds a trained copy instead (as PEFT's
-    # ModulesToSaveWrapper), so a tied weight (T5's lm_head is the input embedding) is not trained in place.
-    saved_originals: dict = dataclasses.field(default_factory=dict)
-    # path -> {adapter name: its trained copy}; one copy per adapter, as PEFT's wrapper. The model holds the active
-    # adapter's copy at `path` (the original when no active adapter has one).
-    saved_copies: dict = dataclasses.field(default_factory=dict)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The patched model inside the wrappers training code holds it by: torch.compile's OptimizedModule
-    (``_orig_mod``; its submodule paths all start with ``_orig_mod.``), DistributedDataParallel and DataParallel
-    (``module``; they do not expose the model's attributes, so the patch state would not be found). FSDP2's
-    ``fully_shard`` keeps the model object itself (its parameters become DTensors, see ``_full``)."""
-    while True:
-        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def get_state(model: nn.Module) -> PatchState | None:
-    return getattr(model, STATE_ATTR, None)
-
-
-def delora_layers(model: nn.Module) -> dict[str, DeLoRALinear]:
-    """Module path -> DeLoRALinear, in model order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, DeLoRALinear)}
-
-
-def modules_to_save_paths(model: nn.Module, modules_to_save) -> dict[str, nn.Module]:
-    """Path -> module selected by ``modules_to_save`` (PEFT's plain-suffix rule), outermost only, never a DeLoRA
-    layer or anything inside one."""
-    out: dict[str, nn.Module] = {}
-    if not modules_to_save:
-        return out
-    inside: list[str] = []
-    for name, mod in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(mod, DeLoRALinear):
-            inside.append(name)
-        elif is_module_to_save(name, modules_to_save):
-            out[name] = mod
-            inside.append(name)
-    return out
-
-
-def _resolve_targets(model: nn.Module, config: DeLoRAConfig):
-    tm = config.target_modules
-    if tm is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGET_MODULES:
-            raise ValueError(f"`target_modules` is None and there is no default for model_type {model_type!r}; "
-                             f"pass target_modules (names, a regex, or 'all-linear')")
-        return DEFAULT_TARGET_MODULES[model_type]
-    if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
-        names = [n for n, m in model.named_modules() if supported_base(m) or isinstance(m, DeLoRALinear)]
-        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if out_emb is not None:
-            names = [n for n in names if model.get_submodule(n) is not out_emb]
-        return names
-    return tm
-
-
-def _candidates(model: nn.Module):
-    """(path, module) pairs a config can target: DeLoRA layers and bare linear layers outside them."""
-    inside: list[str] = []
-    for name, mod in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(mod, DeLoRALinear):
-            inside.append(name)
-        yield name, mod
-
+__all__ = ["patch", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge", "merge_and_unload",
+           "unpatch", "trainable_parameters", "STATE_ATTR", "get_state", "delora_layers", "unwrap"]
 
 def _set_trainable(model: nn.Module, state: PatchState) -> None:
     """Only the active adapters' parameters train (plus biases per each config's `bias`, and modules_to_save)."""
@@ -159,9 +75,9 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
         if with_bias:
             raise ValueError(f"only one adapter may train biases (bias != 'none'): adapter {with_bias[0]!r} has "
                              f"bias={state.configs[with_bias[0]].bias!r}, so {adapter_name!r} needs bias='none'")
-    targets = _resolve_targets(model, config)
+    targets = resolve_targets(model, config)
     adaptable, to_wrap, to_extend = [], [], []
-    for name, mod in _candidates(model):
+    for name, mod in candidates(model):
         if not name:
             continue
         if isinstance(mod, DeLoRALinear) or supported_base(mod):
@@ -232,21 +148,12 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _require_state(model: nn.Module) -> PatchState:
-    state = get_state(model)
-    if state is None:
-        raise ValueError("`model` has not been patched by delora_ext.patch")
-    return state
-
-
 def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
     """Make ``adapter_names`` the active adapters (several are summed) and the only trainable ones."""
     model = unwrap(model)
-    state = _require_state(model)
-    names = _adapter_list(adapter_names)
-    for n in names:
-        if n not in state.configs:
-            raise ValueError(f"`adapter_names`: unknown adapter {n!r}; the model has {list(state.configs)}")
+    state = require_state(model)
+    names = adapter_list(adapter_names)
+    check_known(names, state.configs, "the model")
     installs = {}
     for path, copies in state.saved_copies.items():
         have = [n for n in names if n in copies]
@@ -265,9 +172,8 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter from every layer (unmerging it where it is merged)."""
     model = unwrap(model)
-    state = _require_state(model)
-    if adapter_name not in state.configs:
-        raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
+    state = require_state(model)
+    check_known([adapter_name], state.configs, "the model", "adapter_name")
     layers = [layer for layer in delora_layers(model).values() if adapter_name in layer.delora_A]
     for layer in layers:  # all-or-nothing: every unmerge this needs is checked before any layer changes
         if adapter_name in layer.merged_adapters:
@@ -297,7 +203,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def disable_adapters(model: nn.Module):
     """Within the block the model computes as its base model (merged adapters are unmerged first)."""
     outer, model = model, unwrap(model)
-    state = _require_state(model)
+    state = require_state(model)
     unmerge(model)  # all-or-nothing; afterwards disabling a layer cannot fail
     layers = list(delora_layers(model).values())
     # modules_to_save: the original modules compute while disabled (as PEFT's ModulesToSaveWrapper)
@@ -324,12 +230,10 @@ def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] |
     the layers merged so far are unmerged again before the error propagates.
     """
     model = unwrap(model)
-    state = _require_state(model)
+    state = require_state(model)
     if adapter_names is not None:
-        adapter_names = _adapter_list(adapter_names)
-        for n in adapter_names:
-            if n not in state.configs:
-                raise ValueError(f"`adapter_names`: unknown adapter {n!r}; the model has {list(state.configs)}")
+        adapter_names = adapter_list(adapter_names)
+        check_known(adapter_names, state.configs, "the model")
     plans: list[tuple[DeLoRALinear, list[str]]] = []
     for layer in delora_layers(model).values():
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
@@ -351,7 +255,7 @@ def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] |
 def unmerge(model: nn.Module) -> None:
     """Unmerge every merged adapter of every layer."""
     model = unwrap(model)
-    _require_state(model)
+    require_state(model)
     layers = [layer for layer in delora_layers(model).values() if layer.merged]
     for layer in layers:  # all-or-nothing: every layer is checked before any weight is written
         layer._check_finite(list(layer.merged_adapters), "unmerge")
@@ -400,7 +304,7 @@ def _restore(model: nn.Module, state: PatchState, keep_saved_copies: bool) -> No
 def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
     """Merge the adapters and put plain modules (with the merged weights) back; returns ``model``."""
     outer, model = model, unwrap(model)
-    state = _require_state(model)
+    state = require_state(model)
     merge(model, safe_merge=safe_merge, adapter_names=adapter_names)
     _restore(model, state, keep_saved_copies=True)  # the trained modules_to_save stay, as PEFT's
     return outer
@@ -409,7 +313,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
 def unpatch(model: nn.Module) -> nn.Module:
     """Put the original modules back (unmerging first); their weights are bit-identical if nothing was merged."""
     outer, model = model, unwrap(model)
-    state = _require_state(model)
+    state = require_state(model)
     unmerge(model)
     _restore(model, state, keep_saved_copies=False)
     return outer

@@ -179,7 +179,7 @@ def test_reference_fallback_matches_native(monkeypatch):
     x = make_x((5,), 32)
     y_native = layer(x)
     monkeypatch.setattr(ops, "has_kernel", lambda device: False)
-    monkeypatch.setattr(delora_ext.layer, "_warned", set())
+    monkeypatch.setattr(delora_ext.ops, "_warned", set())
     with pytest.warns(RuntimeWarning, match="using the PyTorch reference"):
         y_ref = layer(x)
     with warnings.catch_warnings():

@@ -1,0 +1,113 @@
+"""The DeLoRA computation every adapted layer shares, written once.
+
+A DeLoRA adapter is the tuple ``(A, B, λ, w)``: A (r, in), B (out, r), λ (1,), w (in,). A layer's output is
+
+    y = base(x) + Σ_terms ((dropout(x) ⊙ w) Aᵀ ⊙ s) Bᵀ,      s_k = λ / (r · max(‖A_k‖, ε) · max(‖B_:,k‖, ε))
+
+where the terms are its active adapters (a paper-init adapter adds its frozen initial update with −λ₀). Both
+``DeLoRALinear`` and the PEFT-layer backend (``delora_ext.peft``) call these functions with their own containers;
+the native ops (or the reference, where no kernel exists) are chosen by ``delora_ext.ops``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import ops
+
+# (A, B, λ, w) and the dropout probability on the adapter's input (0 in eval and for frozen terms)
+Term = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
+
+# rows of W whose squares are summed at a time for w: bounds the fp32 copy of a large (or quantised) weight
+NORM_CHUNK_ROWS = 1024
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 family): y = x W + b with W stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def plain_forward(module: nn.Module) -> bool:
+    """Whether the base layer computes exactly x Wᵀ + b, so the fused native op can replace its forward. Not when
+    something wraps its forward: module hooks, or an instance-level forward (accelerate's offload/device-map hooks
+    replace ``module.forward``); then the layer calls it, as PEFT's does, and adds the adapter term."""
+    if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    return is_conv1d(module) and type(module).__module__.startswith("transformers.")
+
+
+def weight_oi(module: nn.Module) -> torch.Tensor:
+    """The base weight as (out, in): a transposed view for Conv1D, whose weight is stored (in, out)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """w_j = ‖W[:, j]‖₂ of an (out, in) weight, in fp32, accumulated over chunks of rows so that no full fp32
+    copy of a large weight exists at once (PEFT takes the norm in the weight's dtype: ~2e-3 off in bf16)."""
+    W = weight.detach()
+    if W.shape[0] <= NORM_CHUNK_ROWS:
+        return torch.linalg.vector_norm(W.to(torch.float32), dim=0)
+    sq = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device)
+    for rows in W.split(NORM_CHUNK_ROWS, dim=0):
+        sq += rows.to(torch.float32).square().sum(0)
+    return sq.sqrt()
+
+
+def forward(base_layer: nn.Module, x: torch.Tensor, terms: Sequence[Term], *args, **kwargs) -> torch.Tensor:
+    """The adapted layer's output: base_layer(x) plus every term's DeLoRA update.
+
+    When the base layer is a plain linear (``plain_forward``) and gets no extra arguments, the first term is fused
+    with the base GEMM (one native op, which saves only x and the N×r projection for backward); otherwise the base
+    layer runs as it is and each term is added by the adapter-only op.
+    """
+    if not terms:
+        return base_layer(x, *args, **kwargs)
+    rest = terms
+    if not args and not kwargs and plain_forward(base_layer) and base_layer.weight.is_floating_point():
+        A, B, lam, w, p = terms[0]
+        y = ops.linear(x, weight_oi(base_layer), base_layer.bias, A, B, lam, w, p)
+        rest = terms[1:]
+    else:
+        y = base_layer(x, *args, **kwargs)
+    for A, B, lam, w, p in rest:
+        y = y + ops.adapter(x, A, B, lam, w, p).to(y.dtype)
+    return y
+
+
+def apply_delta(weight: torch.Tensor, adapters: Sequence[tuple], alphas: Sequence[float]) -> None:
+    """weight += Σ alpha_i · ΔW_i in place for the (out, in) view ``weight``, in one pass (one rounding per
+    element). ``adapters``: (A, B, λ, w) tuples. fp64 adapters (after ``model.double()``) mixed with fp32 ones
+    are all computed in fp64."""
+    adapters = [tuple(t.to(weight.device) for t in a[:4]) for a in adapters]
+    if len({a[0].dtype == torch.float64 for a in adapters}) > 1:
+        adapters = [tuple(t.detach().to(torch.float64) for t in a) for a in adapters]
+    ops.merge_many_(weight, adapters, alphas)
+
+
+def delta_weight(adapters: Sequence[tuple], alphas: Sequence[float] | None = None) -> torch.Tensor:
+    """Σ alpha_i · ΔW_i, (out, in), fp32 (fp64 for fp64 adapters); alphas default to 1."""
+    alphas = [1.0] * len(adapters) if alphas is None else alphas
+    with torch.no_grad():
+        d = None
+        for a, alpha in zip(adapters, alphas):
+            t = ops.delta_weight(*a[:4])
+            t = t if alpha == 1.0 else t * alpha
+            d = t if d is None else d + t
+        return d
+
+
+def folded(adapters: Sequence[tuple], alphas: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact LoRA factors of Σ alpha_i · ΔW_i: (A' = [A_i ⊙ w_i] stacked, (Σr, in); B' = [alpha_i · B_i ⊙ s_i]
+    side by side, (out, Σr)), fp32, so that B' A' = Σ alpha_i ΔW_i."""
+    alphas = [1.0] * len(adapters) if alphas is None else alphas
+    As, Bs = [], []
+    with torch.no_grad():
+        for a, alpha in zip(adapters, alphas):
+            Af, s, _, _ = ops.prep(*a[:4])
+            As.append(Af.float())
+            Bs.append((a[1].float() * s.float()) * alpha)
+    return torch.cat(As, 0), torch.cat(Bs, 1)
