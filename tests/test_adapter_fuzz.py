@@ -1,4 +1,4 @@
-"""Adapter files from strangers (issue 6): seeded fuzzing of ``load_adapter``.
+"""Adapter files from strangers: seeded fuzzing of ``load_adapter``.
 
 A good adapter (tiny Llama, r=4, q_proj/v_proj, modules_to_save=["lm_head"], trained so every value matters) is
 saved once; every case copies it, mutates the copy in one way, and loads it into three kinds of model:

@@ -1,4 +1,4 @@
-"""The NaN/Inf policy (README: "Non-finite values"), tested.
+"""The NaN/Inf policy (docs/robustness.md, "Non-finite values"), tested.
 
 - Ops (forward, backward, delta_weight, the raw merge_ op) never check and never raise on values: non-finite
   inputs or parameters propagate as IEEE arithmetic does, and an output entry is non-finite exactly where the

@@ -1,5 +1,5 @@
 """Target matching (PEFT's rules, property-tested against PEFT), default targets, per-adapter modules_to_save copies,
-bias adapters: each checked against PEFT (each failed on the code before 2026-11-29)."""
+bias adapters: each checked against PEFT."""
 from __future__ import annotations
 
 import copy
@@ -39,8 +39,8 @@ def _bump_trainable(model, seed):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-# 1. Each adapter has its own modules_to_save copy (PEFT's ModulesToSaveWrapper keeps one per adapter); delora_ext
-#    shared one copy between adapters, so loading/training a second adapter overwrote the first one's module.
+# Each adapter has its own modules_to_save copy (PEFT's ModulesToSaveWrapper keeps one per adapter): with one copy
+# shared between adapters, loading or training a second adapter would overwrite the first one's module.
 def test_two_adapters_with_the_same_modules_to_save_keep_their_own_copies(tmp_path):
     arch = "llama"
     base = build(arch)
@@ -73,8 +73,9 @@ def test_two_adapters_with_the_same_modules_to_save_keep_their_own_copies(tmp_pa
         assert_close(_peft_out(pm2, arch), want[name], 1e-5, f"PEFT reading our {name!r}")
 
 
-# 2. PEFT selects modules_to_save by a plain string suffix (`key.endswith(name)`, peft.utils.other._set_trainable),
-#    delora_ext by a '.'-suffix: files with e.g. modules_to_save=["head"] (PEFT: lm_head) did not load either way.
+# PEFT selects modules_to_save by a plain string suffix (`key.endswith(name)`, peft.utils.other._set_trainable), and
+# so does delora_ext: with a '.'-suffix, files with e.g. modules_to_save=["head"] (PEFT: lm_head) would not load
+# either way.
 @pytest.mark.parametrize("direction", ["peft_to_ours", "ours_to_peft"])
 def test_modules_to_save_name_is_a_plain_suffix_as_in_peft(direction, tmp_path):
     arch = "llama"
@@ -96,8 +97,8 @@ def test_modules_to_save_name_is_a_plain_suffix_as_in_peft(direction, tmp_path):
     assert_close(got, want, 1e-5, f"modules_to_save=['head'], {direction}")
 
 
-# 3. A regex target_modules matching a module DeLoRA cannot adapt: PEFT raises TypeError (for a list delora_ext does
-#    too); for a regex delora_ext silently skipped it, and the adapter it saved could not be loaded by PEFT.
+# A regex target_modules matching a module DeLoRA cannot adapt: PEFT raises TypeError, for a list and for a regex,
+# and so does delora_ext (skipping the module would save an adapter PEFT cannot load).
 def test_regex_target_matching_a_non_linear_module_is_refused_as_in_peft():
     base = build("llama")
     regex = r".*\.self_attn.*"  # matches model.layers.0.self_attn (LlamaAttention) and its projections
@@ -111,7 +112,7 @@ def test_regex_target_matching_a_non_linear_module_is_refused_as_in_peft():
     assert_state_equal(model, before, "refused regex")
 
 
-# 4. target_modules=None: PEFT's default for every model type it knows (15 were missing, e.g. deberta, codegen).
+# target_modules=None: PEFT's default for every model type it knows (deberta and codegen among them).
 def test_default_target_modules_are_peft_s():
     from peft.utils import TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING as peft_map
     norm = lambda v: v if isinstance(v, str) else sorted(v)  # noqa: E731
@@ -129,8 +130,8 @@ def test_default_target_modules_on_deberta_as_in_peft():
     assert delora_paths(delora_ext.patch(copy.deepcopy(base))) == want
 
 
-# 5. PEFT allows only one adapter with bias != "none" (BaseTuner._check_new_adapter_config): the biases are shared,
-#    so a second one (loading its file, or training it) overwrote the biases the first adapter's outputs use.
+# PEFT allows only one adapter with bias != "none" (BaseTuner._check_new_adapter_config): the biases are shared, so
+# a second one (loading its file, or training it) would overwrite the biases the first adapter's outputs use.
 @pytest.mark.parametrize("how", ["patch", "load"])
 def test_a_second_adapter_with_trained_biases_is_refused_as_in_peft(how, tmp_path):
     arch = "bert"
@@ -153,8 +154,8 @@ def test_a_second_adapter_with_trained_biases_is_refused_as_in_peft(how, tmp_pat
     assert list(getattr(model, STATE_ATTR).configs) == ["default"]
 
 
-# 1b. Loading an inactive adapter with modules_to_save must not change what the active adapter computes (PEFT keeps
-#     the original module for adapters without a copy); delora_ext swapped in the loaded adapter's copy.
+# Loading an inactive adapter with modules_to_save must not change what the active adapter computes (PEFT keeps
+# the original module for adapters without a copy), so the loaded adapter's copy is not swapped in.
 def test_loading_an_inactive_adapter_with_modules_to_save_keeps_the_active_outputs(tmp_path):
     arch = "llama"
     base = build(arch)
