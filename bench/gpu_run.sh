@@ -151,7 +151,7 @@ run_tests() {
 run_stack_tests() {
   local extra=(-X faulthandler -m pytest -q -rfEs -p no:cacheprovider)
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
-  "$PY" "${extra[@]}" --durations=5 tests/test_training_stack.py tests/test_double_backward.py -k cuda
+  "$PY" "${extra[@]}" --durations=5 tests/test_training_stack.py tests/test_higher_order_autograd.py -k cuda
 }
 
 run_bench() {

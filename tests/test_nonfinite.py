@@ -23,7 +23,7 @@ import delora_ext
 from delora_ext import DeLoRALinear, ops
 from delora_ext import reference as ref
 
-from conftest import make_adapter, make_base, make_x, requires_native
+from helpers import make_adapter, make_base, make_x, requires_native
 
 NONFINITE = [math.nan, math.inf, -math.inf]
 WHERE = ["x", "W", "bias", "A", "B", "lam", "w"]

@@ -3,7 +3,6 @@ bias adapters: each checked against PEFT."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ import delora_ext
 from delora_ext.config import DEFAULT_TARGET_MODULES
 from delora_ext.patching import STATE_ATTR
 
-from conftest import assert_close
+from helpers import assert_close
 from tiny_models import one_thread  # noqa: F401
-from tiny_models import assert_state_equal, build, delora_paths, logits, snapshot
+from tiny_models import assert_state_equal, build, delora_paths, logits, outputs, snapshot
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -24,11 +23,6 @@ def _peft_out(pm, arch):
     pm.eval()
     with torch.no_grad():
         return logits(pm, arch)
-
-
-def _out(model, arch):
-    with torch.no_grad():
-        return logits(model, arch)
 
 
 def _bump_trainable(model, seed):
@@ -63,7 +57,7 @@ def test_two_adapters_with_the_same_modules_to_save_keep_their_own_copies(tmp_pa
     delora_ext.load_adapter(ours, str(tmp_path / "peft" / "other"), adapter_name="other")
     for name in ["default", "other"]:
         delora_ext.set_adapter(ours, name)
-        assert_close(_out(ours, arch), want[name], 1e-5, f"adapter {name!r} after loading both")
+        assert_close(outputs(ours, arch), want[name], 1e-5, f"adapter {name!r} after loading both")
     # and each adapter saves its own copy: PEFT reads both back with the same outputs
     delora_ext.save_adapter(ours, str(tmp_path / "ours"))
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
@@ -86,12 +80,12 @@ def test_modules_to_save_name_is_a_plain_suffix_as_in_peft(direction, tmp_path):
         _bump_trainable(src, 0)
         want = _peft_out(src, arch)
         src.save_pretrained(str(tmp_path))
-        got = _out(delora_ext.load_adapter(copy.deepcopy(base), str(tmp_path)), arch)
+        got = outputs(delora_ext.load_adapter(copy.deepcopy(base), str(tmp_path)), arch)
     else:
         src = delora_ext.patch(copy.deepcopy(base), **cfg)
         assert src.lm_head.weight.requires_grad
         _bump_trainable(src, 0)
-        want = _out(src, arch)
+        want = outputs(src, arch)
         delora_ext.save_adapter(src, str(tmp_path))
         got = _peft_out(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)), arch)
     assert_close(got, want, 1e-5, f"modules_to_save=['head'], {direction}")
@@ -164,11 +158,11 @@ def test_loading_an_inactive_adapter_with_modules_to_save_keeps_the_active_outpu
     delora_ext.save_adapter(src, str(tmp_path))
     model = delora_ext.patch(copy.deepcopy(base), adapter_name="existing", target_modules=["v_proj"],
                              init_weights=False)
-    want = _out(model, arch)
+    want = outputs(model, arch)
     delora_ext.load_adapter(model, str(tmp_path))
-    assert_close(_out(model, arch), want, 0.0, "active adapter after loading an inactive one")
+    assert_close(outputs(model, arch), want, 0.0, "active adapter after loading an inactive one")
     delora_ext.set_adapter(model, "default")
-    assert_close(_out(model, arch), _out(src, arch), 1e-6, "the loaded adapter once active")
+    assert_close(outputs(model, arch), outputs(src, arch), 1e-6, "the loaded adapter once active")
     delora_ext.delete_adapter(model, "default")
     assert model.lm_head is base.lm_head or torch.equal(model.lm_head.weight, base.lm_head.weight)
     assert not getattr(model, STATE_ATTR).saved_originals
@@ -253,7 +247,7 @@ def test_switching_to_an_adapter_copy_after_a_dtype_conversion():
     model.double()
     delora_ext.set_adapter(model, "b")
     assert model.lm_head.weight.dtype == torch.float64
-    out = _out(model, "llama")
+    out = outputs(model, "llama")
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
     with pytest.warns(UserWarning, match="Setting active adapter to a"):  # as PEFT: a becomes active
         delora_ext.delete_adapter(model, "b")  # and its lm_head copy, kept outside the tree, is converted too
