@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -225,7 +226,7 @@ def run(out: str | None, setup: Setup = Setup(), seeds=(0,), multiples=MULTIPLES
     if not seeds or not multiples or any(not (x > 0) for x in multiples):
         raise ValueError(f"`seeds` must be non-empty and `multiples` positive numbers, got {seeds!r}, {multiples!r}")
     device = torch.device(device)
-    state, acc_a = pretrain(setup, out, device, log)
+    state, _ = pretrain(setup, out, device, log)
     task_a, task_b = setup.tasks(EVAL_SEED)
     evals = (task_a.batch(setup.eval_n, device)[0], task_b.batch(setup.eval_n, device)[0])
     model = _model(setup, device)
@@ -283,28 +284,28 @@ def _stats(rows, key):
 
 
 def table(rows) -> str:
-    """Medians over seeds (and the range where there are several seeds)."""
-    head = f"{'method':20s} {'lr x':>5s} {'lr':>9s} {'task B':>13s} {'task A':>13s} {'‖ΔW‖':>15s} {'bound':>9s} {'|λ|':>7s}"
+    """Medians over seeds, with the seeds' range (min–max) where there are several."""
+    head = (f"{'method':20s} {'lr x':>5s} {'lr':>9s} {'task B':>19s} {'task A':>19s} {'Σ‖ΔW‖':>21s} "
+            f"{'bound':>8s} {'|λ|':>6s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["method"] == "pretrained":
-            lines.append(f"{'pre-trained':20s} {'':>5s} {'':>9s} {r['new_task']:13.3f} {r['old_task']:13.3f} "
-                         f"{'(‖W₀‖ ' + format(r['weight_norm'], '.2f') + ')':>15s}")
+            lines.append(f"{'pre-trained':20s} {'':>5s} {'':>9s} {r['new_task']:19.3f} {r['old_task']:19.3f} "
+                         f"{'Σ‖W₀‖ ' + format(r['weight_norm'], '.2f'):>21s}")
 
-    def cell(rs, key, spec, width):
+    def cell(rs, key, spec, width, spread=True):
         med, lo, hi = _stats(rs, key)
-        s = format(med, spec) if len(rs) == 1 else f"{med:{spec}} ±{(hi - lo) / 2:{spec}}"
+        s = format(med, spec) if len(rs) == 1 or not spread else f"{med:{spec}} ({lo:{spec}}–{hi:{spec}})"
         return f"{s:>{width}s}"
 
     for method, by_mult in _groups(rows).items():
         for mult, rs in by_mult.items():
-            extra = ""
+            line = (f"{method:20s} {mult:5g} {rs[0]['lr']:9.2e} {cell(rs, 'new_task', '.3f', 19)} "
+                    f"{cell(rs, 'old_task', '.3f', 19)} {cell(rs, 'delta_norm', '.2f', 21)}")
             if "bound" in rs[0]:
-                extra = cell(rs, "bound", ".2f", 10) + cell(rs, "lambda", ".2f", 8)
+                line += f" {cell(rs, 'bound', '.2f', 8, False)} {cell(rs, 'lambda', '.2f', 6, False)}"
             div = sum(r["diverged"] for r in rs)
-            lines.append(f"{method:20s} {mult:5g} {rs[0]['lr']:9.2e} {cell(rs, 'new_task', '.3f', 13)} "
-                         f"{cell(rs, 'old_task', '.3f', 13)} {cell(rs, 'delta_norm', '.2f', 15)}{extra}"
-                         + (f"  ({div} diverged)" if div else ""))
+            lines.append(line + (f"  ({div} diverged)" if div else ""))
     return "\n".join(lines)
 
 
@@ -314,7 +315,7 @@ def plot_rows(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     pre = next((r for r in rows if r["method"] == "pretrained"), None)
     panels = (("new_task", "task B accuracy (learning)"), ("old_task", "task A accuracy (forgetting)"),
               ("delta_norm", "Σ ‖W − W₀‖_F over adapted layers"))
@@ -341,9 +342,14 @@ def plot_rows(rows, path: str) -> None:
             ax.set_yscale("log")
             if pre and "weight_norm" in pre:
                 ax.axhline(pre["weight_norm"], color="gray", ls=":", label="Σ ‖W₀‖_F (pre-trained weights)")
-    axes[1].legend(fontsize=8)
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
+    base = {m: r["lr"] / r["lr_mult"] for m, by in _groups(rows).items() for r in next(iter(by.values()))}
+    fig.suptitle("base learning rates: " + ", ".join(f"{m} {lr:.1e}" for m, lr in base.items()), fontsize=10)
+    handles, labels = axes[2].get_legend_handles_labels()
+    if pre:
+        handles.append(axes[1].get_legend_handles_labels()[0][-1])
+        labels.append("pre-trained model (accuracy panels)")
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -374,6 +380,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: the model is so small that more threads mostly add synchronisation)")
     args = p.parse_args(argv)
+    missing = [m for m in ("transformers", "peft", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        p.error(f"the experiment needs {', '.join(missing)}: pip install 'delora_ext[experiment]'")
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     for name, v in (("--seeds", n_seeds), ("--steps", args.steps), ("--threads", args.threads)):
         if v is not None and v < 1:
