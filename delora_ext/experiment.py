@@ -53,6 +53,16 @@ class Setup:
     lora_lr: float = 1e-3     # LoRA's and DoRA's base lr; DeLoRA's is 10x (PEFT's DeLoRA docs: 10-100x)
     eval_n: int = 512
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"Setup: `{f.name}` must be a positive integer, got {v!r}")
+            if f.type == "float" and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"Setup: `{f.name}` must be a positive finite number, got {v!r}")
+        if self.hidden % 8:
+            raise ValueError(f"Setup: `hidden` must be a multiple of 8 (4 heads of even width), got {self.hidden}")
+
     def base_lr(self, method: str) -> float:
         return self.lora_lr * (10 if method.startswith("DeLoRA") else 1)
 

@@ -135,6 +135,9 @@ def test_bad_arguments_are_refused(tmp_path):
         E.main(["--multiples", "1,x"])
     with pytest.raises(SystemExit):
         E.main(["--seeds", "0"])
+    for bad in ({"steps": 0}, {"hidden": 30}, {"lora_lr": float("nan")}, {"batch": 2.0}):
+        with pytest.raises(ValueError, match=f"`{next(iter(bad))}`"):
+            E.Setup(**bad)
     # a target that cannot be reached: a clear error and no cache file
     never = E.Setup(**{**SMALL.__dict__, "pretrain_max_steps": 50, "pretrain_target": 1.01})
     with pytest.raises(RuntimeError, match="pretrain_target"):
