@@ -1,4 +1,4 @@
-// CPU kernels for the DeLoRA-specific passes, and the CPU registration of every op.
+// CPU kernels for the DeLoRA-specific passes: the CPU kernel table (kernels.h).
 //
 // Work split: prep and finalize parallelise over the r rank directions for the r×in parts and over blocks
 // of output rows for the out×r parts; every reduction accumulates in opmath (float or double) in a fixed
@@ -6,13 +6,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
-#include "delora.h"
 #include "delora_math.h"
+#include "kernels.h"
 
 namespace delora_ext {
 namespace {
@@ -40,8 +39,6 @@ void column_sums(int64_t out, int64_t r, F&& f, T* result) {
   for (int64_t blk = 0; blk < nblocks; ++blk)
     for (int64_t k = 0; k < r; ++k) result[k] += partial[blk * r + k];
 }
-
-}  // namespace
 
 void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
   const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
@@ -177,6 +174,9 @@ void dropout_cpu(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
   });
 }
 
-TORCH_LIBRARY_IMPL(delora_ext, CPU, m) { register_device_impls(m); }
+}  // namespace
+
+// No merge kernel (merges go through ATen's addmm) and no small-N forward.
+DeviceKernels cpu_kernels() { return {.prep = &prep_cpu, .finalize = &finalize_cpu, .dropout = &dropout_cpu}; }
 
 }  // namespace delora_ext

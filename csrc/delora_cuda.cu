@@ -1,4 +1,4 @@
-// CUDA kernels for the DeLoRA-specific passes, and the CUDA registration of every op.
+// CUDA kernels for the DeLoRA-specific passes: the CUDA kernel table (kernels.h).
 //
 // Grid layout: prep and finalize launch one block per rank direction k (r is small, 1..256): the block
 // reduces over the row A[k,:] and the column B[:,k] with a fixed-order block reduction (deterministic),
@@ -8,17 +8,15 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
 
 #include <mutex>
 
-#include "delora.h"
 #include "delora_math.h"
+#include "kernels.h"
 
 namespace delora_ext {
 namespace {
@@ -463,12 +461,9 @@ __global__ void dropout_kernel(const scalar_t* src, scalar_t* dst,  // may alias
                                                                       : scalar_t(0);
 }
 
-}  // namespace
-
 void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
   const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
   if (r == 0) return;
-  const c10::cuda::CUDAGuard guard(A.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto gemm_dt = o.Ad.defined() ? o.Ad.scalar_type() : (o.Bd.defined() ? o.Bd.scalar_type() : A.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_prep_cuda", [&] {
@@ -490,7 +485,6 @@ void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& qscale, const
                    const Tensor& w, const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA,
                    Tensor& dB, Tensor& dlam) {
   const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
-  const c10::cuda::CUDAGuard guard(A.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   Tensor parts = dlam.defined() ? at::empty({r}, A.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_finalize_cuda", [&] {
@@ -540,7 +534,6 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
   }
   const int64_t rows = C.size(0), cols = C.size(1), r = L.size(1);
   if (rows == 0 || cols == 0) return true;
-  const c10::cuda::CUDAGuard guard(weight.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   bool launched = false;
   auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
@@ -601,7 +594,6 @@ bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, c
   const int64_t n_rows = x_d.size(0), r = A.size(0), in = A.size(1), out = B.size(0);
   if (!small_n_fits(n_rows, r, in, out, A.scalar_type(), x_d.scalar_type())) return false;
   const size_t smem = static_cast<size_t>(n_rows * r) * sizeof(float);
-  const c10::cuda::CUDAGuard guard(x_d.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   // Every tensor below is allocated on `stream` before the fork, and the side stream's work is joined back into
   // `stream` before this function returns, so the caching allocator's per-stream reuse stays safe.
@@ -655,7 +647,6 @@ void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p) 
   TORCH_CHECK(src.is_contiguous() && dst.is_contiguous(), "delora_ext: dropout needs contiguous tensors");
   const int64_t n = src.numel();
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(src.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "delora_dropout_cuda", [&] {
@@ -667,6 +658,14 @@ void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p) 
   });
 }
 
-TORCH_LIBRARY_IMPL(delora_ext, CUDA, m) { register_device_impls(m); }
+}  // namespace
+
+DeviceKernels cuda_kernels() {
+  return {.prep = &prep_cuda,
+          .finalize = &finalize_cuda,
+          .dropout = &dropout_cuda,
+          .merge = &merge_cuda,
+          .small_n_forward = &small_n_forward_cuda};
+}
 
 }  // namespace delora_ext

@@ -1,15 +1,40 @@
-// Device-independent host entry points: argument checks, GEMMs through ATen, and calls into the
-// per-device launchers for the DeLoRA-specific passes. See registration.cpp for each op's math.
+// Device-independent host entry points: argument checks, GEMMs through ATen, and calls into the device's kernel
+// table (kernels.h) for the DeLoRA-specific passes. See registration.cpp for each op's math.
+#include <c10/core/DeviceGuard.h>
+
 #include "delora.h"
 #include "delora_math.h"
-
-#include <c10/core/DeviceGuard.h>
+#include "kernels.h"
 
 namespace delora_ext {
 
 Tuning& tuning() {
   static Tuning t;
   return t;
+}
+
+namespace {
+
+// One table per device type, indexed by it; written at load time only (registration.cpp), so reads need no lock.
+using KernelTables = std::array<DeviceKernels, static_cast<size_t>(c10::COMPILE_TIME_MAX_DEVICE_TYPES)>;
+
+KernelTables& kernel_tables() {
+  static KernelTables tables;
+  return tables;
+}
+
+}  // namespace
+
+void set_device_kernels(c10::DeviceType device, const DeviceKernels& kernels) {
+  kernel_tables()[static_cast<size_t>(device)] = kernels;
+}
+
+bool has_device_kernels(c10::DeviceType device) { return kernel_tables()[static_cast<size_t>(device)].prep != nullptr; }
+
+const DeviceKernels& device_kernels(c10::Device device) {
+  TORCH_CHECK(has_device_kernels(device.type()), "delora_ext: this build has no kernels for ", device.type(),
+              " tensors (the CUDA kernels are built when a CUDA toolkit is found, see README: Build)");
+  return kernel_tables()[static_cast<size_t>(device.type())];
 }
 
 namespace {
@@ -73,54 +98,6 @@ void check_dropout(const char* op, double p, const std::optional<Tensor>& seed, 
   }
 }
 
-bool is_cuda(const Tensor& t) { return t.device().is_cuda(); }
-
-#ifndef DELORA_WITH_CUDA
-[[noreturn]] void no_cuda(const char* what) {
-  TORCH_CHECK(false, "delora_ext: ", what,
-              " got CUDA tensors, but this build of delora_ext has no CUDA kernels (rebuild with a CUDA "
-              "toolkit present, see README: Build)");
-}
-#endif
-
-void launch_prep(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
-  if (is_cuda(A)) {
-#ifdef DELORA_WITH_CUDA
-    prep_cuda(A, B, lam, w, o);
-#else
-    no_cuda("prep");
-#endif
-  } else {
-    prep_cpu(A, B, lam, w, o);
-  }
-}
-
-void launch_finalize(const Tensor& M, const Tensor& Q, const Tensor& qscale, const Tensor& A, const Tensor& B,
-                     const Tensor& w, const Tensor& s, const Tensor& a, const Tensor& b, Tensor& dA, Tensor& dB,
-                     Tensor& dlam) {
-  if (is_cuda(A)) {
-#ifdef DELORA_WITH_CUDA
-    finalize_cuda(M, Q, qscale, A, B, w, s, a, b, dA, dB, dlam);
-#else
-    no_cuda("linear_bwd");
-#endif
-  } else {
-    finalize_cpu(M, Q, qscale, A, B, w, s, a, b, dA, dB, dlam);
-  }
-}
-
-void launch_dropout(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
-  if (is_cuda(src)) {
-#ifdef DELORA_WITH_CUDA
-    dropout_cuda(src, dst, seed, p);
-#else
-    no_cuda("dropout");
-#endif
-  } else {
-    dropout_cpu(src, dst, seed, p);
-  }
-}
-
 // Adapter-sized operands in opmath, contiguous (no copy when they already are, the usual case).
 struct Folded {
   Tensor A, B, lam, w;  // opmath copies/views of the parameters
@@ -158,7 +135,7 @@ Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w
     o.Bd = at::empty_like(f.B);
     o.bd_alpha = alpha;
   }
-  launch_prep(f.A, f.B, f.lam, f.w, o);
+  device_kernels(f.A.device()).prep(f.A, f.B, f.lam, f.w, o);
   f.Af = o.Af;
   f.s = o.s;
   f.a = o.a;
@@ -190,7 +167,7 @@ GemmOperands gemm_operands(const Folded& f, at::ScalarType dt, bool backward) {
   o.b_plain = split && backward;
   o.a_times_sa = split && backward;
   if (split) o.sa = at::empty({f.A.size(0)}, f.A.options());
-  launch_prep(f.A, f.B, f.lam, f.w, o);
+  device_kernels(f.A.device()).prep(f.A, f.B, f.lam, f.w, o);
   return {o.Ad, o.Bd, o.s, o.a, o.b, o.sa, split};
 }
 
@@ -208,7 +185,7 @@ Tensor rows_of(const Tensor& x, int64_t in) { return x.reshape({leading_rows(x),
 Tensor dropped(const Tensor& x2, double p, const std::optional<Tensor>& seed) {
   if (p <= 0.0) return x2;
   Tensor out = at::empty_like(x2);
-  launch_dropout(x2, out, *seed, p);
+  device_kernels(x2.device()).dropout(x2, out, *seed, p);
   return out;
 }
 
@@ -238,20 +215,16 @@ std::pair<Tensor, Tensor> low_rank(Tensor y2, const Tensor& x_d, const GemmOpera
   return {u, y2};
 }
 
-// The small-N CUDA forward applies: CUDA, Tuning::small_n on, and small_n_fits (delora.h).
+// The small-N forward applies: the device has one (CUDA), Tuning::small_n on, and small_n_fits (kernels.h).
 bool small_n_applies(const Tensor& x2, const Tensor& A, int64_t out) {
-#ifdef DELORA_WITH_CUDA
-  return x2.is_cuda() && tuning().small_n.load(std::memory_order_relaxed) >= 1 &&
+  return device_kernels(x2.device()).small_n_forward != nullptr &&
+         tuning().small_n.load(std::memory_order_relaxed) >= 1 &&
          small_n_fits(x2.size(0), A.size(0), A.size(1), out, opmath_of(A), x2.scalar_type());
-#else
-  (void)x2, (void)A, (void)out;
-  return false;
-#endif
 }
 
-// y2 = base() (N×out, contiguous) [+]= (u⊙s) Bᵀ through small_n_forward_cuda; returns y2 and u, s, a, b as the
-// forward op does. With small_n = overlap and a base GEMM to hide behind (accumulate), the u launch runs on a side
-// stream concurrently with base().
+// y2 = base() (N×out, contiguous) [+]= (u⊙s) Bᵀ through the device's small_n_forward; returns y2 and u, s, a, b
+// as the forward op does. With small_n = overlap and a base GEMM to hide behind (accumulate), the u launch runs on
+// a side stream concurrently with base().
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_n_forward(const Tensor& x_d, const Tensor& A,
                                                                    const Tensor& B, const Tensor& lam,
                                                                    const Tensor& w,
@@ -261,13 +234,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_n_forward(const Tensor&
   PrepOutputs o = prep_outputs(f);
   Tensor u = at::empty({x_d.size(0), f.A.size(0)}, x_d.options());
   Tensor y2;
-#ifdef DELORA_WITH_CUDA
   const bool overlap = accumulate && tuning().small_n.load(std::memory_order_relaxed) == 2;
-  const bool ok = small_n_forward_cuda(x_d, f.A, f.B, f.lam, f.w, base, overlap, y2, accumulate, u, o.s, o.a, o.b);
-#else
-  (void)base;
-  const bool ok = false;
-#endif
+  const bool ok = device_kernels(x_d.device())
+                      .small_n_forward(x_d, f.A, f.B, f.lam, f.w, base, overlap, y2, accumulate, u, o.s, o.a, o.b);
   TORCH_INTERNAL_ASSERT(ok, "delora_ext: small-N forward launched outside its conditions");
   return {y2, u, o.s, o.a, o.b};
 }
@@ -428,7 +397,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     if (op_g.split) Gx = (G.to(opmath) * b_op.clamp_min(kNormEps).reciprocal()).to(dt);
     if (seeded) {
       Tensor t = at::mm(Gx, op_g.Ad);
-      if (dropout_p > 0.0) launch_dropout(t, t, *seed, dropout_p);
+      if (dropout_p > 0.0) device_kernels(t.device()).dropout(t, t, *seed, dropout_p);
       grad_x = has_weight ? t.addmm_(g2, *weight) : t;
     } else {
       grad_x = has_weight ? grad_x.addmm_(Gx, op_g.Ad) : at::mm(Gx, op_g.Ad);
@@ -445,8 +414,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     Tensor dA = want_A ? at::empty_like(A_op) : Tensor();
     Tensor dB = want_B ? at::empty_like(B_op) : Tensor();
     Tensor dlam = want_lam ? at::empty({1}, A_op.options()) : Tensor();
-    launch_finalize(M.contiguous(), Q, op_g.split ? s_op : Tensor(), A_op, B_op, w_op, s_op, a_op, b_op, dA,
-                    dB, dlam);
+    device_kernels(A_op.device())
+        .finalize(M.contiguous(), Q, op_g.split ? s_op : Tensor(), A_op, B_op, w_op, s_op, a_op, b_op, dA, dB, dlam);
     if (want_A) grad_A = dA.to(A.scalar_type());
     if (want_B) grad_B = dB.to(B.scalar_type());
     if (want_lam) grad_lam = dlam.to(lam.scalar_type()).view(lam.sizes());
@@ -474,9 +443,8 @@ void merge_folded(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
     return;
   }
   const auto opmath = Af.scalar_type();
-#ifdef DELORA_WITH_CUDA
-  if (weight.is_cuda() && merge_cuda(weight, Bs.contiguous(), Af)) return;
-#endif
+  const DeviceKernels& kernels = device_kernels(weight.device());
+  if (kernels.merge != nullptr && kernels.merge(weight, Bs.contiguous(), Af)) return;
   if (weight.scalar_type() == opmath) {
     // W += B' A' in one pass, accumulating in W's own (opmath) precision; addmm_ writes W in place.
     weight.addmm_(Bs, Af);
@@ -548,8 +516,9 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
 }
 
 Tensor dropout_scale(const Tensor& x2, const Tensor& seed, double p, at::ScalarType dt) {
+  c10::OptionalDeviceGuard guard(x2.device());
   Tensor m = at::ones(x2.sizes(), x2.options().dtype(dt));
-  if (p > 0.0) launch_dropout(m, m, seed, p);
+  if (p > 0.0) device_kernels(m.device()).dropout(m, m, seed, p);
   return m;
 }
 

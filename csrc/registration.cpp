@@ -10,6 +10,7 @@
 
 #include "delora.h"
 #include "delora_math.h"
+#include "kernels.h"
 
 #ifndef DELORA_TORCH_VERSION
 #define DELORA_TORCH_VERSION "unknown"
@@ -307,11 +308,27 @@ Tensor delta_weight_autograd(const Tensor& A, const Tensor& B, const Tensor& lam
   return at::mm(B.to(c.s.scalar_type()) * c.s, c.Af);
 }
 
+// The device-independent entry points at a backend key, with that device's kernel table.
+void impl_device(torch::Library& m, c10::DeviceType device, const DeviceKernels& kernels) {
+  set_device_kernels(device, kernels);
+  m.impl("prep", &prep);
+  m.impl("linear_fwd", &linear_fwd);
+  m.impl("adapter_fwd", &adapter_fwd);
+  m.impl("linear_bwd", &linear_bwd);
+  m.impl("merge_", &merge_);
+  m.impl("merge_many_", &merge_many_);
+  m.impl("delta_weight", &delta_weight);
+}
+
 using AutocastCPU = Autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
 using AutocastCUDA = Autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>;
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(delora_ext, CPU, m) { impl_device(m, c10::DeviceType::CPU, cpu_kernels()); }
+#ifdef DELORA_WITH_CUDA
+TORCH_LIBRARY_IMPL(delora_ext, CUDA, m) { impl_device(m, c10::DeviceType::CUDA, cuda_kernels()); }
+#endif
 TORCH_LIBRARY_IMPL(delora_ext, Autograd, m) {
   m.impl("linear_fwd", &linear_fwd_autograd);
   m.impl("adapter_fwd", &adapter_fwd_autograd);
@@ -334,11 +351,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", [] {
     pybind11::dict d;
     d["torch_version"] = DELORA_TORCH_VERSION;
-#ifdef DELORA_WITH_CUDA
-    d["cuda"] = true;
-#else
-    d["cuda"] = false;
-#endif
+    d["cuda"] = delora_ext::has_device_kernels(c10::DeviceType::CUDA);
     d["cuda_archs"] = DELORA_CUDA_ARCHS;
     d["cuda_toolkit"] = DELORA_CUDA_TOOLKIT;
     return d;
