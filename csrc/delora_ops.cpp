@@ -115,13 +115,16 @@ Folded opmath_params(const Tensor& A, const Tensor& B, const Tensor& lam, const 
   return f;
 }
 
-PrepOutputs prep_outputs(const Folded& f) {
+// prep's arguments for f with the required outputs (s and the raw norms) allocated.
+PrepParams prep_params(const Folded& f) {
   const int64_t r = f.A.size(0);
-  PrepOutputs o;
-  o.s = at::empty({r}, f.A.options());
-  o.a = at::empty({r}, f.A.options());
-  o.b = at::empty({r}, f.A.options());
-  return o;
+  return {.A = f.A,
+          .B = f.B,
+          .lam = f.lam,
+          .w = f.w,
+          .s = at::empty({r}, f.A.options()),
+          .a_raw = at::empty({r}, f.A.options()),
+          .b_raw = at::empty({r}, f.A.options())};
 }
 
 // Opmath A⊙w, s and the norms (the prep op); with `with_bs`, also Bs = alpha·(B⊙s) in opmath from the same
@@ -129,25 +132,25 @@ PrepOutputs prep_outputs(const Folded& f) {
 Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, bool with_bs = false,
             double alpha = 1.0) {
   Folded f = opmath_params(A, B, lam, w);
-  PrepOutputs o = prep_outputs(f);
-  o.Af = at::empty_like(f.A);
+  PrepParams p = prep_params(f);
+  p.Af = at::empty_like(f.A);
   if (with_bs) {
-    o.Bd = at::empty_like(f.B);
-    o.bd_alpha = alpha;
+    p.Bd = at::empty_like(f.B);
+    p.bd_alpha = alpha;
   }
-  device_kernels(f.A.device()).prep(f.A, f.B, f.lam, f.w, o);
-  f.Af = o.Af;
-  f.s = o.s;
-  f.a = o.a;
-  f.b = o.b;
-  f.Bs = o.Bd;
+  device_kernels(f.A.device()).prep(p);
+  f.Af = p.Af;
+  f.s = p.s;
+  f.a = p.a_raw;
+  f.b = p.b_raw;
+  f.Bs = p.Bd;
   return f;
 }
 
-// The GEMM operands in x's dtype, written by the one prep launch (no separate cast or scale kernels):
-//   full scale (fp32, fp64, bf16):  Ad = A⊙w,  Bd = B⊙s            y += (x_d Adᵀ) Bdᵀ
-//   split scale (fp16):             Ad = A⊙w,  Bd = B⊙λ/(r·b̂), sa = 1/â   y += ((x_d Adᵀ) ⊙ sa) Bdᵀ
-//   split scale, backward:          Ad = A⊙w⊙λ/(r·â), Bd = B      dx += ((g Bd) ⊙ 1/b̂) Ad, Q = (g Bd)ᵀ x_d
+// The GEMM operands in x's dtype, written by the one prep launch (no separate cast or scale kernels), in the
+// full scale (fp32, fp64, bf16) or, for fp16, the split scale (ScaleMode):
+//   forward    y += ((x_d Adᵀ) ⊙ sa) Bdᵀ
+//   backward   dx += ((g Bd) ⊙ 1/b̂) Ad, Q = (g Bd)ᵀ x_d
 //     (g·B unnormalised keeps Q = (gB)ᵀx_d as small as B is: with g·(B/b̂), Q overflowed fp16 where dA is finite)
 // The split keeps every fp16 factor bounded by the data it scales (see low_rank below); bf16 has fp32's
 // range, so B⊙s cannot overflow there and bf16 takes the full scale (no N×r scaling pass).
@@ -159,16 +162,14 @@ struct GemmOperands {
 bool split_scale_dtype(at::ScalarType dt) { return dt == at::kHalf; }
 
 GemmOperands gemm_operands(const Folded& f, at::ScalarType dt, bool backward) {
-  PrepOutputs o = prep_outputs(f);
+  PrepParams p = prep_params(f);
   const bool split = split_scale_dtype(dt);
-  o.Ad = at::empty(f.A.sizes(), f.A.options().dtype(dt));
-  o.Bd = at::empty(f.B.sizes(), f.B.options().dtype(dt));
-  o.b_over_bhat = split && !backward;
-  o.b_plain = split && backward;
-  o.a_times_sa = split && backward;
-  if (split) o.sa = at::empty({f.A.size(0)}, f.A.options());
-  device_kernels(f.A.device()).prep(f.A, f.B, f.lam, f.w, o);
-  return {o.Ad, o.Bd, o.s, o.a, o.b, o.sa, split};
+  p.Ad = at::empty(f.A.sizes(), f.A.options().dtype(dt));
+  p.Bd = at::empty(f.B.sizes(), f.B.options().dtype(dt));
+  p.mode = !split ? ScaleMode::kFull : backward ? ScaleMode::kSplitBackward : ScaleMode::kSplitForward;
+  if (split) p.sa = at::empty({f.A.size(0)}, f.A.options());
+  device_kernels(f.A.device()).prep(p);
+  return {p.Ad, p.Bd, p.s, p.a_raw, p.b_raw, p.sa, split};
 }
 
 // N for x seen as (N, features): the product of the leading dimensions (1 for a 1-D x). From the shape, not
@@ -231,14 +232,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_n_forward(const Tensor&
                                                                    const std::function<Tensor()>& base,
                                                                    bool accumulate) {
   const Folded f = opmath_params(A, B, lam, w);
-  PrepOutputs o = prep_outputs(f);
-  Tensor u = at::empty({x_d.size(0), f.A.size(0)}, x_d.options());
-  Tensor y2;
-  const bool overlap = accumulate && tuning().small_n.load(std::memory_order_relaxed) == 2;
-  const bool ok = device_kernels(x_d.device())
-                      .small_n_forward(x_d, f.A, f.B, f.lam, f.w, base, overlap, y2, accumulate, u, o.s, o.a, o.b);
+  const int64_t r = f.A.size(0);
+  SmallNParams p{.x_d = x_d,
+                 .A = f.A,
+                 .B = f.B,
+                 .lam = f.lam,
+                 .w = f.w,
+                 .base = base,
+                 .overlap = accumulate && tuning().small_n.load(std::memory_order_relaxed) == 2,
+                 .accumulate = accumulate};
+  p.s = at::empty({r}, f.A.options());
+  p.a_raw = at::empty({r}, f.A.options());
+  p.b_raw = at::empty({r}, f.A.options());
+  p.u = at::empty({x_d.size(0), r}, x_d.options());
+  const bool ok = device_kernels(x_d.device()).small_n_forward(p);
   TORCH_INTERNAL_ASSERT(ok, "delora_ext: small-N forward launched outside its conditions");
-  return {y2, u, o.s, o.a, o.b};
+  return {p.y, p.u, p.s, p.a_raw, p.b_raw};
 }
 
 }  // namespace
@@ -415,7 +424,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     Tensor dB = want_B ? at::empty_like(B_op) : Tensor();
     Tensor dlam = want_lam ? at::empty({1}, A_op.options()) : Tensor();
     device_kernels(A_op.device())
-        .finalize(M.contiguous(), Q, op_g.split ? s_op : Tensor(), A_op, B_op, w_op, s_op, a_op, b_op, dA, dB, dlam);
+        .finalize({.M = M.contiguous(),
+                   .Q = Q,
+                   .qscale = op_g.split ? s_op : Tensor(),
+                   .A = A_op,
+                   .B = B_op,
+                   .w = w_op,
+                   .s = s_op,
+                   .a_raw = a_op,
+                   .b_raw = b_op,
+                   .dA = dA,
+                   .dB = dB,
+                   .dlam = dlam});
     if (want_A) grad_A = dA.to(A.scalar_type());
     if (want_B) grad_B = dB.to(B.scalar_type());
     if (want_lam) grad_lam = dlam.to(lam.scalar_type()).view(lam.sizes());
