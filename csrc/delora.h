@@ -47,7 +47,7 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
 Tensor delta_weight(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w);
 
 // keep/(1−p) for every element of a contiguous (N×in) tensor shaped like x2, in dtype `dt`: the mask the ops
-// regenerate from `seed` (used by the differentiable create_graph backward in registration.cpp).
+// regenerate from `seed` (used by the differentiable create_graph backward in autograd.cpp).
 Tensor dropout_scale(const Tensor& x2, const Tensor& seed, double p, at::ScalarType dt);
 
 // ---- runtime switches between kernel variants ------------------------------------------------------

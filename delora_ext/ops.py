@@ -1,7 +1,7 @@
 """The only module that touches ``torch.ops.delora_ext``: loading the native library, fake (meta)
 implementations for torch.compile, autograd, and the Python entry points the layer calls.
 
-Autocast is handled natively (AutocastCPU/AutocastCUDA kernels in csrc/registration.cpp): x, weight and bias
+Autocast is handled natively (AutocastCPU/AutocastCUDA kernels in csrc/autocast.cpp): x, weight and bias
 follow the autocast dtype, A, B, λ and w keep theirs, norms and s are always fp32, and each gradient comes back
 in its parameter's dtype.
 """
@@ -218,7 +218,7 @@ if NATIVE:
         _one_device("delta_weight", A=A, B=B, lam=lam, w=w)
         return A.new_empty((B.shape[0], A.shape[1]), dtype=_opmath(A))
 
-    # Autograd: C++ autograd.Functions at the Autograd key (csrc/registration.cpp), not register_autograd
+    # Autograd: C++ autograd.Functions at the Autograd key (csrc/autograd.cpp), not register_autograd
     # (its Python wrapper was ~0.15 ms of host time per layer and step).
 
 
