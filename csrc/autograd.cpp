@@ -1,8 +1,7 @@
-// The Autograd kernels (dispatch_keys.h): C++ autograd.Functions registered at the Autograd key (not
-// torch.library.register_autograd in Python): the Python wrapper cost ~0.15 ms of host time per training step and
-// layer on the CI CPU, which on a GPU is time the device waits for its next launch. Saved for backward: x (by
-// reference), the parameters (referenced, not copied), u (N×r) and the r-sized s, a, b; nothing tokens×in is
-// created for backward.
+// The Autograd kernels (dispatch_keys.h): C++ autograd.Functions registered at the Autograd key, not
+// torch.library.register_autograd in Python, whose wrapper adds host time to every layer of every training step
+// (on a GPU, time the device waits for its next launch). Saved for backward: x (by reference), the parameters
+// (referenced, not copied), u (N×r) and the r-sized s, a, b; nothing tokens×in is created for backward.
 #include <torch/autograd.h>
 
 #include "delora.h"

@@ -390,8 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   Tensor x_d;
   if (want_A) x_d = dropped(rows_of(x, d.in), dropout_p, seed);
   // G = g Bd (N×r): g·(B⊙s), or g·B with the split scale. For r ≤ 8 on CPU, Bd goes in as the transpose of an
-  // r×out matrix: MKL's g·B with a row-major out×r B is ~2× slower there (2.55 vs 1.23 ms at r=4, 3.05 vs 2.12 ms
-  // at r=8; N=4096, out=1024, interleaved medians on the 2-core CI CPU); equal at r=16.
+  // r×out matrix: MKL's g·B with a row-major narrow B can be slower (docs/native.md, bench/cpu_gemm_layouts.py).
   Tensor G;
   if (want_x || want_A) {
     Tensor Bd = op_g.Bd;
@@ -414,9 +413,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     grad_x = grad_x.view(x.sizes());
   }
   if (want_param) {
-    // M = gᵀu (out×r). For narrow u (r ≤ 8) MKL is 3–5× slower on gᵀ·u than on (uᵀ·g)ᵀ (measured on the
-    // 2-core CI CPU: 10.8 vs 1.9 ms at N=4096, out=1024, r=8); the transpose copy is only r×out. CPU only:
-    // cuBLAS has no such gap, and the copy would be an extra launch.
+    // M = gᵀu (out×r). For narrow u (r ≤ 8) MKL is several times slower on gᵀ·u than on (uᵀ·g)ᵀ
+    // (docs/native.md); the transpose copy is only r×out. CPU only: the gap is MKL's, and on a GPU the copy would
+    // be one more launch.
     Tensor M = (d.r <= 8 && g2.is_cpu()) ? at::mm(u.to(dt).t(), g2).t() : at::mm(g2.t(), u.to(dt));
     // Q = Gᵀ x_d: s-scaled (full scale), or (g·B)ᵀ x_d with finalize's qscale = s (split scale).
     Tensor Q = want_A ? at::mm(G.t(), x_d) : Tensor();

@@ -68,9 +68,8 @@ if not NATIVE:
     warnings.warn(f"{native_error}; using the pure-PyTorch reference. Rebuild with: {REBUILD_CMD}",
                   RuntimeWarning, stacklevel=2)
 
-# The CUDA kernels passed tests/test_cuda.py, compute-sanitizer memcheck and racecheck on an H200 (bench/results/
-# gpu-2026-11-28.md), so layers use them by default; DELORA_EXT_NATIVE_CUDA=0 routes CUDA tensors to the
-# pure-PyTorch reference instead (a switch for bisecting a suspected kernel problem).
+# Layers use the CUDA kernels by default; DELORA_EXT_NATIVE_CUDA=0 routes CUDA tensors to the pure-PyTorch
+# reference instead (a switch for bisecting a suspected kernel problem).
 CUDA_VALIDATED = os.environ.get("DELORA_EXT_NATIVE_CUDA", "1") != "0"
 
 
@@ -79,7 +78,7 @@ _TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows
 
 
 def set_tuning(**switches: str) -> None:
-    """Select kernel variants process-wide (for A/B benchmarks; the defaults are the measured choices):
+    """Select kernel variants process-wide (for A/B benchmarks in one process):
     ``gemm_order`` "base_first" | "seeded" (the adapter term computed first and the base GEMM accumulating onto
     it, beta = 1), ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel) and ``small_n`` "off" | "on" | "overlap"
     (CUDA forwards of at most 16 rows in two fused launches; overlap: the first on a side stream, concurrent with
@@ -219,7 +218,7 @@ if NATIVE:
         return A.new_empty((B.shape[0], A.shape[1]), dtype=_opmath(A))
 
     # Autograd: C++ autograd.Functions at the Autograd key (csrc/autograd.cpp), not register_autograd
-    # (its Python wrapper was ~0.15 ms of host time per layer and step).
+    # (its Python wrapper would add host time to every layer and step).
 
 
 def _seed_for(x: torch.Tensor, dropout_p: float):
