@@ -1,7 +1,7 @@
 """The only module that touches ``torch.ops.delora_ext``: loading the native library, fake (meta)
 implementations for torch.compile, autograd, and the Python entry points the layer calls.
 
-Autocast is handled natively (AutocastCPU/AutocastCUDA kernels in csrc/registration.cpp): x, weight and bias
+Autocast is handled natively (AutocastCPU/AutocastCUDA kernels in csrc/autocast.cpp): x, weight and bias
 follow the autocast dtype, A, B, λ and w keep theirs, norms and s are always fp32, and each gradient comes back
 in its parameter's dtype.
 """
@@ -70,9 +70,8 @@ if not NATIVE:
     warnings.warn(f"{native_error}; using the pure-PyTorch reference. Rebuild with: {REBUILD_CMD}",
                   RuntimeWarning, stacklevel=2)
 
-# The CUDA kernels passed tests/test_cuda.py, compute-sanitizer memcheck and racecheck on an H200 (bench/results/
-# gpu-2026-11-28.md), so layers use them by default; DELORA_EXT_NATIVE_CUDA=0 routes CUDA tensors to the
-# pure-PyTorch reference instead (a switch for bisecting a suspected kernel problem).
+# Layers use the CUDA kernels by default; DELORA_EXT_NATIVE_CUDA=0 routes CUDA tensors to the pure-PyTorch
+# reference instead (a switch for bisecting a suspected kernel problem).
 CUDA_VALIDATED = os.environ.get("DELORA_EXT_NATIVE_CUDA", "1") != "0"
 
 
@@ -81,7 +80,7 @@ _TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows
 
 
 def set_tuning(**switches: str) -> None:
-    """Select kernel variants process-wide (for A/B benchmarks; the defaults are the measured choices):
+    """Select kernel variants process-wide (for A/B benchmarks in one process):
     ``gemm_order`` "base_first" | "seeded" (the adapter term computed first and the base GEMM accumulating onto
     it, beta = 1), ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel) and ``small_n`` "off" | "on" | "overlap"
     (CUDA forwards of at most 16 rows in two fused launches; overlap: the first on a side stream, concurrent with
@@ -220,8 +219,8 @@ if NATIVE:
         _one_device("delta_weight", A=A, B=B, lam=lam, w=w)
         return A.new_empty((B.shape[0], A.shape[1]), dtype=_opmath(A))
 
-    # Autograd: C++ autograd.Functions at the Autograd key (csrc/registration.cpp), not register_autograd
-    # (its Python wrapper was ~0.15 ms of host time per layer and step).
+    # Autograd: C++ autograd.Functions at the Autograd key (csrc/autograd.cpp), not register_autograd
+    # (its Python wrapper would add host time to every layer and step).
 
 
 def _seed_for(x: torch.Tensor, dropout_p: float):
