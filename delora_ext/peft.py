@@ -143,6 +143,8 @@ def backend_problem() -> str | None:
     """Why PEFT's DeLoRA layers cannot run on delora_ext's ops in this process (None when they can): a PEFT
     version outside ``TESTED_PEFT_VERSIONS``, a layer layout other than the pinned one, or a failed self-check.
     Checked once per process."""
+    if _problem:  # the forward's path: no lock (torch.compile traces it)
+        return _problem[0]
     with _lock:
         if not _problem:
             _problem.append(_check_backend())

@@ -19,13 +19,13 @@ def tokenizer():
                                    eos_token="[EOS]")
 
 
-def llama(seed: int = 0):
-    """A 2-layer Llama of width 32 with random weights (dropout off)."""
+def llama(seed: int = 0, bias: bool = False):
+    """A 2-layer Llama of width 32 with random weights (dropout off); ``bias``: attention and MLP biases."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=0, bos_token_id=2, eos_token_id=3)
+                      pad_token_id=0, bos_token_id=2, eos_token_id=3, attention_bias=bias, mlp_bias=bias)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 
