@@ -173,8 +173,15 @@ def _fallback(key: str, why: str) -> None:
                     f"Results are PEFT's; only the speed-up is lost")
 
 
-def _plain(t) -> bool:
-    return type(t) in _PLAIN_TENSORS
+_kernels: dict[str, bool] = {}
+
+
+def _has_kernel(device_type: str) -> bool:
+    """ops.has_kernel per device type, asked once (its answer is fixed at import)."""
+    ok = _kernels.get(device_type)
+    if ok is None:
+        ok = _kernels[device_type] = ops.has_kernel(device_type)
+    return ok
 
 
 class NativeDeloraLinear(PeftDeloraLinear):
@@ -187,12 +194,14 @@ class NativeDeloraLinear(PeftDeloraLinear):
         return PeftDeloraLinear.__name__
 
     # ---- what can run natively ----------------------------------------------------------------------
-    def _base_problem(self) -> tuple[str, str] | None:
-        base = self.get_base_layer()
+    # These run on every forward, so the common case is a few attribute reads and comparisons; the messages are
+    # built only when something is off.
+    def _base_problem(self, base: nn.Module) -> tuple[str, str] | None:
         if not isinstance(base, nn.Linear):
             return "layout_base", f"unknown PEFT DeLoRA layer layout (base layer is a {type(base).__name__})"
-        W = base.weight
-        if not _plain(W) or W.dtype not in _FLOAT_WEIGHTS or (base.bias is not None and not _plain(base.bias)):
+        W, bias = base.weight, base.bias
+        if type(W) not in _PLAIN_TENSORS or W.dtype not in _FLOAT_WEIGHTS or (
+                bias is not None and type(bias) not in _PLAIN_TENSORS):
             return "quantised", (f"a quantised or tensor-subclass base weight ({type(base).__name__} with a "
                                  f"{type(W).__name__} of dtype {W.dtype}) is not supported yet")
         return None
@@ -205,36 +214,40 @@ class NativeDeloraLinear(PeftDeloraLinear):
         except (KeyError, AttributeError, TypeError) as e:
             return "layout_containers", (f"unknown PEFT DeLoRA layer layout (adapter {name!r}: "
                                          f"{type(e).__name__}: {e})")
-        if not all(_plain(t) for t in (A, B, lam, w)):
+        plain = _PLAIN_TENSORS
+        if type(A) not in plain or type(B) not in plain or type(lam) not in plain or type(w) not in plain:
             return "subclass", f"adapter {name!r} has tensor-subclass parameters ({type(A).__name__})"
-        if (A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r or B.shape[0] != self.out_features
-                or A.shape[1] != self.in_features or lam.shape != (1,) or w.shape != (self.in_features,)):
-            return "layout_shapes", (f"unknown PEFT DeLoRA layer layout (adapter {name!r}: r={r}, A {tuple(A.shape)}, "
-                              f"B {tuple(B.shape)}, λ {tuple(lam.shape)}, w {tuple(w.shape)})")
+        in_f = self.in_features
+        if A.shape != (r, in_f) or B.shape != (self.out_features, r) or lam.shape != (1,) or w.shape != (in_f,):
+            return "layout_shapes", (f"unknown PEFT DeLoRA layer layout (adapter {name!r}: r={r}, A "
+                                     f"{tuple(A.shape)}, B {tuple(B.shape)}, λ {tuple(lam.shape)}, w {tuple(w.shape)})")
         if w.requires_grad:
             return "w_grad", f"adapter {name!r}'s delora_w_norm requires grad (the native ops treat w as constant)"
-        if not all(t.is_floating_point() for t in (A, B, lam, w)):
+        if not (A.is_floating_point() and B.is_floating_point() and lam.is_floating_point() and w.is_floating_point()):
             return "dtype", f"adapter {name!r} has non-floating parameters"
         return A, B, lam, w
 
     def _forward_terms(self, x: torch.Tensor, kwargs: dict, check_backend: bool = True):
         """The terms core.forward adds, or None after warning why PEFT's forward runs instead."""
-        why = backend_problem() if check_backend else None
-        if why is not None:
-            _fallback("backend", why)
-            return None
-        if "adapter_names" in kwargs:
+        if check_backend:
+            why = _problem[0] if _problem else backend_problem()
+            if why is not None:
+                _fallback("backend", why)
+                return None
+        if kwargs and "adapter_names" in kwargs:
             _fallback("adapter_names", "mixed-batch `adapter_names` is PEFT's own feature")
             return None
-        bad = self._base_problem()
+        bad = self._base_problem(self.base_layer)
         if bad is None and not x.is_floating_point():
             bad = "x_dtype", f"`x` has dtype {x.dtype}"
-        if bad is None and not ops.has_kernel(x.device):
-            bad = f"device_{x.device.type}", f"no native kernel for {x.device.type} tensors"
+        dev = x.device
+        if bad is None and not _has_kernel(dev.type):
+            bad = f"device_{dev.type}", f"no native kernel for {dev.type} tensors"
         if bad is not None:
             _fallback(*bad)
             return None
         terms = []
+        drops = self.delora_dropout
         for name in self.active_adapters:
             if name not in self.delora_A:
                 continue
@@ -242,17 +255,17 @@ class NativeDeloraLinear(PeftDeloraLinear):
             if isinstance(got[0], str):
                 _fallback(*got)
                 return None
-            drop = self.delora_dropout[name] if name in self.delora_dropout else None
-            if isinstance(drop, nn.Identity):
+            drop = drops[name] if name in drops else None
+            if type(drop) is nn.Identity:
                 p = 0.0
             elif type(drop) is nn.Dropout:
                 p = float(drop.p) if drop.training else 0.0
             else:
                 _fallback("layout_dropout", f"unknown PEFT DeLoRA layer layout (dropout of {name!r} is "
-                                    f"{type(drop).__name__})")
+                                            f"{type(drop).__name__})")
                 return None
-            if any(t.device != x.device for t in got):
-                _fallback("device", f"adapter {name!r} is on {got[0].device}, the input on {x.device}")
+            if got[0].device != dev:  # PEFT moves an adapter's tensors together
+                _fallback("device", f"adapter {name!r} is on {got[0].device}, the input on {dev}")
                 return None
             terms.append((*got, p))
         return terms
@@ -273,7 +286,7 @@ class NativeDeloraLinear(PeftDeloraLinear):
         if why is not None:
             _fallback("backend", why)
             return True
-        bad = self._base_problem()
+        bad = self._base_problem(self.get_base_layer())
         if bad is not None:
             _fallback(*bad)
             return True
@@ -342,7 +355,7 @@ class NativeDeloraLinear(PeftDeloraLinear):
             _fallback("backend", backend_problem())
             return super().get_delta_weight(adapter)
         got = self._adapter(adapter)
-        if isinstance(got[0], str) or not ops.has_kernel(got[0].device):
+        if isinstance(got[0], str) or not _has_kernel(got[0].device.type):
             if isinstance(got[0], str):
                 _fallback(*got)
             return super().get_delta_weight(adapter)
