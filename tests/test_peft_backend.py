@@ -572,3 +572,42 @@ def test_torch_compile_fullgraph_of_an_accelerated_model():
     assert_close(y, eager(x), 1e-6, "compiled output")
     y.sum().backward()
     assert x.grad is not None and _delora(native)["base_model.model.a"].delora_lambda["default"].grad is not None
+
+
+def test_fp64_model_equals_peft_to_fp64_rounding():
+    eager, _ = _pair()
+    eager.double()
+    native = dp.accelerate(copy.deepcopy(eager))
+    x = torch.randn(6, 24, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    ye, yn = eager(x), native(x2)
+    assert_close(yn, ye, 1e-12, "fp64 output")
+    ye.sum().backward()
+    yn.sum().backward()
+    assert_close(x2.grad, x.grad, 1e-12, "fp64 dx")
+    for model in (eager, native):
+        model.base_model.merge_adapter()
+    for (n, e), (_, o) in zip(_delora(eager).items(), _delora(native).items()):
+        assert_close(o.base_layer.weight, e.base_layer.weight, 1e-14, f"{n} fp64 merged weight")
+
+
+def test_bf16_adapters_within_twice_peft_error():
+    """autocast_adapter_dtype=False keeps PEFT's adapters in bf16 too: forward, ΔW and merge within 2x of PEFT's
+    own error against fp64."""
+    torch.manual_seed(0)
+    eager = peft.get_peft_model(Net().bfloat16(), _cfg(), autocast_adapter_dtype=False)
+    native = dp.accelerate(copy.deepcopy(eager))
+    le, ln = _delora(eager)["base_model.model.a"], _delora(native)["base_model.model.a"]
+    assert le.delora_A["default"].dtype == torch.bfloat16
+    A, B, lam, w = (t.detach().double() for t in (le.delora_A["default"], le.delora_B["default"],
+                                                   le.delora_lambda["default"], le.delora_w_norm["default"]))
+    W, b = le.base_layer.weight.detach().double(), le.base_layer.bias.detach().double()
+    x = torch.randn(32, 24, generator=torch.Generator().manual_seed(3)).bfloat16()
+    y64, d64 = ref.linear_ref(x.double(), W, b, A, B, lam, w), ref.delta_weight_ref(A, B, lam, w)
+    with torch.no_grad():
+        assert rel_err(ln(x), y64) <= 2 * rel_err(le(x), y64)
+        de, dn = le.get_delta_weight("default"), ln.get_delta_weight("default")
+        assert dn.dtype == de.dtype == torch.bfloat16 and rel_err(dn, d64) <= 2 * rel_err(de, d64)
+        le.merge()
+        ln.merge()
+        assert rel_err(ln.base_layer.weight, W + d64) <= 2 * rel_err(le.base_layer.weight, W + d64)
