@@ -25,11 +25,14 @@ __all__ = [
 
 def __getattr__(name: str):
     # optional dependencies, imported on first use (so neither is in __all__): delora_ext.peft needs peft,
-    # DeLoRACallback transformers
-    if name == "peft":
+    # DeLoRACallback transformers. A missing one is an AttributeError (hasattr() and introspection stay safe)
+    # that carries the install hint.
+    if name in ("peft", "DeLoRACallback"):
         import importlib
-        return importlib.import_module(".peft", __name__)
-    if name == "DeLoRACallback":
-        from . import training
-        return training.DeLoRACallback
+        try:
+            if name == "peft":
+                return importlib.import_module(".peft", __name__)
+            return importlib.import_module(".training", __name__).DeLoRACallback
+        except ImportError as e:
+            raise AttributeError(f"delora_ext.{name} is unavailable: {e}") from e
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

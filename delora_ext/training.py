@@ -236,6 +236,7 @@ def _make_callback_class():
             logs.update(figures)
 
     DeLoRACallback.__module__ = __name__
+    DeLoRACallback.__qualname__ = "DeLoRACallback"
     return DeLoRACallback
 
 

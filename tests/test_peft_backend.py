@@ -611,3 +611,32 @@ def test_bf16_adapters_within_twice_peft_error():
         le.merge()
         ln.merge()
         assert rel_err(ln.base_layer.weight, W + d64) <= 2 * rel_err(le.base_layer.weight, W + d64)
+
+
+def test_the_package_works_without_peft_and_transformers():
+    """delora_ext imports neither: without them the core API works, and delora_ext.peft / DeLoRACallback are
+    AttributeErrors carrying the install hint (so hasattr() and introspection stay safe)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "sys.modules['peft'] = None; sys.modules['transformers'] = None\n"
+        "import torch, delora_ext\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 3))\n"
+        "delora_ext.patch(m, target_modules=['0'], r=2)\n"
+        "groups = delora_ext.param_groups(m, 1e-3, lambda_lr=1e-2)\n"
+        "assert [g['name'] for g in groups] == ['delora', 'delora_lambda']\n"
+        "assert not hasattr(delora_ext, 'peft') and not hasattr(delora_ext, 'DeLoRACallback')\n"
+        "try:\n"
+        "    delora_ext.peft\n"
+        "except AttributeError as e:\n"
+        "    assert 'pip install' in str(e), e\n"
+        "try:\n"
+        "    import delora_ext.peft\n"
+        "except ImportError as e:\n"
+        "    assert \"pip install 'delora_ext[peft]'\" in str(e), e\n"
+        "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
