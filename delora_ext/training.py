@@ -17,7 +17,8 @@ from torch import nn
 
 from . import core
 
-__all__ = ["param_groups", "layer_figures", "figures_summary", "DeLoRACallback", "attach_callback"]
+# DeLoRACallback (resolved on first use, as it needs transformers) is not in __all__
+__all__ = ["param_groups", "layer_figures", "figures_summary", "attach_callback"]
 
 LOG_PREFIX = "delora/"
 # files transformers writes for a full (non-adapter) copy of a model

@@ -13,7 +13,6 @@ from torch import nn
 peft = pytest.importorskip("peft")
 dp = pytest.importorskip("delora_ext.peft", reason="delora_ext.peft needs PEFT with DeLoRA (peft >= 0.18)")
 
-import delora_ext  # noqa: E402
 from delora_ext import reference as ref  # noqa: E402
 
 from conftest import assert_close, requires_native, rel_err  # noqa: E402

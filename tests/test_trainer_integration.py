@@ -3,7 +3,6 @@ ops, resume_from_checkpoint, param_groups, the per-layer figures, and the exampl
 config with a tokenizer built in memory and an in-memory dataset."""
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import warnings
@@ -380,6 +379,7 @@ def test_examples_train_and_export_on_a_tiny_model(tmp_path):
     assert groups["delora"]["initial_lr"] == 1e-2 and groups["delora_lambda"]["initial_lr"] == 5e-2
     patched = trainer_patch_callback.main(common + ["--output-dir", str(tmp_path / "patch")])
     assert (tmp_path / "patch" / "checkpoint-4" / "adapter_config.json").is_file()
+    assert os.path.isfile(os.path.join(patched["adapter_dir"], "adapter_model.safetensors"))
     for name, src in (("sft", tmp_path / "sft" / "checkpoint-4"), ("patch", tmp_path / "patch" / "checkpoint-4"),
                       ("final", tmp_path / "patch" / "adapter")):
         out = export_lora.main(["--tiny", "--adapter", str(src), "--out", str(tmp_path / "lora" / name), "--check"])
