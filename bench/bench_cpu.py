@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """CPU benchmark of delora_ext's ``DeLoRALinear`` against a frozen ``nn.Linear``, PEFT's ``DeloraLinear``,
-PEFT's LoRA of the same rank and the pure-PyTorch reference (``delora_ext.reference.linear_ref``).
+PEFT's ``DeloraLinear`` accelerated by ``delora_ext.peft``, PEFT's LoRA of the same rank and the pure-PyTorch
+reference (``delora_ext.reference.linear_ref``).
 
     python bench/bench_cpu.py [--quick] [--out FILE]
 
@@ -43,23 +44,25 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
-from variants import build_ours, build_peft_delora, build_peft_lora, build_ref, frozen  # noqa: E402
+from variants import build_ours, build_peft_delora, build_peft_lora, build_peft_native, build_ref, frozen  # noqa: E402
 
 HEADLINE = {"N": 4096, "in": 1024, "out": 1024, "r": 16}
 FULL_NS = (512, 4096)
 FULL_SHAPES = ((1024, 1024), (1024, 4096), (4096, 1024))
 FULL_RANKS = (8, 16, 32)
 SEQ = 512  # x is (N // SEQ, SEQ, in): batches of 512-token sequences, as inside a transformer
-VARIANTS = ("frozen", "ours", "peft_delora", "peft_lora", "ref")
+VARIANTS = ("frozen", "ours", "peft_delora", "peft_native", "peft_lora", "ref")
 LABELS = {
     "frozen": "frozen nn.Linear",
     "ours": "delora_ext",
     "peft_delora": "PEFT DeLoRA",
+    "peft_native": "PEFT DeLoRA on delora_ext",
     "peft_lora": "PEFT LoRA",
     "ref": "reference",
 }
 MODES = ("x_grad", "x_nograd")
-TARGETS = {"step_vs_frozen": 1.10, "step_vs_peft_delora": 0.90, "step_vs_peft_lora": 1.0, "saved_vs_peft_delora": 1 / 20}
+TARGETS = {"step_vs_frozen": 1.10, "step_vs_peft_delora": 0.90, "step_vs_peft_lora": 1.0,
+           "saved_vs_peft_delora": 1 / 20, "native_peft_vs_ours": 1.05, "native_peft_vs_peft_delora": 0.90}
 
 # Repeats (timed rounds after warm-up) per N, chosen so the full run takes ~8 min on 2 quiet cores.
 FULL_REPEATS = {512: 25, 4096: 13}
@@ -367,10 +370,12 @@ def run_group(N: int, in_f: int, out_f: int, ranks, repeats: int, warmup: int, s
     for r in ranks:
         ours = build_ours(template, r)
         peft_d, m1 = build_peft_delora(template, r, ours)
+        peft_n, m3 = build_peft_native(template, r, ours)
         peft_l, m2 = build_peft_lora(template, r)
-        keep += [m1, m2]
+        keep += [m1, m2, m3]
         layers[("ours", r)] = ours
         layers[("peft_delora", r)] = peft_d
+        layers[("peft_native", r)] = peft_n
         layers[("peft_lora", r)] = peft_l
         layers[("ref", r)] = build_ref(template, ours)
 
@@ -381,10 +386,12 @@ def run_group(N: int, in_f: int, out_f: int, ranks, repeats: int, warmup: int, s
             y_o = layers[("ours", r)](x_data)
             y_p = layers[("peft_delora", r)](x_data)
             y_r = layers[("ref", r)](x_data)
+            y_n = layers[("peft_native", r)](x_data)
             scale = y_p.abs().max().item()
             agree[r] = {"rel_max_diff_ours_vs_peft": (y_o - y_p).abs().max().item() / scale,
-                        "rel_max_diff_ours_vs_ref": (y_o - y_r).abs().max().item() / scale}
-            del y_o, y_p, y_r
+                        "rel_max_diff_ours_vs_ref": (y_o - y_r).abs().max().item() / scale,
+                        "rel_max_diff_native_peft_vs_peft": (y_n - y_p).abs().max().item() / scale}
+            del y_o, y_p, y_r, y_n
 
     saved = {}
     for (v, r), layer in layers.items():
@@ -486,6 +493,14 @@ def evaluate_targets(rows, merges) -> list[dict]:
             ratio = o / h[other]["median_ms"]
             out.append({"target": name, "value": f"{ratio:.3f}×  ({o:.2f} ms vs {h[other]['median_ms']:.2f} ms)",
                         "met": ratio <= limit})
+        n = h["peft_native"]["median_ms"]
+        for name, other, limit in (("PEFT DeLoRA on delora_ext: step ≤ 1.05× delora_ext", "ours",
+                                    TARGETS["native_peft_vs_ours"]),
+                                   ("PEFT DeLoRA on delora_ext: step ≤ 0.90× PEFT DeLoRA", "peft_delora",
+                                    TARGETS["native_peft_vs_peft_delora"])):
+            ratio = n / h[other]["median_ms"]
+            out.append({"target": name, "value": f"{ratio:.3f}×  ({n:.2f} ms vs {h[other]['median_ms']:.2f} ms)",
+                        "met": ratio <= limit})
         so, sp = h["ours"]["saved_bytes"], h["peft_delora"]["saved_bytes"]
         out.append({"target": "saved activations ≤ 1/20 of PEFT DeLoRA",
                     "value": f"{so / sp:.4f}  ({_fmt_bytes(so)} vs {_fmt_bytes(sp)})",
@@ -549,22 +564,24 @@ def render_markdown(res: dict) -> str:
                         ("x_nograd", "x without grad (first adapted layer; frozen = forward only)")):
         L.append(f"## Step time, {title}: median ms (ratio to frozen nn.Linear)")
         L.append("")
-        L.append("| N | in×out | r | frozen | delora_ext | PEFT DeLoRA | PEFT LoRA | reference | ours/PEFT DeLoRA | ours/LoRA |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        L.append("| N | in×out | r | frozen | delora_ext | PEFT DeLoRA | PEFT DeLoRA on delora_ext | PEFT LoRA | "
+                 "reference | ours/PEFT DeLoRA | ours/LoRA | PEFT on delora_ext / ours |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in res["rows"]:
             if r["mode"] != mode:
                 continue
             cells = [f"{r['frozen']['median_ms']:.2f}"]
-            for v in ("ours", "peft_delora", "peft_lora", "ref"):
+            for v in ("ours", "peft_delora", "peft_native", "peft_lora", "ref"):
                 cells.append(f"{r[v]['median_ms']:.2f} ({r[v]['ratio_to_frozen']:.2f})")
             cells.append(f"{r['ours']['median_ms'] / r['peft_delora']['median_ms']:.2f}")
             cells.append(f"{r['ours']['median_ms'] / r['peft_lora']['median_ms']:.2f}")
+            cells.append(f"{r['peft_native']['median_ms'] / r['ours']['median_ms']:.2f}")
             L.append(f"| {r['N']} | {r['in']}×{r['out']} | {r['r']} | " + " | ".join(cells) + " |")
         L.append("")
     L.append("## Saved activations (x requires grad / x without grad), excluding parameters, buffers and x")
     L.append("")
-    L.append("| N | in×out | r | frozen | delora_ext | PEFT DeLoRA | PEFT LoRA | reference | ours/PEFT DeLoRA |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.append("| N | in×out | r | " + " | ".join(LABELS[v] for v in VARIANTS) + " | ours/PEFT DeLoRA |")
+    L.append("|---|---|---|" + "---|" * len(VARIANTS) + "---|")
     by = {(r["N"], r["in"], r["out"], r["r"], r["mode"]): r for r in res["rows"]}
     for r in res["rows"]:
         if r["mode"] != "x_grad":
@@ -621,7 +638,9 @@ def render_markdown(res: dict) -> str:
     L.append("")
     worst_p = max(r["rel_max_diff_ours_vs_peft"] for r in res["rows"])
     worst_r = max(r["rel_max_diff_ours_vs_ref"] for r in res["rows"])
-    L.append(f"- worst over all configurations: ours vs PEFT {worst_p:.1e}, ours vs reference {worst_r:.1e}")
+    worst_n = max(r["rel_max_diff_native_peft_vs_peft"] for r in res["rows"])
+    L.append(f"- worst over all configurations: ours vs PEFT {worst_p:.1e}, ours vs reference {worst_r:.1e}, "
+             f"PEFT DeLoRA on delora_ext vs PEFT {worst_n:.1e}")
     L.append("")
     return "\n".join(L)
 
@@ -698,6 +717,8 @@ def main(argv=None) -> int:
             for label, key, mode in (("delora_ext, x requires grad", ("ours", HEADLINE["r"]), "x_grad"),
                                      ("frozen nn.Linear, x requires grad", ("frozen", None), "x_grad"),
                                      ("PEFT DeLoRA, x requires grad", ("peft_delora", HEADLINE["r"]), "x_grad"),
+                                     ("PEFT DeLoRA on delora_ext, x requires grad", ("peft_native", HEADLINE["r"]),
+                                      "x_grad"),
                                      ("delora_ext, x without grad", ("ours", HEADLINE["r"]), "x_nograd")):
                 profile[label] = profile_steps(make_step(ex["layers"][key], ex["xs"][mode], ex["g"]),
                                                n_profile_steps)

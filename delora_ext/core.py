@@ -88,10 +88,12 @@ def apply_delta(weight: torch.Tensor, adapters: Sequence[tuple], alphas: Sequenc
     ops.merge_many_(weight, adapters, alphas)
 
 
-def delta_weight(adapters: Sequence[tuple], alphas: Sequence[float] | None = None) -> torch.Tensor:
-    """Σ alpha_i · ΔW_i, (out, in), fp32 (fp64 for fp64 adapters); alphas default to 1."""
+def delta_weight(adapters: Sequence[tuple], alphas: Sequence[float] | None = None,
+                 grad: bool = False) -> torch.Tensor:
+    """Σ alpha_i · ΔW_i, (out, in), fp32 (fp64 for fp64 adapters); alphas default to 1. ``grad=True`` keeps the
+    autograd graph where grad mode is on (PEFT's ``get_delta_weight`` is differentiable)."""
     alphas = [1.0] * len(adapters) if alphas is None else alphas
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         d = None
         for a, alpha in zip(adapters, alphas):
             t = ops.delta_weight(*a[:4])
