@@ -441,7 +441,7 @@ def bench_quantized(repeats: int, warmup: int, seed: int, log) -> dict:
             run += nbytes
             peak = max(peak, run)
         res["variants"][v] = {"resident_bytes": resident, "step_peak_extra_bytes": peak,
-                              "peak_bytes": resident + peak, "loss": float(loss), "times_s": []}
+                              "peak_bytes": resident + peak, "loss": float(loss.detach()), "times_s": []}
     rng = random.Random(seed)
     order = list(QUANT_VARIANTS)
     ncpu = os.cpu_count() or 1

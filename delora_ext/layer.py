@@ -461,6 +461,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                             f"merge_and_unload(model, dtype=torch.bfloat16) (or another dtype) for dense layers "
                             f"holding the dequantised W₀ + ΔW, or merge(..., requantize=True) to requantise "
                             f"(not unmergeable)")
+        quant.check_requantize(self.base_layer, requantize)
         if self._w_pending:
             self.resolve_w()
         self._check_finite(names, "merge")
@@ -479,14 +480,18 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             self._apply_delta(W, names, 1.0)
             return W
 
-    def _delta_fro(self, names: list[str]) -> float:
-        """‖Σ ΔW‖_F of ``names`` from the folded factors, ‖B'A'‖²_F = tr((B'ᵀB')(A'A'ᵀ)), without forming ΔW."""
+    def _signed_terms(self, names: list[str]) -> tuple[list[tuple], list[float]]:
+        """The (A, B, λ, w) terms of ``names`` with their signs: +1, and −1 for a paper-init frozen term."""
         terms, alphas = [], []
         for name in names:
             for i, term in enumerate(self._terms(name)):
                 terms.append(term)
                 alphas.append(1.0 if i == 0 else -1.0)
-        A, B = (t.double() for t in core.folded(terms, alphas))
+        return terms, alphas
+
+    def _delta_fro(self, names: list[str]) -> float:
+        """‖Σ ΔW‖_F of ``names`` from the folded factors, ‖B'A'‖²_F = tr((B'ᵀB')(A'A'ᵀ)), without forming ΔW."""
+        A, B = (t.double() for t in core.folded(*self._signed_terms(names)))
         return math.sqrt(max(float(((B.t() @ B) * (A @ A.t())).sum()), 0.0))
 
     def _merge_quantized(self, names: list[str], target: torch.Tensor | None, requantize) -> dict:
@@ -567,11 +572,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         if names and self._w_pending:
             self.resolve_w()
         self._check_finite(names, "merge")
-        terms, alphas = [], []
-        for name in names:
-            for i, term in enumerate(self._terms(name)):
-                terms.append(term)
-                alphas.append(1.0 if i == 0 else -1.0)
+        terms, alphas = self._signed_terms(names)
         base = self.base_layer
         with torch.no_grad():
             A, B = core.folded(terms, alphas) if terms else (None, None)

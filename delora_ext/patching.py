@@ -253,8 +253,8 @@ def _merge(model: nn.Module, safe_merge: bool, adapter_names: list[str] | None, 
             continue
         try:
             plans.append((path, layer, layer._merge_plan(safe_merge, names, requantize=requantize)[0]))
-        except TypeError as e:  # a quantised or non-float base: say which layer
-            raise TypeError(f"layer {path!r}: {e}") from None
+        except (TypeError, ValueError) as e:  # a quantised or non-float base, a broken adapter: say which layer
+            raise type(e)(f"layer {path!r}: {e}") from None
     done: list[tuple[DeLoRALinear, list[str]]] = []
     stats, paths = [], []
     try:

@@ -288,6 +288,10 @@ def _torchao_config(module: nn.Module, config):
     """The torchao config that requantises ``module``'s weight: ``config`` if given, else the one its weight
     type implies (int8 weight-only, per row or per tensor)."""
     if config is not None and config is not True:
+        base = getattr(_lib("torchao.core.config"), "AOBaseConfig", None)
+        if base is not None and not isinstance(config, base):
+            raise TypeError(f"`requantize` must be True or a torchao config (e.g. Int8WeightOnlyConfig()), "
+                            f"got {config!r}")
         return config
     w = module.weight
     Q = _lib("torchao.quantization")
@@ -299,6 +303,16 @@ def _torchao_config(module: nn.Module, config):
             return Q.Int8WeightOnlyConfig(granularity=Q.PerTensor(), set_inductor_config=False)
     raise ValueError(f"cannot tell which torchao config produced this {type(w).__name__} weight; pass it: "
                      f"merge(..., requantize=<the torchao config, e.g. IntxWeightOnlyConfig(...)>)")
+
+
+def check_requantize(module: nn.Module, requantize) -> None:
+    """Refuse, before anything is written, a ``requantize=`` that cannot requantise ``module``: a torchao config
+    for a bitsandbytes layer, or True for a torchao weight whose config cannot be told from the weight."""
+    if kind(module) == TORCHAO:
+        _torchao_config(module, requantize)
+    elif requantize is not True:
+        raise TypeError(f"`requantize` must be True for a {describe(module)} layer (it requantises with its own "
+                        f"settings); a config object applies to torchao weights only, got {requantize!r}")
 
 
 def requantize(module: nn.Module, target: torch.Tensor, config=None):

@@ -547,6 +547,27 @@ def test_a_layer_not_quantized_yet_is_refused():
     assert not hasattr(model, delora_ext.patching.STATE_ATTR)
 
 
+def test_requantize_argument_is_checked_before_anything_changes():
+    need("torchao")
+    qmodel, _ = patched_pair("ao-intx4", "cpu")
+    before = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj'.*pass it: merge\(\.\.\., "
+                                         r"requantize=<the torchao config"):
+        delora_ext.merge(qmodel, requantize=True)  # intx: the config cannot be told from the weight
+    with pytest.raises(TypeError, match="`requantize` must be True or a torchao config"):
+        delora_ext.merge(qmodel, requantize="yes")
+    after = qmodel.state_dict()
+    assert all(_equal(after[k], v) for k, v in before.items())
+    Q = need("torchao.quantization")
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        delora_ext.merge(qmodel, requantize=Q.IntxWeightOnlyConfig(weight_dtype=torch.int4,
+                                                                   granularity=Q.PerGroup(32)))
+    assert any("requantize=True" in str(w.message) for w in ws)
+    assert all(type(m.base_layer.weight).__name__ == "IntxUnpackedToInt8Tensor"
+               for m in delora_ext.patching.delora_layers(qmodel).values())
+
+
 def test_merge_and_unload_dtype_is_checked():
     need("bitsandbytes")
     qmodel, _ = patched_pair("nf4", "cpu")
