@@ -9,10 +9,11 @@ Supported, all ``nn.Linear`` subclasses or ``nn.Linear`` instances:
   ``IntxWeightOnlyConfig``, ``Float8WeightOnlyConfig``, ... via ``torchao.quantization.quantize_``).
 
 Neither library is imported here unless a layer of it is seen (then it is already imported), so without them
-nothing changes. The adapter never needs the full dequantised weight: ``row_chunks`` yields it a block of rows at
-a time where the format stores rows independently (bitsandbytes 4-bit when in_features is a multiple of the
+nothing changes. DeLoRA's w never needs a full fp32 copy of the weight: ``row_chunks`` yields it a block of rows
+at a time where the format stores rows independently (bitsandbytes 4-bit when in_features is a multiple of the
 block size, 8-bit always, torchao tensors that support row slicing); otherwise the weight is dequantised once in
-its own dtype and handed out in row blocks from that.
+its own dtype and handed out in row blocks from that. Merging (requantising, or into a dense layer) works on the
+whole weight.
 """
 from __future__ import annotations
 
