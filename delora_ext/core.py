@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, quant
 
 # (A, B, λ, w) and the dropout probability on the adapter's input (0 in eval and for frozen terms)
 Term = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
@@ -32,11 +32,12 @@ def is_conv1d(module: nn.Module) -> bool:
 def plain_forward(module: nn.Module) -> bool:
     """Whether the base layer computes exactly x Wᵀ + b, so the fused native op can replace its forward. Not when
     something wraps its forward: module hooks, or an instance-level forward (accelerate's offload/device-map hooks
-    replace ``module.forward``); then the layer calls it, as PEFT's does, and adds the adapter term."""
+    replace ``module.forward``); then the layer calls it, as PEFT's does, and adds the adapter term. Nor when the
+    weight is a quantised tensor subclass (torchao's quantize_ keeps the nn.Linear and swaps its weight)."""
     if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
         return False
     if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward
+        return type(module).forward is nn.Linear.forward and not quant.is_quantized_weight(module.weight)
     return is_conv1d(module) and type(module).__module__.startswith("transformers.")
 
 

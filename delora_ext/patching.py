@@ -14,8 +14,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import quant
 from .config import DeLoRAConfig, adapter_list, check_known, matches
-from .layer import DeLoRALinear, supported_base
+from .layer import DeLoRALinear, requantize_message, supported_base
 from .model import (STATE_ATTR, PatchState, candidates, delora_layers, get_state, modules_to_save_paths,
                     require_state, resolve_targets, unwrap)
 
@@ -87,6 +88,7 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
         if isinstance(mod, DeLoRALinear):
             to_extend.append((name, mod))
         elif supported_base(mod):
+            quant.check(mod, f"target module {name!r}")  # a quantised kind delora_ext cannot read: refused here
             to_wrap.append((name, mod))
         else:  # as PEFT, for a list and for a regex alike
             raise TypeError(f"target module {name!r} is a {type(mod).__name__}; DeLoRA supports nn.Linear "
@@ -221,35 +223,57 @@ def disable_adapters(model: nn.Module):
             layer.enable_adapters(True)
 
 
-def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None,
+          requantize=False) -> None:
     """Merge adapters (default: the active ones) into every DeLoRA layer's weight, in place.
 
     All-or-nothing: every layer is checked first (unknown adapter, non-float weight, non-finite adapter
     parameters, and with ``safe_merge`` a non-finite merged weight), and only then are the weights written,
     so a refused merge leaves every weight bit-identical. Should writing itself fail (out of memory, ...),
     the layers merged so far are unmerged again before the error propagates.
+
+    Quantised base layers (``delora_ext.quant``) are refused, naming the first, unless ``requantize``: True (or,
+    for torchao, the config to requantise with) requantises W₀ + ΔW into them, with one warning giving the
+    measured rounding error, and cannot be unmerged. ``merge_and_unload(model, dtype=...)`` gives dense layers.
     """
     model = unwrap(model)
     state = require_state(model)
     if adapter_names is not None:
         adapter_names = adapter_list(adapter_names)
         check_known(adapter_names, state.configs, "the model")
-    plans: list[tuple[DeLoRALinear, list[str]]] = []
-    for layer in delora_layers(model).values():
+    _merge(model, safe_merge, adapter_names, requantize)
+
+
+def _merge(model: nn.Module, safe_merge: bool, adapter_names: list[str] | None, requantize,
+           skip: frozenset = frozenset()) -> None:
+    plans: list[tuple[str, DeLoRALinear, list[str]]] = []
+    for path, layer in delora_layers(model).items():
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
-        if names == []:
+        if names == [] or path in skip:
             continue
-        plans.append((layer, layer._merge_plan(safe_merge, names)[0]))
+        try:
+            plans.append((path, layer, layer._merge_plan(safe_merge, names, requantize=requantize)[0]))
+        except (TypeError, ValueError) as e:  # a quantised or non-float base, a broken adapter: say which layer
+            raise type(e)(f"layer {path!r}: {e}") from None
     done: list[tuple[DeLoRALinear, list[str]]] = []
+    stats, paths = [], []
     try:
-        for layer, names in plans:
-            layer._merge_commit(names)
+        for path, layer, names in plans:
+            st = layer._merge_commit(names, requantize=requantize)
             done.append((layer, names))
+            if st is not None:
+                stats.append(st)
+                paths.append(path)
     except Exception:
         for layer, names in reversed(done):
             if names:
-                layer.unmerge(names)
+                layer._rollback_merge(names)
         raise
+    finally:
+        for layer, _ in done:
+            layer._requant_undo = []  # the replaced quantised weights were kept only for that rollback
+    if stats:
+        warnings.warn(requantize_message(stats, paths), stacklevel=3)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -301,12 +325,41 @@ def _restore(model: nn.Module, state: PatchState, keep_saved_copies: bool) -> No
     delattr(model, STATE_ATTR)
 
 
-def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-    """Merge the adapters and put plain modules (with the merged weights) back; returns ``model``."""
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                     dtype: torch.dtype | None = None, requantize=False) -> nn.Module:
+    """Merge the adapters and put plain modules (with the merged weights) back; returns ``model``.
+
+    Quantised base layers need one of: ``dtype``, which replaces each by a plain ``nn.Linear`` of that dtype
+    holding the dequantised W₀ + ΔW (computed in fp32, cast once; dense layers keep their own dtype), or
+    ``requantize`` (see ``merge``), which keeps the quantised layers with W₀ + ΔW requantised into them.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"`dtype` must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if dtype is not None and requantize not in (None, False):
+        raise ValueError("pass either `dtype` (dense merged layers) or `requantize` (requantised ones), not both")
     outer, model = model, unwrap(model)
     state = require_state(model)
-    merge(model, safe_merge=safe_merge, adapter_names=adapter_names)
+    if adapter_names is not None:
+        adapter_names = adapter_list(adapter_names)
+        check_known(adapter_names, state.configs, "the model")
+    dense = {}
+    if dtype is not None:  # built (and checked) before anything changes; the model holds them once unloaded
+        for path, layer in delora_layers(model).items():
+            if layer.quant_kind is None:
+                continue
+            names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
+            try:
+                dense[path] = (layer, layer._merged_dense(dtype, names, safe_merge))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"layer {path!r}: {e}") from None
+    _merge(model, safe_merge, adapter_names, requantize, skip=frozenset(dense))
     _restore(model, state, keep_saved_copies=True)  # the trained modules_to_save stay, as PEFT's
+    for path, (layer, linear) in dense.items():
+        old = layer.base_layer
+        linear.weight.requires_grad_(old.weight.requires_grad)  # the flags _restore gave the original back
+        if linear.bias is not None:
+            linear.bias.requires_grad_(old.bias.requires_grad)
+        _set_module(model, path, linear)
     return outer
 
 

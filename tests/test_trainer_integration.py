@@ -18,7 +18,7 @@ pytest.importorskip("tokenizers", reason="the tests build a tokenizer in memory 
 import delora_ext  # noqa: E402
 from delora_ext import training  # noqa: E402
 
-from conftest import assert_close, requires_native  # noqa: E402
+from helpers import assert_close, requires_native  # noqa: E402
 from tiny_models import one_thread  # noqa: E402,F401
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
