@@ -1,0 +1,344 @@
+"""Inference without per-call preparation: cached folded factors, and batches that mix adapters row by row.
+
+**Folded-factor cache.** Whatever x is, an adapter's forward needs the same two skinny matrices, A' = A ⊙ w and
+B' = B ⊙ s (s from the norms of A and B and λ). While no gradient is recorded they can be kept: a forward is then
+the base GEMM plus ``u = x A'ᵀ`` and ``y += u B'ᵀ``, three ATen calls and no preparation pass. An entry is keyed by
+adapter and GEMM dtype and stamped with the storage address and version counter of every tensor it was computed
+from (A, B, λ, w and a paper-init adapter's frozen A₀, B₀, λ₀); any in-place update (optimizer steps,
+``load_state_dict``, ``copy_`` under ``no_grad``) bumps a version, and a replaced tensor (``.to()``, ``.data =``,
+a new Parameter) has another address, since the entry keeps the old storage alive and the address cannot be
+reused while it does. Writes through ``.data`` (``p.data.copy_(...)``) are the one change neither autograd nor the
+version counter sees: call ``clear_inference_cache`` after those.
+
+The cached forward computes exactly what the native op computes on CPU (same GEMMs on the same operands, fp16's
+split scale included), so switching the cache on or off changes no bit there. It is used only when the forward
+records no autograd graph (``torch.no_grad()`` / ``torch.inference_mode()``), the layer applies no dropout, no
+autocast region is active, the call is not being traced by ``torch.compile`` (the compiled graph calls the op,
+and inductor fuses its preparation) and no CUDA graph is being captured (a captured graph would read cached
+tensors the cache may later drop; the op recomputes the factors inside the graph instead).
+
+**Mixed batches.** ``mixed_batch(model, adapter_names)`` runs one forward in which row i of the batch (dim 0) uses
+adapter ``adapter_names[i]`` (``"__base__"``: none), as PEFT LoRA's ``adapter_names`` argument. Each layer computes
+the base output for the whole batch, gathers the rows of every adapter into one sorted copy (one
+``index_select``), runs each adapter's two skinny GEMMs on its contiguous segment and adds all of them back with
+one ``index_add_``. The grouping is computed once per block, not per layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .core import weight_oi
+
+BASE = "__base__"  # the name of "no adapter" in mixed batches (PEFT's)
+_EPS = 1e-4  # the norm clamp (reference.NORM_EPS, kNormEps in the kernels)
+_CACHE_ATTR = "_fold_cache"
+
+_is_compiling = torch.compiler.is_compiling
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+if _any_autocast is None:  # pragma: no cover  (older torch)
+    def _any_autocast() -> bool:
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def cache_applies(x: torch.Tensor) -> bool:
+    """The conditions of the cached forward that do not depend on the layer: no graph recorded, not traced by
+    torch.compile, no autocast region, no CUDA graph being captured."""
+    if torch.is_grad_enabled() or _is_compiling() or _any_autocast():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+# ---- the folded factors ----------------------------------------------------------------------------------
+def _raw_terms(layer: nn.Module, name: str) -> list[tuple]:
+    """(A, B, λ, w, negate) of ``name`` and, for paper init, its frozen initial term (added with −λ₀)."""
+    m = layer._modules
+    w = m["delora_w_norm"]._buffers[name]
+    terms = [(m["delora_A"]._parameters[name], m["delora_B"]._parameters[name],
+              m["delora_lambda"]._parameters[name], w, False)]
+    frozen = m["delora_A0"]._buffers
+    if name in frozen:
+        terms.append((frozen[name], m["delora_B0"]._buffers[name], m["delora_lambda0"]._buffers[name], w, True))
+    return terms
+
+
+def _fold(A, B, lam, w, negate: bool, dt: torch.dtype) -> tuple:
+    """(A'ᵀ, B'ᵀ, sa) in the GEMM dtype ``dt``, as the native forward builds them: A' = A⊙w and B' = B⊙s, or for
+    fp16 the split scale B' = B ⊙ λ/(r·b̂) with sa = 1/â (fp32) applied to u (see csrc/delora_ops.cpp)."""
+    if negate:
+        lam = -lam
+    Af, s, a, b = ops.prep(A, B, lam, w)  # opmath; also the op's argument checks
+    om = Af.dtype
+    Bo = B.to(om)
+    if dt == torch.float16:
+        sa = a.clamp_min(_EPS).reciprocal()
+        Bd = Bo * (lam.to(om).reshape(1) / (b.clamp_min(_EPS) * A.shape[0]))
+    else:
+        sa = None
+        Bd = Bo * s
+    return Af.to(dt).t(), Bd.to(dt).t(), sa
+
+
+def folded(layer: nn.Module, name: str, dt: torch.dtype, cache: bool = True) -> list[tuple] | None:
+    """[(A'ᵀ, B'ᵀ, sa)] per term of adapter ``name`` in GEMM dtype ``dt``: from the layer's cache when its stamp
+    still matches, else computed (and stored). ``cache=False`` computes them with autograd (nothing stored).
+    None when the tensors cannot be stamped (inference tensors have no version counter): use the op."""
+    if not cache:
+        return [_fold(*t, dt) for t in _raw_terms(layer, name)]
+    # The stamp is written out (no loop, no term list): this runs on every cached forward.
+    m = layer._modules
+    A, B = m["delora_A"]._parameters[name], m["delora_B"]._parameters[name]
+    lam, w = m["delora_lambda"]._parameters[name], m["delora_w_norm"]._buffers[name]
+    frozen = m["delora_A0"]._buffers
+    try:
+        stamp = (A.data_ptr(), A._version, B.data_ptr(), B._version, lam.data_ptr(), lam._version, w.data_ptr(),
+                 w._version)
+        if name in frozen:
+            A0, B0, lam0 = frozen[name], m["delora_B0"]._buffers[name], m["delora_lambda0"]._buffers[name]
+            stamp += (A0.data_ptr(), A0._version, B0.data_ptr(), B0._version, lam0.data_ptr(), lam0._version)
+    except (RuntimeError, NotImplementedError):
+        return None
+    store = layer.__dict__.get(_CACHE_ATTR)
+    key = (name, dt)
+    if store is not None:
+        entry = store.get(key)
+        if entry is not None and entry[0] == stamp:
+            return entry[2]
+    terms = _raw_terms(layer, name)
+    with torch.no_grad():
+        factors = [_fold(*t, dt) for t in terms]
+    # the entry holds the stamped tensors' storages, so none of their addresses can be reused while it exists
+    keep = tuple(t.detach() for A, B, lam, w, _ in terms for t in (A, B, lam, w))
+    if store is None:
+        store = layer.__dict__.setdefault(_CACHE_ATTR, {})
+    else:
+        known = m["delora_A"]._parameters
+        for k in [k for k in list(store) if k[0] not in known]:  # deleted adapters
+            store.pop(k, None)
+    store[key] = (stamp, keep, factors)
+    return factors
+
+
+def clear_inference_cache(model: nn.Module) -> None:
+    """Drop the cached folded factors of every DeLoRA layer in ``model`` (or of ``model`` itself, a layer).
+
+    Only needed after writing adapter tensors through ``.data`` (invisible to version counters); every other change
+    is detected by itself."""
+    for m in model.modules():
+        m.__dict__.pop(_CACHE_ATTR, None)
+
+
+def _apply_u(u: torch.Tensor, sa) -> torch.Tensor:
+    return u if sa is None else (u.to(sa.dtype) * sa).to(u.dtype)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (N, in), contiguous (as the op sees it); N from the shape, not numel // in (in may be 0)."""
+    if x.dim() != 2:
+        x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return x.contiguous()
+
+
+def base_weight_bias(base: nn.Module) -> tuple:
+    """(weight as (out, in), bias) of a plain linear base, read from its parameter dict when they are there
+    (nn.Module.__getattr__ is a Python call per attribute); a parametrized weight or bias is a property instead."""
+    p = base._parameters
+    W = p["weight"] if "weight" in p and isinstance(base, nn.Linear) else weight_oi(base)
+    return W, (p["bias"] if "bias" in p else base.bias)
+
+
+def cached_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str], fused: bool, args, kwargs):
+    """The layer's output from cached factors (``fused``: a plain linear base, whose GEMM runs here). None when it
+    does not apply (the op path then runs and reports what is wrong, e.g. a dtype mismatch)."""
+    dt = x.dtype
+    if len(names) == 1:
+        factors = folded(layer, names[0], dt)
+        if factors is None:
+            return None
+    else:
+        factors = []
+        for name in names:
+            f = folded(layer, name, dt)
+            if f is None:
+                return None
+            factors += f
+    base = layer._modules["base_layer"]
+    two_d = x.dim() == 2
+    x2 = x.contiguous() if two_d else _rows(x)
+    if fused:
+        W, bias = base_weight_bias(base)
+        if W.dtype != dt:
+            return None
+        # the op's order: y = x Wᵀ + b, then u B'ᵀ accumulated into y (first term), then each further term added
+        y = F.linear(x2, W, bias)
+        AdT, BdT, sa = factors[0]
+        y.addmm_(torch.mm(x2, AdT) if sa is None else _apply_u(torch.mm(x2, AdT), sa), BdT)
+        if len(factors) > 1:
+            for AdT, BdT, sa in factors[1:]:
+                y = y + torch.mm(_apply_u(torch.mm(x2, AdT), sa), BdT)
+        return y if two_d else y.view(*x.shape[:-1], y.shape[-1])
+    y = base(x, *args, **kwargs)
+    for AdT, BdT, sa in factors:
+        y = y + torch.mm(_apply_u(torch.mm(x2, AdT), sa), BdT).view(y.shape).to(y.dtype)
+    return y
+
+
+# ---- mixed batches -----------------------------------------------------------------------------------------
+_PLAN: contextvars.ContextVar = contextvars.ContextVar("delora_ext_mixed_batch", default=None)
+
+
+class _Plan:
+    """The rows of a batch grouped by adapter: computed once per ``mixed_batch`` block, shared by its layers."""
+
+    def __init__(self, names: list[str], layer_ids: frozenset):
+        self.n = len(names)
+        self.layer_ids = layer_ids
+        order: dict[str, int] = {}
+        ids = [order.setdefault(nm, len(order)) for nm in names]
+        self.adapters = list(order)  # first-appearance order
+        self.ids = torch.tensor(ids, dtype=torch.int64)
+        self._by_present: dict[tuple, tuple] = {}
+        self._on_device: dict[tuple, torch.Tensor] = {}
+
+    def groups(self, present: tuple) -> tuple:
+        """(perm (CPU, int64), [(name, start, end)]) for the adapters in ``present``: perm lists the rows of those
+        adapters sorted by adapter (stable), each adapter's rows the segment [start, end) of it."""
+        got = self._by_present.get(present)
+        if got is None:
+            idx = [self.adapters.index(nm) for nm in present]
+            keep = torch.isin(self.ids, torch.tensor(idx, dtype=torch.int64))
+            rows = torch.nonzero(keep).flatten()
+            order = torch.argsort(self.ids[rows], stable=True)
+            perm = rows[order]
+            counts = torch.bincount(self.ids[perm], minlength=len(self.adapters)).tolist()
+            segs, start = [], 0
+            for i in sorted(idx):  # the sorted ids put the segments in adapter-id order
+                if counts[i]:
+                    segs.append((self.adapters[i], start, start + counts[i]))
+                    start += counts[i]
+            got = (perm, segs)
+            self._by_present[present] = got
+        return got
+
+    def perm_on(self, present: tuple, perm: torch.Tensor, device: torch.device) -> torch.Tensor:
+        key = (present, device)
+        t = self._on_device.get(key)
+        if t is None:
+            t = perm.to(device)
+            self._on_device[key] = t
+        return t
+
+
+def active_plan(layer: nn.Module):
+    """The mixed-batch plan for ``layer`` in the current thread's context, or None."""
+    plan = _PLAN.get()
+    if plan is None or id(layer) not in plan.layer_ids or _is_compiling():
+        return None
+    return plan
+
+
+def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, args, kwargs) -> torch.Tensor:
+    if x.dim() == 0 or x.shape[0] != plan.n:
+        raise ValueError(f"`adapter_names` has {plan.n} names (one per batch element) but the input of this layer "
+                         f"has {x.shape[0] if x.dim() else 0} rows along dim 0 (shape {tuple(x.shape)})")
+    base = layer._modules["base_layer"]
+    dt = x.dtype
+    if fused:
+        W, bias = base_weight_bias(base)
+        fused = W.dtype == dt
+    y = F.linear(x, W, bias) if fused else base(x, *args, **kwargs)
+    known = layer._modules["delora_A"]._parameters
+    present = tuple(nm for nm in plan.adapters if nm != BASE and nm in known)
+    if not present:
+        return y
+    perm_cpu, segs = plan.groups(present)
+    perm = plan.perm_on(present, perm_cpu, x.device)
+    grad = torch.is_grad_enabled()
+    xs = _rows(x.index_select(0, perm))  # the one gather: rows of each adapter contiguous
+    per_row = xs.shape[0] // perm.numel() if perm.numel() else 0
+    parts = []
+    for name, start, end in segs:
+        factors = folded(layer, name, dt, cache=not grad)
+        if factors is None:
+            factors = folded(layer, name, dt, cache=False)
+        seg = xs[start * per_row:end * per_row]
+        d = None
+        for AdT, BdT, sa in factors:
+            t = torch.mm(_apply_u(torch.mm(seg, AdT), sa), BdT)
+            d = t if d is None else d + t
+        parts.append(d)
+    delta = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(perm.numel(), *y.shape[1:]).to(y.dtype)
+    if fused and not grad:
+        return y.index_add_(0, perm, delta)  # the one scatter
+    return y.index_add(0, perm, delta)
+
+
+def _adapter_names_list(adapter_names) -> list[str]:
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise ValueError(f"`adapter_names` must be a list of adapter names, one per batch element (\"{BASE}\" for "
+                         f"the base model), got {type(adapter_names).__name__}")
+    bad = [nm for nm in adapter_names if not isinstance(nm, str)]
+    if bad:
+        raise ValueError(f"`adapter_names` must hold adapter names (str), got {bad[0]!r}")
+    if not adapter_names:
+        raise ValueError("`adapter_names` is empty; give one adapter name per batch element")
+    return list(adapter_names)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+    """Run forwards in which batch element i (dim 0 of every DeLoRA layer's input) uses adapter ``adapter_names[i]``
+    (``"__base__"``: the base model alone), as PEFT LoRA's ``adapter_names`` forward argument::
+
+        with torch.no_grad(), delora_ext.mixed_batch(model, ["a", "__base__", "b", "a"]):
+            out = model(**batch)   # batch of 4
+
+    Every row equals the same row run with its adapter alone (``set_adapter``); a layer that does not have a named
+    adapter (``layers_to_transform``, ``rank_pattern``...) leaves that adapter's rows at the base output. Refused with
+    a ValueError naming ``adapter_names`` for unknown names; a batch of another size fails at the first layer. The
+    model must be in eval mode (as PEFT) with nothing merged and no ``modules_to_save`` copies for the named adapters.
+    The active adapters are not changed; the grouping applies to this thread only and ends with the block, also when
+    it raises. Runs eagerly (not inside ``torch.compile``).
+    """
+    from .layer import DeLoRALinear
+    from .model import get_state, unwrap
+
+    names = _adapter_names_list(adapter_names)
+    inner = unwrap(model)
+    if inner is not model or any(getattr(m, "_compiled_call_impl", None) is not None for m in inner.modules()):
+        raise ValueError("mixed_batch: pass the model itself, not a torch.compile / DDP wrapper (mixed batches run "
+                         "eagerly)")
+    layers = [m for m in inner.modules() if isinstance(m, DeLoRALinear)]
+    if not layers:
+        raise ValueError("mixed_batch: `model` has no DeLoRA layers")
+    known = set()
+    for m in layers:
+        known.update(m._modules["delora_A"]._parameters)
+    unknown = sorted({nm for nm in names if nm != BASE and nm not in known})
+    if unknown:
+        raise ValueError(f"`adapter_names`: unknown adapter(s) {', '.join(map(repr, unknown))}; the model has "
+                         f"{sorted(known)} (and \"{BASE}\" for none)")
+    if inner.training:
+        raise ValueError("mixed_batch: `model` is in training mode; call model.eval() first (mixed batches are for "
+                         "inference, as PEFT's `adapter_names`)")
+    merged = sorted({n for m in layers for n in m.merged_adapters})
+    if merged:
+        raise ValueError(f"mixed_batch: adapters {merged} are merged into the base weights; unmerge them first")
+    state = get_state(inner)
+    if state is not None:
+        with_copies = sorted({nm for copies in state.saved_copies.values() for nm in copies if nm in names})
+        if with_copies:
+            raise ValueError(f"mixed_batch: adapters {with_copies} have modules_to_save copies, which a mixed batch "
+                             f"cannot apply row by row; run those adapters with set_adapter")
+    token = _PLAN.set(_Plan(names, frozenset(id(m) for m in layers)))
+    try:
+        yield
+    finally:
+        _PLAN.reset(token)
