@@ -2,6 +2,7 @@
 Hugging Face PEFT's ``DeloraConfig`` adapters."""
 from . import ops, reference
 from .config import DeLoRAConfig
+from .inference import clear_inference_cache, mixed_batch
 from .io import adapter_state_dict, load_adapter, save_adapter
 from .layer import DeLoRALayer, DeLoRALinear
 from .lora_export import export_lora
@@ -20,3 +21,4 @@ __all__ = [
     "ops", "patch", "reference", "save_adapter", "set_adapter", "trainable_parameters", "unmerge", "unpatch",
     "__version__",
 ]
+__all__ += ["clear_inference_cache", "mixed_batch"]

@@ -111,7 +111,10 @@ def folded(layer: nn.Module, name: str, dt: torch.dtype, cache: bool = True) -> 
         entry = store.get(key)
         if entry is not None and entry[0] == stamp:
             return entry[2]
-    terms = _raw_terms(layer, name)
+    return _compute_and_store(layer, key, stamp, _raw_terms(layer, name), dt, store)
+
+
+def _compute_and_store(layer: nn.Module, key: tuple, stamp: tuple, terms: list[tuple], dt: torch.dtype, store):
     with torch.no_grad():
         factors = [_fold(*t, dt) for t in terms]
     # the entry holds the stamped tensors' storages, so none of their addresses can be reused while it exists
@@ -119,11 +122,58 @@ def folded(layer: nn.Module, name: str, dt: torch.dtype, cache: bool = True) -> 
     if store is None:
         store = layer.__dict__.setdefault(_CACHE_ATTR, {})
     else:
-        known = m["delora_A"]._parameters
-        for k in [k for k in list(store) if k[0] not in known]:  # deleted adapters
-            store.pop(k, None)
+        # Drop what can no longer hit, so no old storage stays alive: deleted adapters, and this adapter's entries
+        # of the same kind whose tensors changed (another dtype after .double(), another device after .to()).
+        known = layer._modules["delora_A"]._parameters
+        for k, e in list(store.items()):
+            if k[0] not in known or (k[0] == key[0] and len(k) == len(key) and e[0] != stamp):
+                store.pop(k, None)
     store[key] = (stamp, keep, factors)
     return factors
+
+
+def frozen_folded(layer: nn.Module, name: str, dt: torch.dtype):
+    """(A₀'ᵀ, B₀'ᵀ, sa) of paper-init adapter ``name``'s frozen term alone, cached under its own key: A₀, B₀, λ₀ and w
+    do not change while A, B and λ train, so a training step needs no preparation pass for it. None if unstampable."""
+    m = layer._modules
+    A0, B0 = m["delora_A0"]._buffers[name], m["delora_B0"]._buffers[name]
+    lam0, w = m["delora_lambda0"]._buffers[name], m["delora_w_norm"]._buffers[name]
+    try:
+        stamp = (A0.data_ptr(), A0._version, B0.data_ptr(), B0._version, lam0.data_ptr(), lam0._version,
+                 w.data_ptr(), w._version)
+    except (RuntimeError, NotImplementedError):
+        return None
+    store = layer.__dict__.get(_CACHE_ATTR)
+    key = (name, dt, "frozen")
+    if store is not None:
+        entry = store.get(key)
+        if entry is not None and entry[0] == stamp:
+            return entry[2][0]
+    return _compute_and_store(layer, key, stamp, [(A0, B0, lam0, w, True)], dt, store)[0]
+
+
+def frozen_terms_apply(x: torch.Tensor) -> bool:
+    """Whether a training forward may add paper init's frozen terms from cached factors (two plain GEMMs each,
+    differentiable in x by autograd) instead of a second native op: not while compiling (the op is traced), under
+    autocast (the op casts as nn.Linear does) or for fp16 (the op's backward splits the scale differently)."""
+    return not (_is_compiling() or _any_autocast() or x.dtype == torch.float16)
+
+
+def add_frozen_terms(layer: nn.Module, y: torch.Tensor, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """y plus the frozen term of each paper-init adapter in ``names`` (−λ₀, no dropout, no parameter gradient)."""
+    x2 = None
+    for name in names:
+        f = frozen_folded(layer, name, x.dtype)
+        if f is None:
+            m = layer._modules
+            y = y + ops.adapter(x, m["delora_A0"]._buffers[name], m["delora_B0"]._buffers[name],
+                                -m["delora_lambda0"]._buffers[name], m["delora_w_norm"]._buffers[name]).to(y.dtype)
+            continue
+        if x2 is None:
+            x2 = _rows(x)
+        AdT, BdT, _ = f
+        y = y + torch.mm(torch.mm(x2, AdT), BdT).view(y.shape).to(y.dtype)
+    return y
 
 
 def clear_inference_cache(model: nn.Module) -> None:

@@ -327,7 +327,8 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights, w_norm=w_norm)
 
     # ---- forward -----------------------------------------------------------------------------------
-    # Use cached folded factors when the forward records no graph (delora_ext.inference); False: always the op.
+    # Cached folded factors (delora_ext.inference): the forward when no graph is recorded, and paper init's frozen
+    # term in training. False: always the native ops.
     inference_cache = True
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -366,13 +367,19 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             if y is not None:
                 return y
         if fused:
+            frozen = m["delora_A0"]._buffers
+            if frozen and self.inference_cache and inference.frozen_terms_apply(x):
+                paper = [n for n in names if n in frozen]
+                if paper:
+                    y = core.fused_forward(base, x, self._forward_terms(names, with_frozen=False))
+                    return inference.add_frozen_terms(self, y, x, paper)
             return core.fused_forward(base, x, self._forward_terms(names))
         return core.forward(base, x, self._forward_terms(names), *args, **kwargs)
 
-    def _forward_terms(self, names: list[str]) -> list[core.Term]:
-        """The terms the forward adds for ``names``: each adapter with its dropout (in training), and a paper-init
-        adapter's frozen initial update with −λ₀. That one stands for a change of W (the paper's W ← W₀ − ΔW₀), so
-        it sees no dropout and carries no gradient."""
+    def _forward_terms(self, names: list[str], with_frozen: bool = True) -> list[core.Term]:
+        """The terms the forward adds for ``names``: each adapter with its dropout (in training), and (unless
+        ``with_frozen=False``) a paper-init adapter's frozen initial update with −λ₀. That one stands for a change of W
+        (the paper's W ← W₀ − ΔW₀), so it sees no dropout and carries no gradient."""
         m = self._modules
         pA, pB, pL = m["delora_A"]._parameters, m["delora_B"]._parameters, m["delora_lambda"]._parameters
         bw, frozen = m["delora_w_norm"]._buffers, m["delora_A0"]._buffers
@@ -381,7 +388,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         for name in names:
             w = bw[name]
             terms.append((pA[name], pB[name], pL[name], w, dropout[name] if dropout is not None else 0.0))
-            if name in frozen:
+            if with_frozen and name in frozen:
                 terms.append((frozen[name], m["delora_B0"]._buffers[name], -m["delora_lambda0"]._buffers[name], w,
                               0.0))
         return terms
