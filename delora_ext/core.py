@@ -47,6 +47,15 @@ def weight_oi(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
+def weight_and_bias(module: nn.Module) -> tuple:
+    """(``weight_oi(module)``, bias) of a plain linear base, read from its parameter dict when they are there: each
+    nn.Module.__getattr__ is a Python call, a measurable part of a small layer's forward. (A parametrized weight or
+    bias is a property, not in the dict.)"""
+    p = module._parameters
+    W = p["weight"] if "weight" in p and isinstance(module, nn.Linear) else weight_oi(module)
+    return W, (p["bias"] if "bias" in p else module.bias)
+
+
 def column_norms(weight: torch.Tensor) -> torch.Tensor:
     """w_j = ‖W[:, j]‖₂ of an (out, in) weight, in fp32, accumulated over chunks of rows so that no full fp32
     copy of a large weight exists at once (PEFT takes the norm in the weight's dtype: ~2e-3 off in bf16)."""
@@ -80,7 +89,8 @@ def fused_forward(base_layer: nn.Module, x: torch.Tensor, terms: Sequence[Term])
     """``forward`` for a base layer already known to be a plain linear with a floating-point weight: the first term
     fused with the base GEMM, one op call per layer and direction; further terms added by the adapter-only op."""
     A, B, lam, w, p = terms[0]
-    y = ops.linear(x, weight_oi(base_layer), base_layer.bias, A, B, lam, w, p)
+    W, bias = weight_and_bias(base_layer)
+    y = ops.linear(x, W, bias, A, B, lam, w, p)
     for A, B, lam, w, p in terms[1:]:
         y = y + ops.adapter(x, A, B, lam, w, p).to(y.dtype)
     return y

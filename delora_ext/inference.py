@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .core import weight_oi
+from .core import weight_and_bias
 
 BASE = "__base__"  # the name of "no adapter" in mixed batches (PEFT's)
 _EPS = 1e-4  # the norm clamp (reference.NORM_EPS, kNormEps in the kernels)
@@ -196,14 +196,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def base_weight_bias(base: nn.Module) -> tuple:
-    """(weight as (out, in), bias) of a plain linear base, read from its parameter dict when they are there
-    (nn.Module.__getattr__ is a Python call per attribute); a parametrized weight or bias is a property instead."""
-    p = base._parameters
-    W = p["weight"] if "weight" in p and isinstance(base, nn.Linear) else weight_oi(base)
-    return W, (p["bias"] if "bias" in p else base.bias)
-
-
 def cached_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str], fused: bool, args, kwargs):
     """The layer's output from cached factors (``fused``: a plain linear base, whose GEMM runs here). None when it
     does not apply (the op path then runs and reports what is wrong, e.g. a dtype mismatch)."""
@@ -223,7 +215,7 @@ def cached_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str], fuse
     two_d = x.dim() == 2
     x2 = x.contiguous() if two_d else _rows(x)
     if fused:
-        W, bias = base_weight_bias(base)
+        W, bias = weight_and_bias(base)
         if W.dtype != dt:
             return None
         # the op's order: y = x Wᵀ + b, then u B'ᵀ accumulated into y (first term), then each further term added
@@ -301,7 +293,7 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, a
     base = layer._modules["base_layer"]
     dt = x.dtype
     if fused:
-        W, bias = base_weight_bias(base)
+        W, bias = weight_and_bias(base)
         fused = W.dtype == dt
     y = F.linear(x, W, bias) if fused else base(x, *args, **kwargs)
     known = layer._modules["delora_A"]._parameters
