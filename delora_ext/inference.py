@@ -239,43 +239,61 @@ _PLAN: contextvars.ContextVar = contextvars.ContextVar("delora_ext_mixed_batch",
 class _Plan:
     """The rows of a batch grouped by adapter: computed once per ``mixed_batch`` block, shared by its layers."""
 
-    def __init__(self, names: list[str], layer_ids: frozenset):
+    def __init__(self, names: list[str], layer_ids: frozenset, strategy: str = "auto"):
         self.n = len(names)
+        self.names = names
         self.layer_ids = layer_ids
-        order: dict[str, int] = {}
-        ids = [order.setdefault(nm, len(order)) for nm in names]
-        self.adapters = list(order)  # first-appearance order
-        self.ids = torch.tensor(ids, dtype=torch.int64)
-        self._by_present: dict[tuple, tuple] = {}
-        self._on_device: dict[tuple, torch.Tensor] = {}
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(names):  # bookkeeping on the host, once per block
+            rows.setdefault(name, []).append(i)
+        self.rows = rows
+        self.adapters = [name for name in rows if name != BASE]  # first-appearance order
+        self.strategy = strategy
+        self._groups: dict[tuple, tuple] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
-    def groups(self, present: tuple) -> tuple:
-        """(perm (CPU, int64), [(name, start, end)]) for the adapters in ``present``: perm lists the rows of those
-        adapters sorted by adapter (stable), each adapter's rows the segment [start, end) of it."""
-        got = self._by_present.get(present)
+    def groups(self, present: tuple, device: torch.device) -> tuple:
+        """(perm, sizes) for the adapters in ``present``: perm (int64, on ``device``) lists their rows adapter by
+        adapter, ``sizes[i]`` rows of ``present[i]`` each. Shared by every layer with the same adapters."""
+        key = (present, device)
+        got = self._groups.get(key)
         if got is None:
-            idx = [self.adapters.index(nm) for nm in present]
-            keep = torch.isin(self.ids, torch.tensor(idx, dtype=torch.int64))
-            rows = torch.nonzero(keep).flatten()
-            order = torch.argsort(self.ids[rows], stable=True)
-            perm = rows[order]
-            counts = torch.bincount(self.ids[perm], minlength=len(self.adapters)).tolist()
-            segs, start = [], 0
-            for i in sorted(idx):  # the sorted ids put the segments in adapter-id order
-                if counts[i]:
-                    segs.append((self.adapters[i], start, start + counts[i]))
-                    start += counts[i]
-            got = (perm, segs)
-            self._by_present[present] = got
+            perm = [i for name in present for i in self.rows[name]]
+            got = (torch.tensor(perm, dtype=torch.int64, device=device), [len(self.rows[n]) for n in present])
+            self._groups[key] = got
         return got
 
-    def perm_on(self, present: tuple, perm: torch.Tensor, device: torch.device) -> torch.Tensor:
-        key = (present, device)
-        t = self._on_device.get(key)
-        if t is None:
-            t = perm.to(device)
-            self._on_device[key] = t
-        return t
+    def mask(self, present: tuple, col_block: torch.Tensor) -> torch.Tensor:
+        """(n, Σr) bool: row i is False in the columns of its adapter's block (``col_block``: the block of each
+        column), True (to be zeroed) elsewhere ("__base__": everywhere)."""
+        key = (present, col_block.shape[0], col_block.device)
+        m = self._masks.get(key)
+        if m is None:
+            block = {name: i for i, name in enumerate(present)}
+            row_block = torch.tensor([block.get(name, -1) for name in self.names], device=col_block.device)
+            m = row_block[:, None] != col_block[None, :]
+            self._masks[key] = m
+        return m
+
+
+def _stacked(layer: nn.Module, present: tuple, factors: list, dt: torch.dtype) -> tuple:
+    """(A'ᵀ of every present adapter side by side (in, Σr), B'ᵀ stacked (Σr, out), each column's adapter), kept in the layer's
+    cache and rebuilt only when one of the adapters' cached factor lists was replaced (a tensor changed)."""
+    store = layer.__dict__.setdefault(_CACHE_ATTR, {})
+    key = (BASE, present, dt)  # not an adapter name: dropped at the next miss, rebuilt on use
+    got = store.get(key)
+    if got is None or any(a is not b for a, b in zip(got[0], factors)):
+        terms = [t for f in factors for t in f]
+        Ad = torch.cat([t[0].t() for t in terms], 0)  # (Σr, in), as each A' is stored
+        Bd = torch.cat([t[1].t() for t in terms], 1)  # (out, Σr)
+        widths = [sum(t[0].shape[1] for t in f) for f in factors]
+        col_block = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths)).to(Ad.device)
+        # one check per rebuild (a host sync on a GPU): a zeroed product is 0 only for finite factors (0·inf = NaN),
+        # so a broken adapter would reach every row of the batch; the grouped path keeps it to its own rows
+        finite = bool(torch.isfinite(Ad).all()) and bool(torch.isfinite(Bd).all())
+        got = (list(factors), Ad.t(), Bd.t(), col_block, finite)
+        store[key] = got
+    return got[1:]
 
 
 def active_plan(layer: nn.Module):
@@ -297,29 +315,92 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, a
         fused = W.dtype == dt
     y = F.linear(x, W, bias) if fused else base(x, *args, **kwargs)
     known = layer._modules["delora_A"]._parameters
-    present = tuple(nm for nm in plan.adapters if nm != BASE and nm in known)
+    present = tuple(name for name in plan.adapters if name in known)
     if not present:
         return y
-    perm_cpu, segs = plan.groups(present)
-    perm = plan.perm_on(present, perm_cpu, x.device)
     grad = torch.is_grad_enabled()
-    xs = _rows(x.index_select(0, perm))  # the one gather: rows of each adapter contiguous
-    per_row = xs.shape[0] // perm.numel() if perm.numel() else 0
-    parts = []
-    for name, start, end in segs:
-        factors = folded(layer, name, dt, cache=not grad)
-        if factors is None:
-            factors = folded(layer, name, dt, cache=False)
-        seg = xs[start * per_row:end * per_row]
-        d = None
-        for AdT, BdT, sa in factors:
-            t = torch.mm(_apply_u(torch.mm(seg, AdT), sa), BdT)
-            d = t if d is None else d + t
-        parts.append(d)
-    delta = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(perm.numel(), *y.shape[1:]).to(y.dtype)
+    if not grad and _masked_applies(plan, layer, x, present, dt):
+        factors = [folded(layer, name, dt) for name in present]
+        if all(f is not None for f in factors):
+            out = _masked_forward(plan, layer, x, y, present, factors, dt, fused)
+            if out is not None:
+                return out
+    perm, sizes = plan.groups(present, x.device)
+    xs = _rows(x.index_select(0, perm))  # the one gather: each adapter's rows contiguous
+    per = xs.shape[0] // perm.shape[0]  # rows per batch element (sequence positions)
+    if per != 1:
+        sizes = [n * per for n in sizes]
+    segs = xs.split(sizes) if len(sizes) > 1 else (xs,)
+    out_f = y.shape[-1]
+    if grad:  # factors with autograd, segments concatenated (out= is not differentiable)
+        parts = []
+        for name, seg in zip(present, segs):
+            d = None
+            for AdT, BdT, sa in folded(layer, name, dt, cache=False):
+                t = torch.mm(_apply_u(torch.mm(seg, AdT), sa), BdT)
+                d = t if d is None else d + t
+            parts.append(d)
+        delta = parts[0] if len(parts) == 1 else torch.cat(parts)
+    else:
+        delta = xs.new_empty(xs.shape[0], out_f)
+        outs = delta.split(sizes) if len(sizes) > 1 else (delta,)
+        for name, seg, out in zip(present, segs, outs):
+            factors = folded(layer, name, dt) or folded(layer, name, dt, cache=False)
+            if len(factors) == 1 and factors[0][2] is None:
+                AdT, BdT, _ = factors[0]
+                torch.mm(torch.mm(seg, AdT), BdT, out=out)
+                continue
+            d = None
+            for AdT, BdT, sa in factors:
+                t = torch.mm(_apply_u(torch.mm(seg, AdT), sa), BdT)
+                d = t if d is None else d + t
+            out.copy_(d)
+    delta = delta.view(perm.shape[0], *y.shape[1:]).to(y.dtype)
     if fused and not grad:
         return y.index_add_(0, perm, delta)  # the one scatter
     return y.index_add(0, perm, delta)
+
+
+# "auto" masks while rows × Σr × (in + out), the extra multiply-adds of the masked GEMMs, stays below this per
+# device type; above it the grouped path's per-adapter GEMM calls cost less than the k-fold FLOPs. CPU: the two
+# strategies break even near 8e6 on the 2-core CI machine, at 64×64 (r = 8, 1000 rows) and at 1024×1024
+# (r = 16, 32 rows) alike (bench_cpu.py, mixed-batch section). CUDA: not yet measured; a launch (~5 µs) there
+# buys far more FLOPs, so its bound is set two orders of magnitude higher.
+MASKED_MAX_WORK = {"cpu": 4_000_000, "cuda": 256_000_000}
+
+
+def _masked_applies(plan: _Plan, layer: nn.Module, x: torch.Tensor, present: tuple, dt: torch.dtype) -> bool:
+    if plan.strategy == "grouped" or dt == torch.float16:  # fp16: another adapter's u may overflow, and inf·0 = NaN
+        return False
+    if plan.strategy == "masked":
+        return True
+    frozen = layer._modules["delora_A0"]._buffers
+    total_r = sum(layer.r[n] * (2 if n in frozen else 1) for n in present)
+    work = math.prod(x.shape[:-1]) * total_r * (layer.in_features + layer.out_features)
+    return work <= MASKED_MAX_WORK.get(x.device.type, MASKED_MAX_WORK["cpu"])
+
+
+def _masked_forward(plan, layer, x, y, present, factors, dt, fused) -> torch.Tensor:
+    """Every row against every present adapter's A' in one GEMM, u masked to the row's own adapter's columns, then
+    one GEMM with every B' stacked: two GEMMs and a masked fill whatever the number of adapters, no gather or
+    scatter; the masked-out products are exact zeros, so each row gets its own adapter's term only. None when a
+    factor is not finite (its zeroed products would not be 0): the grouped path then runs."""
+    AdT, BdT, col_block, finite = _stacked(layer, present, factors, dt)
+    if not finite:
+        return None
+    off = plan.mask(present, col_block)
+    x2 = x.contiguous() if x.dim() == 2 else _rows(x)
+    u = torch.mm(x2, AdT)
+    # masked_fill gives exact zeros even where u is not finite (a multiply by 0 would make inf·0 = NaN)
+    if x.dim() == 2:
+        u.masked_fill_(off, 0)
+    else:
+        u.view(plan.n, -1, u.shape[-1]).masked_fill_(off.unsqueeze(1), 0)
+    if fused:
+        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        y2.addmm_(u, BdT)
+        return y
+    return y + torch.mm(u, BdT).view(y.shape).to(y.dtype)
 
 
 def _adapter_names_list(adapter_names) -> list[str]:
@@ -335,7 +416,7 @@ def _adapter_names_list(adapter_names) -> list[str]:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], strategy: str = "auto"):
     """Run forwards in which batch element i (dim 0 of every DeLoRA layer's input) uses adapter ``adapter_names[i]``
     (``"__base__"``: the base model alone), as PEFT LoRA's ``adapter_names`` forward argument::
 
@@ -348,21 +429,33 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     model must be in eval mode (as PEFT) with nothing merged and no ``modules_to_save`` copies for the named adapters.
     The active adapters are not changed; the grouping applies to this thread only and ends with the block, also when
     it raises. Runs eagerly (not inside ``torch.compile``).
+
+    ``strategy``: how each layer applies the adapters. "grouped": the rows gathered adapter by adapter (one
+    ``index_select``), each adapter's two skinny GEMMs on its segment, added back with one ``index_add_``; its cost
+    grows with the number of adapters in the batch. "masked": every row against all the batch's adapters in two
+    GEMMs, each row's product masked to its own adapter's block: k-fold skinny-GEMM FLOPs, but three calls whatever
+    k, so faster where calls dominate (decoding, small batches). "auto" (default): masked while the extra work,
+    rows × Σr × (in + out), is below ``MASKED_MAX_WORK`` for the device, grouped above; grouped for fp16 (a
+    masked-out product could overflow fp16, and inf·0 is NaN) and whenever gradients are recorded.
     """
     from .layer import DeLoRALinear
     from .model import get_state, unwrap
 
     names = _adapter_names_list(adapter_names)
+    if strategy not in ("auto", "grouped", "masked"):
+        raise ValueError(f"`strategy` must be 'auto', 'grouped' or 'masked', got {strategy!r}")
     inner = unwrap(model)
-    if inner is not model or any(getattr(m, "_compiled_call_impl", None) is not None for m in inner.modules()):
+    layers, known, compiled = [], set(), inner is not model
+    for m in inner.modules():
+        compiled = compiled or getattr(m, "_compiled_call_impl", None) is not None
+        if isinstance(m, DeLoRALinear):
+            layers.append(m)
+            known.update(m._modules["delora_A"]._parameters)
+    if compiled:
         raise ValueError("mixed_batch: pass the model itself, not a torch.compile / DDP wrapper (mixed batches run "
                          "eagerly)")
-    layers = [m for m in inner.modules() if isinstance(m, DeLoRALinear)]
     if not layers:
         raise ValueError("mixed_batch: `model` has no DeLoRA layers")
-    known = set()
-    for m in layers:
-        known.update(m._modules["delora_A"]._parameters)
     unknown = sorted({nm for nm in names if nm != BASE and nm not in known})
     if unknown:
         raise ValueError(f"`adapter_names`: unknown adapter(s) {', '.join(map(repr, unknown))}; the model has "
@@ -379,7 +472,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
         if with_copies:
             raise ValueError(f"mixed_batch: adapters {with_copies} have modules_to_save copies, which a mixed batch "
                              f"cannot apply row by row; run those adapters with set_adapter")
-    token = _PLAN.set(_Plan(names, frozenset(id(m) for m in layers)))
+    token = _PLAN.set(_Plan(names, frozenset(id(m) for m in layers), strategy))
     try:
         yield
     finally:
