@@ -146,12 +146,13 @@ run_tests() {
   return $rc
 }
 
-# The training-stack tests on CUDA (torch.compile fullgraph, autocast, gradient checkpointing) and double backward
-# on CUDA: last, as the least critical step, since inductor's compile time on the device is not known.
+# The training-stack tests on CUDA (torch.compile fullgraph, autocast, gradient checkpointing), double backward,
+# the inference cache under CUDA graph capture and torch.compile(mode="reduce-overhead") on CUDA: last, as the least critical step, since inductor's compile time on the device is not known.
 run_stack_tests() {
   local extra=(-X faulthandler -m pytest -q -rfEs -p no:cacheprovider)
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
-  "$PY" "${extra[@]}" --durations=5 tests/test_training_stack.py tests/test_double_backward.py -k cuda
+  "$PY" "${extra[@]}" --durations=5 tests/test_training_stack.py tests/test_double_backward.py \
+    tests/test_inference_cache.py tests/test_host_overhead_paths.py -k cuda
 }
 
 run_bench() {

@@ -8,7 +8,8 @@ order each round) in one process:
 - eval forward (``torch.no_grad()``, ``.eval()``): nn.Linear, DeLoRALinear, the raw ``delora_ext::linear_fwd`` op on
   the same tensors (the floor of an uncached call into the native op), PEFT DeLoRA, PEFT LoRA;
 - training step (forward + backward of a fixed dL/dy, x requires grad, trainable grads set to None first): the
-  frozen nn.Linear, DeLoRALinear, PEFT DeLoRA, PEFT LoRA.
+  frozen nn.Linear, DeLoRALinear, PEFT DeLoRA, PEFT LoRA, and the raw op with its autograd node and no layer
+  around it (the floor of what Python-side work can reach).
 
 One sample times ``calls`` back-to-back calls and divides; each figure is the median over rounds. Two clocks per
 sample: wall (``perf_counter``) and this thread's CPU time (``thread_time``), which leaves out the time the thread
@@ -72,6 +73,21 @@ def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
     return step
 
 
+def _raw_step(op, x, g, layer):
+    """The native floor of a training step: the op called directly (no layer), backward through its C++ node."""
+    base = layer.base_layer
+    A, B, lam, w = (getattr(layer, k)["default"] for k in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"))
+    params = [A, B, lam]
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        op(x, base.weight, base.bias, A, B, lam, w, 0.0, None)[0].backward(g)
+
+    return step
+
+
 def _no_grad(f):
     def call():
         with torch.no_grad():
@@ -117,6 +133,7 @@ def host_overhead(rounds: int = 30, calls: int = 200, warmup: int = 3, seed: int
             "step: DeLoRALinear": _step(train_ours, xg, g),
             "step: PEFT DeLoRA": _step(peft_d, xg, g),
             "step: PEFT LoRA": _step(peft_l, xg, g),
+            "step: raw linear_fwd op + autograd": _raw_step(op, xg, g, train_ours),
         }
         res = _time_interleaved(items, rounds, calls, warmup, seed)
         del m1, m2, m3
