@@ -31,8 +31,13 @@ Everything runs in one process. Measured, fp32, for N ∈ {512, 4096} tokens, (i
    profiler events as 3. Skipped, with the reason recorded, without bitsandbytes or transformers;
    ``--quantized-only`` runs just this section, ``--no-quantized`` leaves it out.
 
-``--quick`` runs only the headline configuration (N=4096, 1024×1024, r=16) with fewer repeats (CI smoke).
-``main(argv)`` is the entry point, so ``python -m delora_ext bench`` can call it.
+5. Host overhead and mixed batches (bench/host_overhead.py): per-call time of a 64×64 layer at 4 rows, one
+   thread (eval forward vs nn.Linear, the raw op, training step vs the frozen step, PEFT DeLoRA and LoRA), and
+   ``delora_ext.mixed_batch`` with 8 adapters on 32 rows vs a loop of single-adapter calls.
+
+``--quick`` runs only the headline configuration (N=4096, 1024×1024, r=16) with fewer repeats (CI smoke);
+``--only host`` runs section 5 alone, ``--quantized-only`` section 4. ``main(argv)`` is the entry point, so
+``python -m delora_ext bench`` can call it.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
 from variants import build_ours, build_peft_delora, build_peft_lora, build_peft_native, build_ref, frozen  # noqa: E402
+import host_overhead  # noqa: E402
 
 HEADLINE = {"N": 4096, "in": 1024, "out": 1024, "r": 16}
 FULL_NS = (512, 4096)
@@ -689,7 +695,7 @@ def evaluate_targets(rows, merges) -> list[dict]:
     return out
 
 
-def render_markdown(res: dict) -> str:
+def _header_lines(res: dict) -> list[str]:
     env = res["environment"]
     L = []
     L.append(f"# delora_ext CPU benchmark ({env['mode']})")
@@ -712,6 +718,16 @@ def render_markdown(res: dict) -> str:
         L.append(f"- CPU time taken by other processes during the run: {env['other_processes_cpu_s']} s "
                  f"({100 * env['other_processes_cpu_share']:.1f} % of wall × cores); steps they disturbed are "
                  f"discarded (counts below); merge timings and the profiles are not filtered")
+    return L
+
+
+def render_header(res: dict) -> str:
+    """The environment lines alone (``--only host``)."""
+    return "\n".join(_header_lines(res)) + "\n\n"
+
+
+def render_markdown(res: dict) -> str:
+    L = _header_lines(res)
     L.append(f"- fp32; x is (N/{SEQ}, {SEQ}, in); step = forward + backward of a fixed random dL/dy, trainable "
              f"grads set to None before each step; ours/PEFT DeLoRA/reference share A, B, λ, w (B random, "
              f"init_weights=False); LoRA: r = lora_alpha, init_lora_weights=False")
@@ -867,6 +883,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-quantized", action="store_true", help="leave section 4 out")
     ap.add_argument("--quantized-repeats", type=int, default=None,
                     help="timed steps per variant in section 4 (default 7, --quick 3)")
+    ap.add_argument("--only", choices=("host",), default=None,
+                    help="host: only the host-overhead and mixed-batch sections (a minute)")
     args = ap.parse_args(argv)
     args.argv = argv
     if args.threads:
@@ -883,13 +901,15 @@ def main(argv=None) -> int:
     env = environment(args)
     if args.quantized_only:
         env["mode"] = "quantized-only"
+    elif args.only:
+        env["mode"] = f"only {args.only}"
     log(f"delora_ext CPU benchmark ({env['mode']}): torch {env['torch']}, {env['torch_num_threads']} threads, "
         f"{env['cpu_model']}")
     if env["busy_processes_start"]:
         log(f"WARNING: other processes are using the CPU ({', '.join(env['busy_processes_start'])}); with "
             f"{env['nproc']} cores the timings will be noisy (OpenMP barriers wait for descheduled threads)")
 
-    if args.quantized_only:
+    if args.quantized_only or args.only == "host":
         groups, merge_cfgs = [], []
     elif args.quick:
         groups = [(HEADLINE["N"], HEADLINE["in"], HEADLINE["out"], (HEADLINE["r"],))]
@@ -933,10 +953,18 @@ def main(argv=None) -> int:
     if merge_cfgs:
         log(f"  merge: {len(merge_cfgs)} configurations x {mrep} repeats in {time.perf_counter() - t0:.1f} s")
 
+    host = mixed = None
+    if not args.quantized_only:
+        t0 = time.perf_counter()
+        quick = args.quick and args.only != "host"
+        host = host_overhead.host_overhead(**(dict(rounds=5, calls=50, warmup=1) if quick else {}), seed=args.seed)
+        mixed = host_overhead.mixed_batch(**(dict(rounds=3, calls=5, warmup=1) if quick else {}), seed=args.seed)
+        log(f"  host overhead and mixed batch in {time.perf_counter() - t0:.1f} s")
+
     res = {"environment": env, "headline": HEADLINE, "seq": SEQ, "warmup": warmup, "repeats": repeats_used,
            "targets_spec": TARGETS, "rows": rows, "merges": merges, "profile": profile,
-           "profile_steps": n_profile_steps}
-    if not args.no_quantized:
+           "profile_steps": n_profile_steps, "host_overhead": host, "mixed_batch": mixed}
+    if not args.no_quantized and args.only != "host":
         qrep = args.quantized_repeats or (3 if args.quick else 7)
         res["quantized"] = bench_quantized(qrep, 1, args.seed, log)
     cpu1 = _cpu_seconds()
@@ -949,7 +977,11 @@ def main(argv=None) -> int:
     env["busy_processes_end"] = _other_busy_processes()
     res["targets"] = evaluate_targets(rows, merges) if rows else []
     res["wall_s"] = time.perf_counter() - t_start
-    md = render_quantized_only(res) if args.quantized_only else render_markdown(res)
+    if args.quantized_only:
+        md = render_quantized_only(res)
+    else:
+        md = render_markdown(res) if rows else render_header(res)
+        md += "\n".join(host_overhead.render(host, mixed)) + "\n"
 
     if args.out:
         base = args.out
@@ -959,7 +991,8 @@ def main(argv=None) -> int:
     else:
         date = _dt.date.today().isoformat()
         base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"cpu-{date}" + ("-quantized" if args.quantized_only else "-quick" if args.quick else ""))
+                            f"cpu-{date}" + ("-quantized" if args.quantized_only else "-host" if args.only == "host"
+                                             else "-quick" if args.quick else ""))
     os.makedirs(os.path.dirname(os.path.abspath(base)) or ".", exist_ok=True)
     with open(base + ".md", "w") as f:
         f.write(md)
@@ -971,7 +1004,7 @@ def main(argv=None) -> int:
     if flagged:
         log(f"WARNING: {flagged} variant timings had < {MIN_CLEAN} undisturbed samples (other processes took "
             f"{100 * env.get('other_processes_cpu_share', 0.0):.1f} % of the CPU); rerun on a quiet machine")
-    met = all(t["met"] for t in res["targets"])
+    met = all(t["met"] for t in res["targets"] + host["targets"])
     return 0 if (met or not args.strict) else 1
 
 

@@ -146,14 +146,15 @@ run_tests() {
   return $rc
 }
 
-# The training-stack tests on CUDA (torch.compile fullgraph, autocast, gradient checkpointing), double backward
-# and the quantised-base tests (bitsandbytes' CUDA kernels, torchao; they skip, saying so, where the libraries
-# are not installed) on CUDA: last, as the least critical step, since inductor's compile time there is not known.
+# The training-stack tests on CUDA (torch.compile fullgraph, autocast, gradient checkpointing), double backward,
+# the quantised-base tests (bitsandbytes' CUDA kernels, torchao; they skip, saying so, where the libraries are not
+# installed), the inference cache under CUDA graph capture and torch.compile(mode="reduce-overhead"): last, as the
+# least critical step, since inductor's compile time on the device is not known.
 run_stack_tests() {
   local extra=(-X faulthandler -m pytest -q -rfEs -p no:cacheprovider)
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
   "$PY" "${extra[@]}" --durations=5 tests/test_training_stack.py tests/test_higher_order_autograd.py \
-    tests/test_quantized.py -k cuda
+    tests/test_quantized.py tests/test_inference_cache.py tests/test_host_overhead_paths.py -k cuda
 }
 
 run_bench() {

@@ -2,6 +2,7 @@
 Hugging Face PEFT's ``DeloraConfig`` adapters."""
 from . import ops, reference
 from .config import DeLoRAConfig
+from .inference import clear_inference_cache, mixed_batch
 from .io import adapter_state_dict, load_adapter, save_adapter
 from .layer import DeLoRALayer, DeLoRALinear
 from .lora_export import export_lora
@@ -19,7 +20,7 @@ __all__ = [
     "DeLoRAConfig", "DeLoRALayer", "DeLoRALinear", "DeloraConfig", "DeloraLinear", "adapter_state_dict",
     "build_info", "delete_adapter", "disable_adapters", "export_lora", "load_adapter", "merge", "merge_and_unload",
     "ops", "patch", "reference", "save_adapter", "set_adapter", "trainable_parameters", "unmerge", "unpatch",
-    "__version__", "attach_callback", "param_groups",
+    "__version__", "attach_callback", "clear_inference_cache", "mixed_batch", "param_groups",
 ]
 
 

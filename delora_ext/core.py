@@ -43,7 +43,18 @@ def plain_forward(module: nn.Module) -> bool:
 
 def weight_oi(module: nn.Module) -> torch.Tensor:
     """The base weight as (out, in): a transposed view for Conv1D, whose weight is stored (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
     return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def weight_and_bias(module: nn.Module) -> tuple:
+    """(``weight_oi(module)``, bias) of a plain linear base, read from its parameter dict when they are there: each
+    nn.Module.__getattr__ is a Python call, a measurable part of a small layer's forward. (A parametrized weight or
+    bias is a property, not in the dict.)"""
+    p = module._parameters
+    W = p["weight"] if "weight" in p and isinstance(module, nn.Linear) else weight_oi(module)
+    return W, (p["bias"] if "bias" in p else module.bias)
 
 
 def column_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -67,14 +78,21 @@ def forward(base_layer: nn.Module, x: torch.Tensor, terms: Sequence[Term], *args
     """
     if not terms:
         return base_layer(x, *args, **kwargs)
-    rest = terms
     if not args and not kwargs and plain_forward(base_layer) and base_layer.weight.is_floating_point():
-        A, B, lam, w, p = terms[0]
-        y = ops.linear(x, weight_oi(base_layer), base_layer.bias, A, B, lam, w, p)
-        rest = terms[1:]
-    else:
-        y = base_layer(x, *args, **kwargs)
-    for A, B, lam, w, p in rest:
+        return fused_forward(base_layer, x, terms)
+    y = base_layer(x, *args, **kwargs)
+    for A, B, lam, w, p in terms:
+        y = y + ops.adapter(x, A, B, lam, w, p).to(y.dtype)
+    return y
+
+
+def fused_forward(base_layer: nn.Module, x: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """``forward`` for a base layer already known to be a plain linear with a floating-point weight: the first term
+    fused with the base GEMM, one op call per layer and direction; further terms added by the adapter-only op."""
+    A, B, lam, w, p = terms[0]
+    W, bias = weight_and_bias(base_layer)
+    y = ops.linear(x, W, bias, A, B, lam, w, p)
+    for A, B, lam, w, p in terms[1:]:
         y = y + ops.adapter(x, A, B, lam, w, p).to(y.dtype)
     return y
 

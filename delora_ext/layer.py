@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import core, quant
+from . import core, inference, quant
 from .config import adapter_list, check_adapter_name, check_known, check_lambda, check_module_dropout
 from .core import is_conv1d, plain_forward
 
@@ -369,32 +369,75 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights, w_norm=w_norm)
 
     # ---- forward -----------------------------------------------------------------------------------
+    # Cached folded factors (delora_ext.inference): the forward when no graph is recorded, and paper init's frozen
+    # term in training. False: always the native ops.
+    inference_cache = True
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = self.base_layer
+        # Containers and the base weight are read through _modules / _parameters: nn.Module.__getattr__ and
+        # ParameterDict lookups were most of the host time of a small-batch forward.
+        m = self._modules
+        base = m["base_layer"]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"DeLoRALinear: `x` must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
-        if plain_forward(base) and x.device != base.weight.device:  # a wrapped forward may move the weight itself
-            raise RuntimeError(f"DeLoRALinear: `x` is on {x.device} but the layer's weight is on {base.weight.device}")
-        if self._disable_adapters or self.merged:
+        fused = False
+        if plain_forward(base):
+            p = base._parameters
+            W = p["weight"] if "weight" in p else base.weight
+            if x.device != W.device:  # a wrapped forward may move the weight itself
+                raise RuntimeError(f"DeLoRALinear: `x` is on {x.device} but the layer's weight is on {W.device}")
+            fused = not args and not kwargs and W.is_floating_point()
+        if self._disable_adapters or self.merged_adapters:
             return base(x, *args, **kwargs)
-        names = [n for n in self.active_adapters if n in self.delora_A]
-        if names and self._w_pending:
+        plan = inference.active_plan(self)
+        if plan is not None:
+            if self._w_pending:
+                self.resolve_w()
+            return inference.mixed_forward(self, plan, x, fused, args, kwargs)
+        known = m["delora_A"]._parameters
+        names = self.active_adapters
+        if len(names) != 1 or names[0] not in known:
+            names = [n for n in names if n in known]
+        if not names:
+            return base(x, *args, **kwargs)
+        if self._w_pending:
             self.resolve_w()
+        if (inference.cache_applies(x) and self.inference_cache
+                and not (self.training and any(self.module_dropout[n] > 0.0 for n in names))):
+            y = inference.cached_forward(self, x, names, fused, args, kwargs)
+            if y is not None:
+                return y
+        if fused:
+            frozen = m["delora_A0"]._buffers
+            if frozen and self.inference_cache and inference.frozen_terms_apply(x):
+                paper = [n for n in names if n in frozen]
+                if paper:
+                    y = core.fused_forward(base, x, self._forward_terms(names, with_frozen=False))
+                    return inference.add_frozen_terms(self, y, x, paper)
+            return core.fused_forward(base, x, self._forward_terms(names))
         return core.forward(base, x, self._forward_terms(names), *args, **kwargs)
 
-    def _forward_terms(self, names: list[str]) -> list[core.Term]:
-        """The terms the forward adds for ``names``: each adapter with its dropout (in training), and a paper-init
-        adapter's frozen initial update with −λ₀. That one stands for a change of W (the paper's W ← W₀ − ΔW₀), so
-        it sees no dropout and carries no gradient."""
+    def _forward_terms(self, names: list[str], with_frozen: bool = True) -> list[core.Term]:
+        """The terms the forward adds for ``names``: each adapter with its dropout (in training), and (unless
+        ``with_frozen=False``) a paper-init adapter's frozen initial update with −λ₀. That one stands for a change of W
+        (the paper's W ← W₀ − ΔW₀), so it sees no dropout and carries no gradient."""
+        m = self._modules
+        pA, pB, pL = m["delora_A"]._parameters, m["delora_B"]._parameters, m["delora_lambda"]._parameters
+        bw, frozen = m["delora_w_norm"]._buffers, m["delora_A0"]._buffers
+        dropout = self.module_dropout if self.training else None
         terms = []
         for name in names:
-            A, B, lam, w = self._params(name)
-            terms.append((A, B, lam, w, self.module_dropout[name] if self.training else 0.0))
-            if name in self.delora_A0:
-                A0, B0, lam0, _ = self._params0(name)
-                terms.append((A0, B0, -lam0, w, 0.0))
+            w = bw[name]
+            terms.append((pA[name], pB[name], pL[name], w, dropout[name] if dropout is not None else 0.0))
+            if with_frozen and name in frozen:
+                terms.append((frozen[name], m["delora_B0"]._buffers[name], -m["delora_lambda0"]._buffers[name], w,
+                              0.0))
         return terms
+
+    def clear_inference_cache(self) -> None:
+        """Drop the cached folded factors (needed only after writing adapter tensors through ``.data``)."""
+        inference.clear_inference_cache(self)
 
     # ---- merge -------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, requantize=False) -> None:

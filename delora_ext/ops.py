@@ -139,7 +139,7 @@ def build_info() -> dict:
 
 def has_kernel(device: torch.device | str) -> bool:
     """Whether layers route tensors on ``device`` through the native ops."""
-    dev = torch.device(device).type
+    dev = device.type if isinstance(device, torch.device) else torch.device(device).type
     if not NATIVE:
         return False
     if dev == "cpu":
@@ -222,8 +222,14 @@ if NATIVE:
     # Autograd: C++ autograd.Functions at the Autograd key (csrc/autograd.cpp), not register_autograd
     # (its Python wrapper would add host time to every layer and step).
 
+    # The overloads themselves: calling the packet resolves the overload on every call.
+    _linear_fwd = _ops.linear_fwd.default
+    _adapter_fwd = _ops.adapter_fwd.default
+
 
 def _seed_for(x: torch.Tensor, dropout_p: float):
+    """The dropout mask's seed, drawn from torch's generator on x's device (so CUDA graphs replay fresh masks);
+    None, and no tensor made, without dropout."""
     if dropout_p <= 0.0:
         return None
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
@@ -259,14 +265,18 @@ def linear(x, weight, bias, A, B, lam, w, dropout_p: float = 0.0):
     if _reference_for(x.device):
         y = torch.nn.functional.linear(x, weight, bias)
         return y + _adapter_reference(x, A, B, lam, w, dropout_p).to(y.dtype)
-    return _ops.linear_fwd(x, weight, bias, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
+    if dropout_p == 0.0:
+        return _linear_fwd(x, weight, bias, A, B, lam, w, 0.0, None)[0]
+    return _linear_fwd(x, weight, bias, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
 
 
 def adapter(x, A, B, lam, w, dropout_p: float = 0.0):
     """The DeLoRA term alone, ((x_d ⊙ w) Aᵀ ⊙ s) Bᵀ: (..., out) in x's dtype, for non-Linear bases."""
     if _reference_for(x.device):
         return _adapter_reference(x, A, B, lam, w, dropout_p)
-    return _ops.adapter_fwd(x, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
+    if dropout_p == 0.0:
+        return _adapter_fwd(x, A, B, lam, w, 0.0, None)[0]
+    return _adapter_fwd(x, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
 
 
 def merge_(weight, A, B, lam, w, alpha: float = 1.0) -> None:
