@@ -15,7 +15,7 @@ import delora_ext
 from delora_ext import DeLoRALinear
 from delora_ext import reference as ref
 
-from conftest import TOL, assert_close, requires_cuda, requires_native
+from helpers import TOL, assert_close, requires_cuda, requires_native
 
 pytestmark = requires_native
 CACHE = "_fold_cache"

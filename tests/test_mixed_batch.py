@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import delora_ext
 from delora_ext import DeLoRALinear
 
-from conftest import requires_native
+from helpers import requires_native
 from tiny_models import ARCHS, all_linear, build, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 pytestmark = requires_native

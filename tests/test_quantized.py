@@ -20,7 +20,7 @@ import delora_ext
 from delora_ext import core, quant
 from delora_ext.layer import DeLoRALinear
 
-from conftest import DEVICES, rel_err
+from helpers import DEVICES, rel_err
 from tiny_models import batch, build, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 # kind -> (library, what to build)
