@@ -264,8 +264,8 @@ def render(host: dict | None, mixed: dict | None) -> list[str]:
                  "adapter on all rows is its floor (the same two skinny GEMMs, nothing to group). Medians per call, "
                  f"CPU µs, over {mixed['rounds']} interleaved rounds of {mixed['calls']} calls.")
         L.append("")
-        L.append("| in×out | r | loop | mixed_batch | mixed/loop (CPU, wall) | grouped, open block | masked, open block "
-                 "| base GEMM alone | adapter part: grouped / masked / one adapter | max |Δy|/max |y| |")
+        L.append("| in×out | r | loop | mixed_batch | mixed/loop (CPU, wall) | grouped, open block | "
+                 "masked, open block | base GEMM alone | adapter part: grouped / masked / one adapter | max |Δy|/max |y| |")
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in mixed["rows"]:
             t = {k: v["cpu_us"] for k, v in r["timings"].items()}

@@ -277,8 +277,9 @@ class _Plan:
 
 
 def _stacked(layer: nn.Module, present: tuple, factors: list, dt: torch.dtype) -> tuple:
-    """(A'ᵀ of every present adapter side by side (in, Σr), B'ᵀ stacked (Σr, out), each column's adapter), kept in the layer's
-    cache and rebuilt only when one of the adapters' cached factor lists was replaced (a tensor changed)."""
+    """(A'ᵀ of every present adapter side by side (in, Σr), B'ᵀ stacked (Σr, out), each column's adapter, whether all
+    are finite), kept in the layer's cache and rebuilt only when one of the adapters' cached factor lists was
+    replaced (a tensor changed)."""
     store = layer.__dict__.setdefault(_CACHE_ATTR, {})
     key = (BASE, present, dt)  # not an adapter name: dropped at the next miss, rebuilt on use
     got = store.get(key)
@@ -363,7 +364,7 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, a
 
 # "auto" masks while rows × Σr × (in + out), the extra multiply-adds of the masked GEMMs, stays below this per
 # device type; above it the grouped path's per-adapter GEMM calls cost less than the k-fold FLOPs. CPU: the two
-# strategies break even near 8e6 on the 2-core CI machine, at 64×64 (r = 8, 1000 rows) and at 1024×1024
+# strategies break even near 8e6 on a 2-core x86 machine, at 64×64 (r = 8, 1000 rows) and at 1024×1024
 # (r = 16, 32 rows) alike (bench_cpu.py, mixed-batch section). CUDA: not yet measured; a launch (~5 µs) there
 # buys far more FLOPs, so its bound is set two orders of magnitude higher.
 MASKED_MAX_WORK = {"cpu": 4_000_000, "cuda": 256_000_000}

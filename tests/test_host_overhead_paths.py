@@ -14,7 +14,7 @@ import delora_ext
 from delora_ext import DeLoRALinear
 from delora_ext import reference as ref
 
-from helpers import CUDA, TOL, assert_close, rel_err, requires_cuda, requires_native
+from helpers import TOL, assert_close, rel_err, requires_cuda, requires_native
 from tiny_models import build, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 pytestmark = requires_native
