@@ -181,7 +181,7 @@ def _source_state() -> dict:
         out["git_commit"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True, timeout=10).stdout.strip() or None
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "csrc", "delora_ext", "setup.py"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10).stdout.rstrip()
         out["sources_modified"] = [ln[3:] for ln in dirty.splitlines() if not ln.endswith(".so")]
     except Exception as e:  # pragma: no cover
         out["git_commit"] = f"unavailable ({e})"
