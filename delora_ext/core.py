@@ -37,7 +37,9 @@ def plain_forward(module: nn.Module) -> bool:
     if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
         return False
     if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward and not quant.is_quantized_weight(module.weight)
+        W = module._parameters.get("weight")  # not module.weight: nn.Module.__getattr__ is a Python call a forward
+        return type(module).forward is nn.Linear.forward and not quant.is_quantized_weight(
+            W if W is not None else module.weight)
     return is_conv1d(module) and type(module).__module__.startswith("transformers.")
 
 
