@@ -37,10 +37,17 @@ DELORA_HD T scale_of(T lam, T a_raw, T b_raw, int64_t r) {
   return lam / (T(r) * clamp_norm(a_raw) * clamp_norm(b_raw));
 }
 
-// The fp16 path splits s_k into two factors, each bounded by the data it scales (see delora_ops.cpp), and puts
-// λ/r on the side whose operand may be exactly 0 so that 0 stays 0 (never inf·0 = NaN):
+// The fp16 path splits s_k into two factors, each bounded by the data it scales (see delora_ops.cpp). For
+// |λ/r| ≥ 1 it puts λ/r on the side whose operand may be exactly 0 so that 0 stays 0 (never inf·0 = NaN):
 //   forward   y  += (u ⊙ 1/â) · (B ⊙ λ/(r·b̂))ᵀ      u/â ≤ ‖x⊙w‖; B = 0 (PEFT's init) gives 0 for any finite λ
 //   backward  dx += ((g·B) ⊙ 1/b̂) · (A⊙w ⊙ λ/(r·â))  (g·B)/b̂ ≤ ‖g‖; an all-zero A row gives 0 for any λ
+// For |λ/r| < 1 it goes on the other side instead: there it only shrinks a bounded factor, while on B's (or A's)
+// side it would push the fp16 operand into the subnormal range (λ = 1e-6 left B ⊙ λ/(r·b̂) with ~3 bits).
+template <typename T>
+DELORA_HD bool small_lambda(T lam, int64_t r) {
+  return (lam < T(0) ? -lam : lam) < T(r);
+}
+
 // 1 / max(n, eps):
 template <typename T>
 DELORA_HD T inv_clamped(T raw) {
@@ -57,7 +64,9 @@ DELORA_HD T lam_over_r_clamped(T lam, T raw, int64_t r) {
 enum class ScaleMode {
   kFull,           // Ad = A⊙w,           Bd = alpha·B⊙s,   sa = 1/â         fp32/fp64/bf16 GEMMs, merges, ΔW
   kSplitForward,   // Ad = A⊙w,           Bd = B⊙λ/(r·b̂),   sa = 1/â         fp16 forward: ((x Adᵀ) ⊙ sa) Bdᵀ
+                   //   (|λ/r| < 1: Bd = B/b̂, sa = λ/(r·â); see small_lambda)
   kSplitBackward,  // Ad = A⊙w⊙λ/(r·â),   Bd = B,           sa = λ/(r·â)     fp16 backward
+                   //   (|λ/r| < 1: Ad = A⊙w/â, sa = 1/â, and λ/r scales g·B instead)
 };
 
 // Whether sa_k scales row k of Ad.
@@ -66,14 +75,17 @@ DELORA_HD bool ad_scaled(ScaleMode mode) { return mode == ScaleMode::kSplitBackw
 // sa_k, the A-side factor of the split scale (a: the raw norm).
 template <typename T>
 DELORA_HD T a_side_factor(ScaleMode mode, T lam, T a, int64_t r) {
-  return ad_scaled(mode) ? lam_over_r_clamped<T>(lam, a, r) : inv_clamped(a);
+  const bool lam_here = mode == ScaleMode::kSplitForward    ? small_lambda(lam, r)
+                        : mode == ScaleMode::kSplitBackward ? !small_lambda(lam, r)
+                                                            : false;
+  return lam_here ? lam_over_r_clamped<T>(lam, a, r) : inv_clamped(a);
 }
 
 // The factor of column k of B in Bd (s_k the full scale, alpha a host scalar: merge's ±1 or a merge weight).
 template <typename T>
 DELORA_HD T b_side_factor(ScaleMode mode, T lam, T b, T s, T alpha, int64_t r) {
   return mode == ScaleMode::kSplitBackward  ? T(1)
-         : mode == ScaleMode::kSplitForward ? lam_over_r_clamped<T>(lam, b, r)
+         : mode == ScaleMode::kSplitForward ? (small_lambda(lam, r) ? inv_clamped(b) : lam_over_r_clamped<T>(lam, b, r))
                                             : s * alpha;
 }
 

@@ -402,7 +402,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     // dx_adapter = G Ad: (g·(B⊙s))(A⊙w), or ((g·B) ⊙ 1/b̂)(A⊙w⊙λ/(r·â)) with the split scale (factors bounded;
     // λ on A's side, so an all-zero A row gives 0, where (g·B)⊙λ/(r·b̂) could overflow fp16 and make it NaN).
     Tensor Gx = G;
-    if (op_g.split) Gx = (G.to(opmath) * b_op.clamp_min(kNormEps).reciprocal()).to(dt);
+    if (op_g.split) {
+      // 1/b̂, times λ/r when |λ/r| < 1 (then λ is not on A's side: small_lambda in delora_math.h)
+      const Tensor inv_b = b_op.clamp_min(kNormEps).reciprocal(), lam_r = f.lam / static_cast<double>(d.r);
+      Gx = (G.to(opmath) * at::where(lam_r.abs() < 1.0, lam_r * inv_b, inv_b)).to(dt);
+    }
     if (seeded) {
       Tensor t = at::mm(Gx, op_g.Ad);
       if (dropout_p > 0.0) device_kernels(t.device()).dropout(t, t, *seed, dropout_p);

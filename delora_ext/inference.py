@@ -71,15 +71,21 @@ def _raw_terms(layer: nn.Module, name: str) -> list[tuple]:
 
 def _fold(A, B, lam, w, negate: bool, dt: torch.dtype) -> tuple:
     """(A'ᵀ, B'ᵀ, sa) in the GEMM dtype ``dt``, as the native forward builds them: A' = A⊙w and B' = B⊙s, or for
-    fp16 the split scale B' = B ⊙ λ/(r·b̂) with sa = 1/â (fp32) applied to u (see csrc/delora_ops.cpp)."""
+    fp16 the split scale: B' = B ⊙ λ/(r·b̂) with sa = 1/â (fp32) applied to u, or for |λ/r| < 1 B' = B/b̂ with
+    sa = λ/(r·â) (see csrc/delora_ops.cpp)."""
     if negate:
         lam = -lam
     Af, s, a, b = ops.prep(A, B, lam, w)  # opmath; also the op's argument checks
     om = Af.dtype
     Bo = B.to(om)
     if dt == torch.float16:
-        sa = a.clamp_min(_EPS).reciprocal()
-        Bd = Bo * (lam.to(om).reshape(1) / (b.clamp_min(_EPS) * A.shape[0]))
+        # λ/r goes on u's side when |λ/r| < 1 (B's side would make B' subnormal), else on B's (small_lambda in
+        # csrc/delora_math.h)
+        lam_o, r = lam.to(om).reshape(1), A.shape[0]
+        a_hat, b_hat = a.clamp_min(_EPS), b.clamp_min(_EPS)
+        small = lam_o.abs() < r
+        sa = torch.where(small, lam_o / (a_hat * r), a_hat.reciprocal())
+        Bd = Bo * torch.where(small, b_hat.reciprocal(), lam_o / (b_hat * r))
     else:
         sa = None
         Bd = Bo * s
