@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import weakref
 from typing import Iterable
 
 import torch
@@ -14,7 +15,16 @@ from . import core
 from .config import adapter_list, check_adapter_name, check_known, check_lambda, check_module_dropout
 from .core import is_conv1d, plain_forward
 
+STALE_CHOICES = ("raise", "discard", "subtract")
+
 _RESOLVE_LOCK = threading.RLock()
+
+
+def _note_write(t: torch.Tensor, after_restore=None) -> None:
+    """Tell a running model operation (``delora_ext.model.transaction``) that ``t`` is about to be written in place,
+    so that it can put the old values back should the operation fail later."""
+    from .model import note_write  # model imports this module
+    note_write(t, after_restore)
 
 
 class BufferDict(nn.Module):
@@ -86,6 +96,10 @@ class DeLoRALayer:
         # exactly that even if the parameters changed meanwhile (an optimizer step with zero gradients, weight
         # decay, a manual edit): subtracting the new ΔW would leave ΔW_old − ΔW_new in the base weight for good.
         self._merged_terms: dict[str, list[tuple]] = {}
+        # (weakref to the base weight, its version counter) when the merged adapters were last written into it: a
+        # weight replaced (load_state_dict(assign=True), assignment) or rewritten (load_state_dict) since then may
+        # not hold their ΔW, and unmerging would subtract it from a weight it was never added to.
+        self._merge_record: tuple | None = None
         self._w_pending: set[str] = set()  # adapters whose w waits for the base weight to leave the meta device
         self._load_w_keys: set[str] = set()
         for p in base_layer.parameters():
@@ -128,6 +142,8 @@ class DeLoRALayer:
         p = check_module_dropout(module_dropout)
         if init_weights not in (True, False, "paper"):
             raise ValueError(f"`init_weights` must be True, False or 'paper', got {init_weights!r}")
+        if self.merged_adapters and w_norm is None:  # w is taken from the weight minus the merged ΔW
+            self._check_merge_record("add an adapter to")
         weight = self.base_layer.weight
         dev = weight.device
         if w_norm is not None:
@@ -217,10 +233,22 @@ class DeLoRALayer:
         return [getattr(self, n) for n in names]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter (unmerging it first if it is merged)."""
+        """Remove an adapter. A merged adapter is refused (unmerge it first), as PEFT's model-level delete_adapter.
+        If it was the only active adapter, the first remaining one (sorted by name) becomes active, with a warning,
+        as PEFT's layer."""
         self._check_known([adapter_name], "adapter_name")
         if adapter_name in self.merged_adapters:
-            self.unmerge([adapter_name])
+            raise ValueError(f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. "
+                             f"Please unmerge them first.")
+        was_active = adapter_name in self.active_adapters
+        self._drop_adapter(adapter_name)
+        if was_active and not self.active_adapters and len(self.delora_A):
+            first = sorted(self.delora_A.keys())[0]
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{first}.")
+            self.set_adapter(first)
+
+    def _drop_adapter(self, adapter_name: str) -> None:
         for store in self._stores(self.adapter_layer_names + self.other_param_names):
             if adapter_name in store:
                 del store[adapter_name]
@@ -228,9 +256,13 @@ class DeLoRALayer:
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make ``adapter_names`` the active adapters (several are summed)."""
+        """Make ``adapter_names`` the active adapters (several are summed); as PEFT's layer, their parameters then
+        require grad and every other adapter's do not."""
         names = adapter_list(adapter_names)
         self._check_known(names)
+        for store in self._stores(self.adapter_layer_names):
+            for n in store.keys():
+                store[n].requires_grad_(n in names)
         self.active_adapters = names
 
     @property
@@ -329,7 +361,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"DeLoRALinear: `x` must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
         if plain_forward(base) and x.device != base.weight.device:  # a wrapped forward may move the weight itself
@@ -372,8 +404,13 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         With ``safe_merge`` it merges into a temporary copy and checks that; ``keep_checked`` returns the copy for
         ``_merge_commit`` to write. A model-wide merge drops it (one temporary per layer at a time) and the commit
         recomputes the same deterministic result in place."""
-        names = list(self.active_adapters) if adapter_names is None else adapter_list(adapter_names)
-        self._check_known(names)
+        if adapter_names is None:  # the model's active adapters, which this layer may not all have (as PEFT)
+            names = [n for n in self.active_adapters if n in self.delora_A]
+        else:
+            names = adapter_list(adapter_names)
+            self._check_known(names)
+        if self.merged_adapters:
+            self._check_merge_record("merge more adapters into")
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already following adapters were merged {','.join(already)}. "
@@ -404,6 +441,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
 
     def _merge_commit(self, names: list[str], checked: torch.Tensor | None = None) -> None:
         if names:
+            _note_write(self.base_layer.weight, self._resync_merge_record)
             with torch.no_grad():
                 if checked is not None:
                     self.weight_oi().copy_(checked)
@@ -412,9 +450,39 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                 for n in names:  # what was added, for unmerge
                     self._merged_terms[n] = [tuple(t.detach().clone() for t in term) for term in self._terms(n)]
         self.merged_adapters.extend(names)
+        self._resync_merge_record()
 
-    def unmerge(self, adapter_names: list[str] | None = None) -> None:
-        """Subtract merged adapters' ΔW from the base weight (default: all, in reverse merge order)."""
+    def _resync_merge_record(self) -> None:
+        """Record the weight the merged adapters are now in (after a merge or unmerge wrote it, or a failed model
+        operation restored it)."""
+        w = self.base_layer.weight
+        self._merge_record = (weakref.ref(w), w._version) if self.merged_adapters else None
+
+    def _merge_record_stale(self) -> bool:
+        rec = self._merge_record
+        if not self.merged_adapters or rec is None:
+            return False
+        w = self.base_layer.weight
+        return rec[0]() is not w or w._version != rec[1]
+
+    def _check_merge_record(self, action: str) -> None:
+        if self._merge_record_stale():
+            raise ValueError(
+                f"cannot {action} this layer: its base weight was replaced or rewritten (load_state_dict, assignment, "
+                f"an in-place edit) after adapters {self.merged_adapters} were merged into it, so it is unknown "
+                f"whether it still holds their ΔW. unmerge(stale='discard') forgets the merge and keeps the weight as "
+                f"it is (it holds the pretrained values); unmerge(stale='subtract') subtracts the merged ΔW from it "
+                f"(it holds merged values, e.g. a state_dict saved while merged)")
+
+    def unmerge(self, adapter_names: list[str] | None = None, stale: str = "raise") -> None:
+        """Subtract merged adapters' ΔW from the base weight (default: all, in reverse merge order).
+
+        ``stale``: what to do when the base weight was replaced or rewritten since the merge (load_state_dict,
+        assignment): "raise" (default) refuses; "discard" forgets the merge and leaves the weight as it is;
+        "subtract" subtracts the merged ΔW from it anyway.
+        """
+        if stale not in STALE_CHOICES:
+            raise ValueError(f"`stale` must be one of {STALE_CHOICES}, got {stale!r}")
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
@@ -424,13 +492,27 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             wanted = adapter_list(adapter_names)
             self._check_known(wanted)
             names = [n for n in reversed(self.merged_adapters) if n in wanted]
+        was_stale = self._merge_record_stale()
+        if stale == "raise":
+            self._check_merge_record("unmerge")
+        elif stale == "discard" and was_stale:
+            names_left = [n for n in self.merged_adapters if n not in names]
+            if names_left:
+                raise ValueError(f"`stale`='discard' forgets every merged adapter of a layer at once; "
+                                 f"{names_left} would stay merged")
+            self.merged_adapters.clear()
+            self._merged_terms.clear()
+            self._merge_record = None
+            return
         self._check_finite(names, "unmerge")
-        if names:
+        if names:  # a failed model operation that restores a stale weight leaves it stale
+            _note_write(self.base_layer.weight, None if was_stale else self._resync_merge_record)
             with torch.no_grad():
                 self._apply_delta(self.weight_oi(), names, -1.0, merged=True)
         for n in names:
             self.merged_adapters.remove(n)
             self._merged_terms.pop(n, None)
+        self._resync_merge_record()
 
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}(r={self.r[n]}, dropout={self.module_dropout[n]}"

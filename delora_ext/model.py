@@ -5,12 +5,15 @@ through this module.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
+import torch
 from torch import nn
 
-from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, DeLoRAConfig, is_module_to_save
-from .layer import DeLoRALinear, supported_base
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, DeLoRAConfig, is_module_to_save, matches
+from .layer import DeLoRALayer, DeLoRALinear, supported_base
 
 STATE_ATTR = "_delora_ext_state"
 
@@ -91,7 +94,8 @@ def resolve_targets(model: nn.Module, config: DeLoRAConfig):
 
 
 def candidates(model: nn.Module):
-    """(path, module) pairs a config can target: DeLoRA layers and bare linear layers outside them."""
+    """(path, module) pairs a config can target: DeLoRA layers and bare linear layers outside them. A module reachable
+    at several paths (``m.c = m.a``) is listed once, under its first path; ``module_paths`` gives all of them."""
     inside: list[str] = []
     for name, mod in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
@@ -101,8 +105,210 @@ def candidates(model: nn.Module):
         yield name, mod
 
 
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every path the module is reachable at (outside DeLoRA layers), first path first."""
+    out: dict[int, list[str]] = {}
+    inside: list[str] = []
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(mod, DeLoRALinear):
+            inside.append(name)
+        out.setdefault(id(mod), []).append(name)
+    return out
+
+
+def parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(module) -> every (parent, attribute) holding it, outside DeLoRA layers' ``base_layer`` slot."""
+    out: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        if isinstance(parent, DeLoRALinear):
+            continue
+        for name, child in parent._modules.items():
+            if child is not None:
+                out.setdefault(id(child), []).append((parent, name))
+    return out
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module, where=None) -> None:
+    """Put ``new`` wherever the module at ``path`` is (every path it is reachable at, so an aliased module is
+    replaced at all of them, not adapted at one and left plain at the other)."""
+    old = model.get_submodule(path)
+    spots = (where if where is not None else parents(model)).get(id(old), [])
+    if not spots:  # the model itself
+        raise ValueError(f"cannot replace {path!r}: it is not a submodule of the model")
+    for parent, name in spots:
+        setattr(parent, name, new)
+
+
+def targeted(model: nn.Module, config: DeLoRAConfig) -> list[tuple[str, str, nn.Module]]:
+    """(path, matched path, module) of every module ``config`` targets: a module matches if any path it is
+    reachable at matches (PEFT's rules per path); path is its first path, the matched one keys rank/λ patterns."""
+    targets = resolve_targets(model, config)
+    paths = module_paths(model)
+    out = []
+    for name, mod in candidates(model):
+        if not name:
+            continue
+        key = next((p for p in paths.get(id(mod), [name]) if p and matches(config, p, targets)), None)
+        if key is not None:
+            out.append((name, key, mod))
+    return out
+
+
+_ADAPTER_CONTAINERS = DeLoRALayer.adapter_tensor_names + DeLoRALayer.frozen_tensor_names
+
+
+def is_bias_name(key: str) -> bool:
+    """A parameter/state_dict key of a bias: named ``bias`` exactly, as PEFT's bias="all" selects them (not
+    DeBERTa's ``q_bias``), and not the tensor of an adapter named "bias" (``....delora_A.bias``)."""
+    parent, _, last = key.rpartition(".")
+    return last == "bias" and parent.rpartition(".")[2] not in _ADAPTER_CONTAINERS
+
+
 def require_state(model: nn.Module) -> PatchState:
     state = get_state(model)
     if state is None:
         raise ValueError("`model` has not been patched by delora_ext.patch")
     return state
+
+
+# ---- all-or-nothing model operations -------------------------------------------------------------------------
+_TX: contextvars.ContextVar = contextvars.ContextVar("delora_ext_transaction", default=None)
+
+
+def _snap(value):
+    """(value, a copy of its contents) for dicts, lists and sets (recursively), (value, None) for anything else:
+    what restoring needs to put the very same container objects back with their old contents."""
+    if isinstance(value, dict):
+        return value, [(k, _snap(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return value, [_snap(v) for v in value]
+    if isinstance(value, set):
+        return value, set(value)
+    return value, None
+
+
+def _unsnap(snap):
+    value, contents = snap
+    if contents is None:
+        return value
+    if isinstance(value, dict):
+        items = [(k, _unsnap(s)) for k, s in contents]
+        value.clear()
+        value.update(items)
+    elif isinstance(value, list):
+        value[:] = [_unsnap(s) for s in contents]
+    else:
+        value.clear()
+        value.update(contents)
+    return value
+
+
+class Undo:
+    """Everything a model operation may change, to put back exactly when it fails part-way: every module's
+    attributes (its parameter/buffer/submodule dicts, adapter dicts and lists, flags), the patch state, every
+    parameter's requires_grad, and, noted before they happen, in-place writes to existing tensors (their values are
+    copied first; to the CPU for accelerator tensors, so that a merge does not need twice the device memory) and
+    ``.data`` swaps."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        state = get_state(model)
+        mods = {id(m): m for m in model.modules()}
+        if state is not None:
+            outside = list(state.saved_originals.values())
+            outside += [c for copies in state.saved_copies.values() for c in copies.values()]
+            for top in outside:
+                mods.update({id(m): m for m in top.modules()})
+        self._vars = [(m, _snap(vars(m))) for m in mods.values()]
+        self._state = (state, _snap(vars(state))) if state is not None else None
+        tensors = {}
+        for m in mods.values():
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
+                if t is not None:
+                    tensors[id(t)] = t
+        self._flags = [(t, t.requires_grad) for t in tensors.values()]
+        self._known = set(tensors)  # the tensors are held by _flags, so their ids cannot be reused meanwhile
+        self._log: list = []
+        self._backed: set[int] = set()
+        self._after: list = []
+
+    def write(self, t: torch.Tensor, after_restore=None) -> None:
+        """``t`` is about to be written in place; ``after_restore`` is called once its old values are back."""
+        if after_restore is not None:
+            self._after.append(after_restore)
+        if id(t) not in self._known or id(t) in self._backed or t.is_meta:
+            return  # created by this operation (dropped on failure) or already copied
+        with torch.no_grad():
+            backup = t.detach().to("cpu", copy=True)
+        self._backed.add(id(t))
+        self._log.append(("values", t, backup))
+
+    def data(self, t: torch.Tensor) -> None:
+        """``t.data`` is about to be replaced."""
+        self._log.append(("data", t, t.data))
+        self._backed.discard(id(t))
+
+    def rollback(self) -> list[BaseException]:
+        errors = []
+        for m, snap in self._vars:
+            d, keep = vars(m), {k for k, _ in snap[1]}
+            for k in [k for k in d if k not in keep]:
+                del d[k]
+            for k, s in snap[1]:
+                d[k] = _unsnap(s)
+        if self._state is not None:
+            _unsnap(self._state[1])
+        for kind, t, old in reversed(self._log):
+            try:
+                if kind == "data":
+                    t.data = old
+                else:
+                    with torch.no_grad():
+                        t.copy_(old)
+            except Exception as e:  # noqa: BLE001 (restore everything else regardless)
+                errors.append(e)
+        for t, flag in self._flags:
+            t.requires_grad_(flag)
+        for fn in dict.fromkeys(self._after):  # e.g. a layer re-records its weight's version counter
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        return errors
+
+
+@contextlib.contextmanager
+def transaction(model: nn.Module):
+    """Run a model operation all-or-nothing: on any exception (also KeyboardInterrupt) the model is put back as
+    it was. Nested operations on the same model join the outer one."""
+    outer = _TX.get()
+    if outer is not None and outer.model is model:
+        yield outer
+        return
+    undo = Undo(model)
+    token = _TX.set(undo)
+    try:
+        yield undo
+    except BaseException as e:
+        errors = undo.rollback()
+        for err in errors:
+            e.add_note(f"delora_ext: restoring the model after this error also failed: {err!r}")
+        raise
+    finally:
+        _TX.reset(token)
+
+
+def note_write(t: torch.Tensor, after_restore=None) -> None:
+    """Called before an in-place write to ``t`` (a merge, a load): a running operation keeps the old values."""
+    undo = _TX.get()
+    if undo is not None:
+        undo.write(t, after_restore)
+
+
+def note_data(t: torch.Tensor) -> None:
+    """Called before ``t.data`` is replaced (a module converted to follow the model's device/dtype)."""
+    undo = _TX.get()
+    if undo is not None:
+        undo.data(t)
