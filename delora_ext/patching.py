@@ -25,8 +25,10 @@ __all__ = ["patch", "set_adapter", "delete_adapter", "disable_adapters", "merge"
 
 def _set_trainable(model: nn.Module, state: PatchState) -> None:
     """Only the active adapters' parameters train (plus biases per each config's `bias`, and modules_to_save)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    outside = list(state.saved_originals.values()) + [c for cs in state.saved_copies.values() for c in cs.values()]
+    for mod in outside + [model]:  # the originals and the inactive copies are frozen, as in PEFT's wrapper
+        for p in mod.parameters():
+            p.requires_grad_(False)
     layers = delora_layers(model).values()
     for layer in layers:
         for n in layer.active_adapters:
@@ -193,10 +195,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
                           f"{first}.")
             set_adapter(model, first)
-            return
-        for layer in delora_layers(model).values():
-            layer.active_adapters = list(state.active)
-        _set_trainable(model, state)
+        else:
+            for layer in delora_layers(model).values():
+                layer.active_adapters = list(state.active)
+            _set_trainable(model, state)
+        for layer in layers:  # as PEFT, a layer left without adapters reports none active
+            if not len(layer.delora_A):
+                layer.active_adapters = []
 
 
 @contextlib.contextmanager
@@ -205,6 +210,11 @@ def disable_adapters(model: nn.Module):
     every layer back as it was (a layer disabled before stays disabled), and the modules_to_save copies back."""
     outer, model = model, unwrap(model)
     state = require_state(model)
+    for name in state.active:  # as PEFT: trained biases are the model's own, disabling does not undo them
+        bias = state.configs[name].bias
+        if bias != "none":
+            warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce "
+                          f"the same output as the base model would without adaption.")
     with transaction(model):
         unmerge(model)
         layers = list(delora_layers(model).values())
