@@ -9,6 +9,8 @@ import os
 import re
 from typing import Iterable, Optional, Union
 
+from torch import nn
+
 # transformers model_type -> default target modules (PEFT's TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING,
 # which is its LoRA mapping), for target_modules=None.
 DEFAULT_TARGET_MODULES = {
@@ -84,7 +86,7 @@ class DeLoRAConfig:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str "
                              f"({self.target_modules!r}); list the module names instead")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` only makes sense with `layers_to_transform`")
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         for name in ("rank_pattern", "lambda_pattern"):
             v = getattr(self, name)
             if v is None:
@@ -173,7 +175,7 @@ def _real(value, name: str, what: str):
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"`{name}` should be a positive integer value but the value passed is {value!r}")
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")  # PEFT's DeloraConfig message
     return int(value)
 
 
@@ -231,21 +233,15 @@ def matches(config: DeLoRAConfig, key: str, target_modules) -> bool:
 MAX_NAME_BYTES = 255  # a folder name in saved adapter directories (NAME_MAX on Linux, macOS and Windows)
 
 
-def _reserved_names() -> frozenset:
-    """Attribute names of the containers an adapter name keys (nn.ParameterDict, the buffer dicts, nn.Module):
-    such a name would shadow a method or the module's own state (``training``: model.eval() fails for good)."""
-    from torch import nn
-    return frozenset(dir(nn.ParameterDict())) | frozenset(dir(nn.Module()))
-
-
-_RESERVED: frozenset | None = None
+# Attribute names of the containers an adapter name keys (nn.ParameterDict, the buffer dicts, nn.Module): such a
+# name would shadow a method or the module's own state (``training``: model.eval() then fails for good).
+_RESERVED = frozenset(dir(nn.ParameterDict())) | frozenset(dir(nn.Module()))
 
 
 def check_adapter_name(name) -> str:
     """An adapter name: a non-empty string without '.', '/', '\\' or NUL, at most 255 bytes as a file name, and not
     an attribute of the containers it keys (it is a state_dict key part, a ParameterDict key and a folder name in
     saved adapter directories: a name with a separator wrote outside the directory)."""
-    global _RESERVED
     if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
         raise ValueError(f"`adapter_name` must be a non-empty string without '.', '/' or '\\' (and without NUL), "
                          f"got {name!r}")
@@ -257,8 +253,6 @@ def check_adapter_name(name) -> str:
     if size > MAX_NAME_BYTES:
         raise ValueError(f"`adapter_name` must be at most {MAX_NAME_BYTES} bytes as a file name, got {size} bytes "
                          f"({name[:40]!r}...)")
-    if _RESERVED is None:
-        _RESERVED = _reserved_names()
     if name in _RESERVED:
         raise ValueError(f"`adapter_name` {name!r} is an attribute of torch's nn.Module / nn.ParameterDict, which "
                          f"key adapters by name; pick another name")

@@ -269,6 +269,11 @@ class DeLoRALayer:
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """As PEFT's: a DeLoRA adapter is exactly a LoRA adapter (rank r, or 2r for the paper's init); see
+        ``delora_ext.export_lora``."""
+        return True
+
     @property
     def disable_adapters(self) -> bool:
         return self._disable_adapters
@@ -424,7 +429,13 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                             f"point weight")
         if self._w_pending:
             self.resolve_w()
-        self._check_finite(names, "merge")
+        try:
+            self._check_finite(names, "merge")
+        except ValueError as e:
+            if not safe_merge:
+                raise
+            raise ValueError(f"NaNs detected in the merged weights ({e}). The adapter(s) "
+                             f"{', '.join(map(repr, names))} seem to be broken") from None
         if safe_merge:
             with torch.no_grad():
                 new = self.weight_oi().detach().clone()
