@@ -36,7 +36,8 @@ with open(os.path.join(ROOT, "delora_ext", "_build_torch_version.txt"), "w") as 
     f.write(torch.__version__ + "\n")
 
 csrc = os.path.join("csrc")
-sources = [os.path.join(csrc, f) for f in ("registration.cpp", "delora_ops.cpp", "delora_cpu.cpp")]
+sources = [os.path.join(csrc, f)
+           for f in ("registration.cpp", "autograd.cpp", "autocast.cpp", "delora_ops.cpp", "delora_cpu.cpp")]
 define_macros = [
     ("DELORA_TORCH_VERSION", f'"{torch.__version__}"'),
     ("DELORA_CUDA_ARCHS", f'"{plan.arch_list}"'),

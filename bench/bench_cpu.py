@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """CPU benchmark of delora_ext's ``DeLoRALinear`` against a frozen ``nn.Linear``, PEFT's ``DeloraLinear``,
-PEFT's LoRA of the same rank and the pure-PyTorch reference (``delora_ext.reference.linear_ref``).
+PEFT's ``DeloraLinear`` accelerated by ``delora_ext.peft``, PEFT's LoRA of the same rank and the pure-PyTorch
+reference (``delora_ext.reference.linear_ref``).
 
     python bench/bench_cpu.py [--quick] [--out FILE]
 
@@ -22,8 +23,21 @@ Everything runs in one process. Measured, fp32, for N ∈ {512, 4096} tokens, (i
    order. Allocations made by MKL/oneDNN internally (GEMM packing buffers) bypass that allocator and are not
    seen; neither is Python's heap.
 
-``--quick`` runs only the headline configuration (N=4096, 1024×1024, r=16) with fewer repeats (CI smoke).
-``main(argv)`` is the entry point, so ``python -m delora_ext bench`` can call it.
+4. Quantised base: peak training memory and step time of a small Llama (transformers, built from a config)
+   with DeLoRA on every decoder linear, its base in fp32, bf16 and bitsandbytes 4-bit (nf4, double
+   quantisation, fp32 and bf16 compute dtype), ratios to the fp32 model. Peak memory = the model's resident
+   tensors (parameters, buffers, bitsandbytes' quantisation state) plus the AdamW state plus the peak of the
+   running sum of allocations during one training step (forward, backward, optimizer step), from the same
+   profiler events as 3. Skipped, with the reason recorded, without bitsandbytes or transformers;
+   ``--quantized-only`` runs just this section, ``--no-quantized`` leaves it out.
+
+5. Host overhead and mixed batches (bench/host_overhead.py): per-call time of a 64×64 layer at 4 rows, one
+   thread (eval forward vs nn.Linear, the raw op, training step vs the frozen step, PEFT DeLoRA and LoRA), and
+   ``delora_ext.mixed_batch`` with 8 adapters on 32 rows vs a loop of single-adapter calls.
+
+``--quick`` runs only the headline configuration (N=4096, 1024×1024, r=16) with fewer repeats (CI smoke);
+``--only host`` runs section 5 alone, ``--quantized-only`` section 4. ``main(argv)`` is the entry point, so
+``python -m delora_ext bench`` can call it.
 """
 from __future__ import annotations
 
@@ -43,23 +57,26 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
-from variants import build_ours, build_peft_delora, build_peft_lora, build_ref, frozen  # noqa: E402
+from variants import build_ours, build_peft_delora, build_peft_lora, build_peft_native, build_ref, frozen  # noqa: E402
+import host_overhead  # noqa: E402
 
 HEADLINE = {"N": 4096, "in": 1024, "out": 1024, "r": 16}
 FULL_NS = (512, 4096)
 FULL_SHAPES = ((1024, 1024), (1024, 4096), (4096, 1024))
 FULL_RANKS = (8, 16, 32)
 SEQ = 512  # x is (N // SEQ, SEQ, in): batches of 512-token sequences, as inside a transformer
-VARIANTS = ("frozen", "ours", "peft_delora", "peft_lora", "ref")
+VARIANTS = ("frozen", "ours", "peft_delora", "peft_native", "peft_lora", "ref")
 LABELS = {
     "frozen": "frozen nn.Linear",
     "ours": "delora_ext",
     "peft_delora": "PEFT DeLoRA",
+    "peft_native": "PEFT DeLoRA on delora_ext",
     "peft_lora": "PEFT LoRA",
     "ref": "reference",
 }
 MODES = ("x_grad", "x_nograd")
-TARGETS = {"step_vs_frozen": 1.10, "step_vs_peft_delora": 0.90, "step_vs_peft_lora": 1.0, "saved_vs_peft_delora": 1 / 20}
+TARGETS = {"step_vs_frozen": 1.10, "step_vs_peft_delora": 0.90, "step_vs_peft_lora": 1.0,
+           "saved_vs_peft_delora": 1 / 20, "native_peft_vs_ours": 1.05, "native_peft_vs_peft_delora": 0.90}
 
 # Repeats (timed rounds after warm-up) per N, chosen so the full run takes ~8 min on 2 quiet cores.
 FULL_REPEATS = {512: 25, 4096: 13}
@@ -336,6 +353,172 @@ def bench_merge(in_f: int, out_f: int, r: int, repeats: int, seed: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 4. quantised base: a small Llama, fp32 / bf16 / 4-bit
+QUANT_LLAMA = {"vocab_size": 512, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
+               "num_attention_heads": 8, "num_key_value_heads": 8}
+QUANT_BATCH = (2, 128)  # sequences × tokens
+QUANT_RANK = 16
+QUANT_VARIANTS = ("fp32", "bf16", "nf4_fp32_compute", "nf4_bf16_compute")
+
+
+def _resident_bytes(model: nn.Module, opt=None) -> int:
+    """Bytes of every distinct storage the model (and optimizer state) keeps: parameters, buffers and the
+    tensors of bitsandbytes' QuantState (block scales, code books), which are neither."""
+    seen: dict[tuple, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[(st.data_ptr(), t.device)] = st.nbytes()
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t)
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        while qs is not None:
+            for name in ("absmax", "code", "offset"):
+                add(getattr(qs, name, None))
+            qs = getattr(qs, "state2", None)
+    if opt is not None:
+        for st in opt.state.values():
+            for v in st.values():
+                add(v)
+    return sum(seen.values())
+
+
+def _quant_llama(variant: str, seed: int):
+    import transformers
+    import delora_ext
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**QUANT_LLAMA)).train()
+    if variant == "bf16":
+        model = model.to(torch.bfloat16)
+    elif variant.startswith("nf4"):
+        import bitsandbytes as bnb
+        compute = torch.bfloat16 if variant == "nf4_bf16_compute" else torch.float32
+        for path, mod in list(model.named_modules()):
+            if isinstance(mod, nn.Linear) and path != "lm_head":  # as QLoRA: every decoder linear in 4 bits
+                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                      compute_dtype=compute, quant_type="nf4", compress_statistics=True)
+                q.load_state_dict(mod.state_dict())
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent), child, q.to("cpu"))  # quantised here
+        gc.collect()
+    delora_ext.patch(model, r=QUANT_RANK, target_modules="all-linear", init_weights=False)
+    return model
+
+
+def bench_quantized(repeats: int, warmup: int, seed: int, log) -> dict:
+    """Section 4. Step = forward + causal-LM loss + backward + AdamW step + zero_grad, the same token batch for
+    every variant; variants interleaved round-robin in a shuffled order per round; medians."""
+    missing = []
+    for mod in ("transformers", "bitsandbytes"):
+        try:
+            __import__(mod)
+        except Exception as e:  # noqa: BLE001
+            missing.append(f"{mod} ({type(e).__name__}: {e})")
+    if missing:
+        log(f"  quantized: skipped, not importable: {', '.join(missing)}")
+        return {"skipped": f"not importable: {', '.join(missing)}"}
+    from torch.profiler import ProfilerActivity, profile
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, QUANT_LLAMA["vocab_size"], QUANT_BATCH, generator=g)
+    res = {"config": {**QUANT_LLAMA, "batch": list(QUANT_BATCH), "r": QUANT_RANK, "repeats": repeats,
+                      "warmup": warmup}, "variants": {}}
+    models, opts, steps = {}, {}, {}
+    for v in QUANT_VARIANTS:
+        model = _quant_llama(v, seed)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, opt=opt):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+        models[v], opts[v], steps[v] = model, opt, step
+    for v in QUANT_VARIANTS:  # warm-up (the first step also creates the AdamW state)
+        for _ in range(max(1, warmup)):
+            steps[v]()
+    for v in QUANT_VARIANTS:
+        resident = _resident_bytes(models[v], opts[v])
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = steps[v]()
+        run = peak = 0
+        for _, nbytes in _allocation_events(prof):
+            run += nbytes
+            peak = max(peak, run)
+        res["variants"][v] = {"resident_bytes": resident, "step_peak_extra_bytes": peak,
+                              "peak_bytes": resident + peak, "loss": float(loss.detach()), "times_s": []}
+    rng = random.Random(seed)
+    order = list(QUANT_VARIANTS)
+    ncpu = os.cpu_count() or 1
+    dirty = {v: [] for v in QUANT_VARIANTS}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for v in order:
+                c0 = _cpu_seconds()
+                t = time.perf_counter()
+                steps[v]()
+                dt = time.perf_counter() - t
+                c1 = _cpu_seconds()
+                other = (c1[0] - c0[0]) - (c1[1] - c0[1]) if c0 and c1 else 0.0
+                # as section 1: a step other processes took CPU from is set aside
+                (res["variants"][v]["times_s"] if other <= TICK_S + CONTENTION_LIMIT * dt * ncpu
+                 else dirty[v]).append(dt)
+    finally:
+        gc.enable()
+    base = res["variants"]["fp32"]
+    for v, r in res["variants"].items():
+        r["clean_steps"], r["disturbed_steps"] = len(r["times_s"]), len(dirty[v])
+        if len(r["times_s"]) < MIN_CLEAN:
+            r["times_s"] = r["times_s"] + dirty[v]
+            r["disturbed_used"] = True
+    for v, r in res["variants"].items():
+        r["step_ms"] = _median(r["times_s"]) * 1e3
+        r["step_iqr_ms"] = _iqr(r["times_s"]) * 1e3
+        r["peak_ratio_to_fp32"] = r["peak_bytes"] / base["peak_bytes"]
+        r["resident_ratio_to_fp32"] = r["resident_bytes"] / base["resident_bytes"]
+        r["step_ratio_to_fp32"] = r["step_ms"] / base["step_ms"]
+    res["wall_s"] = time.perf_counter() - t0
+    log(f"  quantized: {len(QUANT_VARIANTS)} variants x {repeats} steps in {res['wall_s']:.1f} s; 4-bit peak / fp32 "
+        f"{res['variants']['nf4_fp32_compute']['peak_ratio_to_fp32']:.3f}, step / fp32 "
+        f"{res['variants']['nf4_fp32_compute']['step_ratio_to_fp32']:.2f}")
+    return res
+
+
+def render_quantized(q: dict) -> list[str]:
+    L = ["## Quantised base: small Llama, peak training memory and step time", ""]
+    if not q or "skipped" in q:
+        L += [f"Skipped: {(q or {}).get('skipped', 'not run')}.", ""]
+        return L
+    c = q["config"]
+    L.append(f"Llama {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, intermediate "
+             f"{c['intermediate_size']}, vocab {c['vocab_size']}; batch {c['batch'][0]}×{c['batch'][1]} tokens; "
+             f"DeLoRA r={c['r']} on every decoder linear (fp32 adapters); step = forward + loss + backward + AdamW "
+             f"step; {c['repeats']} timed steps per variant, interleaved, after {c['warmup']} warm-up. Peak = "
+             f"resident (model + quantisation state + AdamW state) + peak of the running sum of c10 CPU "
+             f"allocations during one step (torch profiler).")
+    L.append("")
+    L.append("| base | resident | resident / fp32 | step peak extra | peak | peak / fp32 | step ms (IQR) | "
+             "step / fp32 | clean / disturbed steps | loss |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for v, r in q["variants"].items():
+        used = " (disturbed used)" if r.get("disturbed_used") else ""
+        L.append(f"| {v} | {_fmt_bytes(r['resident_bytes'])} | {r['resident_ratio_to_fp32']:.3f} | "
+                 f"{_fmt_bytes(r['step_peak_extra_bytes'])} | {_fmt_bytes(r['peak_bytes'])} | "
+                 f"{r['peak_ratio_to_fp32']:.3f} | {r['step_ms']:.0f} ({r['step_iqr_ms']:.0f}) | "
+                 f"{r['step_ratio_to_fp32']:.2f} | {r['clean_steps']} / {r['disturbed_steps']}{used} | "
+                 f"{r['loss']:.4f} |")
+    L.append("")
+    return L
+
+
+# ---------------------------------------------------------------------------------------------------------
 # profiler breakdown of one step
 def profile_steps(step, steps: int = 3) -> list[dict]:
     """Self/total CPU time per (op, input shapes), per step, from torch.profiler over `steps` steps."""
@@ -367,10 +550,12 @@ def run_group(N: int, in_f: int, out_f: int, ranks, repeats: int, warmup: int, s
     for r in ranks:
         ours = build_ours(template, r)
         peft_d, m1 = build_peft_delora(template, r, ours)
+        peft_n, m3 = build_peft_native(template, r, ours)
         peft_l, m2 = build_peft_lora(template, r)
-        keep += [m1, m2]
+        keep += [m1, m2, m3]
         layers[("ours", r)] = ours
         layers[("peft_delora", r)] = peft_d
+        layers[("peft_native", r)] = peft_n
         layers[("peft_lora", r)] = peft_l
         layers[("ref", r)] = build_ref(template, ours)
 
@@ -381,10 +566,12 @@ def run_group(N: int, in_f: int, out_f: int, ranks, repeats: int, warmup: int, s
             y_o = layers[("ours", r)](x_data)
             y_p = layers[("peft_delora", r)](x_data)
             y_r = layers[("ref", r)](x_data)
+            y_n = layers[("peft_native", r)](x_data)
             scale = y_p.abs().max().item()
             agree[r] = {"rel_max_diff_ours_vs_peft": (y_o - y_p).abs().max().item() / scale,
-                        "rel_max_diff_ours_vs_ref": (y_o - y_r).abs().max().item() / scale}
-            del y_o, y_p, y_r
+                        "rel_max_diff_ours_vs_ref": (y_o - y_r).abs().max().item() / scale,
+                        "rel_max_diff_native_peft_vs_peft": (y_n - y_p).abs().max().item() / scale}
+            del y_o, y_p, y_r, y_n
 
     saved = {}
     for (v, r), layer in layers.items():
@@ -486,6 +673,14 @@ def evaluate_targets(rows, merges) -> list[dict]:
             ratio = o / h[other]["median_ms"]
             out.append({"target": name, "value": f"{ratio:.3f}×  ({o:.2f} ms vs {h[other]['median_ms']:.2f} ms)",
                         "met": ratio <= limit})
+        n = h["peft_native"]["median_ms"]
+        for name, other, limit in (("PEFT DeLoRA on delora_ext: step ≤ 1.05× delora_ext", "ours",
+                                    TARGETS["native_peft_vs_ours"]),
+                                   ("PEFT DeLoRA on delora_ext: step ≤ 0.90× PEFT DeLoRA", "peft_delora",
+                                    TARGETS["native_peft_vs_peft_delora"])):
+            ratio = n / h[other]["median_ms"]
+            out.append({"target": name, "value": f"{ratio:.3f}×  ({n:.2f} ms vs {h[other]['median_ms']:.2f} ms)",
+                        "met": ratio <= limit})
         so, sp = h["ours"]["saved_bytes"], h["peft_delora"]["saved_bytes"]
         out.append({"target": "saved activations ≤ 1/20 of PEFT DeLoRA",
                     "value": f"{so / sp:.4f}  ({_fmt_bytes(so)} vs {_fmt_bytes(sp)})",
@@ -500,7 +695,7 @@ def evaluate_targets(rows, merges) -> list[dict]:
     return out
 
 
-def render_markdown(res: dict) -> str:
+def _header_lines(res: dict) -> list[str]:
     env = res["environment"]
     L = []
     L.append(f"# delora_ext CPU benchmark ({env['mode']})")
@@ -523,6 +718,16 @@ def render_markdown(res: dict) -> str:
         L.append(f"- CPU time taken by other processes during the run: {env['other_processes_cpu_s']} s "
                  f"({100 * env['other_processes_cpu_share']:.1f} % of wall × cores); steps they disturbed are "
                  f"discarded (counts below); merge timings and the profiles are not filtered")
+    return L
+
+
+def render_header(res: dict) -> str:
+    """The environment lines alone (``--only host``)."""
+    return "\n".join(_header_lines(res)) + "\n\n"
+
+
+def render_markdown(res: dict) -> str:
+    L = _header_lines(res)
     L.append(f"- fp32; x is (N/{SEQ}, {SEQ}, in); step = forward + backward of a fixed random dL/dy, trainable "
              f"grads set to None before each step; ours/PEFT DeLoRA/reference share A, B, λ, w (B random, "
              f"init_weights=False); LoRA: r = lora_alpha, init_lora_weights=False")
@@ -549,22 +754,24 @@ def render_markdown(res: dict) -> str:
                         ("x_nograd", "x without grad (first adapted layer; frozen = forward only)")):
         L.append(f"## Step time, {title}: median ms (ratio to frozen nn.Linear)")
         L.append("")
-        L.append("| N | in×out | r | frozen | delora_ext | PEFT DeLoRA | PEFT LoRA | reference | ours/PEFT DeLoRA | ours/LoRA |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        L.append("| N | in×out | r | frozen | delora_ext | PEFT DeLoRA | PEFT DeLoRA on delora_ext | PEFT LoRA | "
+                 "reference | ours/PEFT DeLoRA | ours/LoRA | PEFT on delora_ext / ours |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in res["rows"]:
             if r["mode"] != mode:
                 continue
             cells = [f"{r['frozen']['median_ms']:.2f}"]
-            for v in ("ours", "peft_delora", "peft_lora", "ref"):
+            for v in ("ours", "peft_delora", "peft_native", "peft_lora", "ref"):
                 cells.append(f"{r[v]['median_ms']:.2f} ({r[v]['ratio_to_frozen']:.2f})")
             cells.append(f"{r['ours']['median_ms'] / r['peft_delora']['median_ms']:.2f}")
             cells.append(f"{r['ours']['median_ms'] / r['peft_lora']['median_ms']:.2f}")
+            cells.append(f"{r['peft_native']['median_ms'] / r['ours']['median_ms']:.2f}")
             L.append(f"| {r['N']} | {r['in']}×{r['out']} | {r['r']} | " + " | ".join(cells) + " |")
         L.append("")
     L.append("## Saved activations (x requires grad / x without grad), excluding parameters, buffers and x")
     L.append("")
-    L.append("| N | in×out | r | frozen | delora_ext | PEFT DeLoRA | PEFT LoRA | reference | ours/PEFT DeLoRA |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.append("| N | in×out | r | " + " | ".join(LABELS[v] for v in VARIANTS) + " | ours/PEFT DeLoRA |")
+    L.append("|---|---|---|" + "---|" * len(VARIANTS) + "---|")
     by = {(r["N"], r["in"], r["out"], r["r"], r["mode"]): r for r in res["rows"]}
     for r in res["rows"]:
         if r["mode"] != "x_grad":
@@ -621,9 +828,28 @@ def render_markdown(res: dict) -> str:
     L.append("")
     worst_p = max(r["rel_max_diff_ours_vs_peft"] for r in res["rows"])
     worst_r = max(r["rel_max_diff_ours_vs_ref"] for r in res["rows"])
-    L.append(f"- worst over all configurations: ours vs PEFT {worst_p:.1e}, ours vs reference {worst_r:.1e}")
+    worst_n = max(r["rel_max_diff_native_peft_vs_peft"] for r in res["rows"])
+    L.append(f"- worst over all configurations: ours vs PEFT {worst_p:.1e}, ours vs reference {worst_r:.1e}, "
+             f"PEFT DeLoRA on delora_ext vs PEFT {worst_n:.1e}")
     L.append("")
+    if "quantized" in res:
+        L += render_quantized(res["quantized"])
     return "\n".join(L)
+
+
+def render_quantized_only(res: dict) -> str:
+    env = res["environment"]
+    return "\n".join([
+        "# delora_ext CPU benchmark (quantised base section)", "",
+        f"- date: {env['date']}",
+        f"- machine: {env['nproc']} CPUs (affinity {env['affinity']}), {env['cpu_model']}, "
+        f"flags {' '.join(env['cpu_flags'])}",
+        f"- torch {env['torch']}, torch.get_num_threads() = {env['torch_num_threads']}, python {env['python']}",
+        f"- source: commit {env.get('source', {}).get('git_commit')}",
+        f"- command: `{env['command']}`; wall time {res['wall_s']:.0f} s",
+        f"- load average (1/5/15 min) at start {env['loadavg_start']}, at end {env.get('loadavg_end')}; other busy "
+        f"processes at start: {', '.join(env['busy_processes_start']) or 'none'}", "",
+        *render_quantized(res["quantized"])])
 
 
 def _strip_private(obj):
@@ -652,6 +878,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
     ap.add_argument("--strict", action="store_true", help="exit with status 1 when a target is not met")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantized-only", action="store_true",
+                    help="only section 4 (small Llama with a 4-bit base against fp32/bf16)")
+    ap.add_argument("--no-quantized", action="store_true", help="leave section 4 out")
+    ap.add_argument("--quantized-repeats", type=int, default=None,
+                    help="timed steps per variant in section 4 (default 7, --quick 3)")
+    ap.add_argument("--only", choices=("host",), default=None,
+                    help="host: only the host-overhead and mixed-batch sections (a minute)")
     args = ap.parse_args(argv)
     args.argv = argv
     if args.threads:
@@ -666,13 +899,19 @@ def main(argv=None) -> int:
     cpu0 = _cpu_seconds()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     env = environment(args)
+    if args.quantized_only:
+        env["mode"] = "quantized-only"
+    elif args.only:
+        env["mode"] = f"only {args.only}"
     log(f"delora_ext CPU benchmark ({env['mode']}): torch {env['torch']}, {env['torch_num_threads']} threads, "
         f"{env['cpu_model']}")
     if env["busy_processes_start"]:
         log(f"WARNING: other processes are using the CPU ({', '.join(env['busy_processes_start'])}); with "
             f"{env['nproc']} cores the timings will be noisy (OpenMP barriers wait for descheduled threads)")
 
-    if args.quick:
+    if args.quantized_only or args.only == "host":
+        groups, merge_cfgs = [], []
+    elif args.quick:
         groups = [(HEADLINE["N"], HEADLINE["in"], HEADLINE["out"], (HEADLINE["r"],))]
         merge_cfgs = [(HEADLINE["in"], HEADLINE["out"], HEADLINE["r"])]
     else:
@@ -698,6 +937,8 @@ def main(argv=None) -> int:
             for label, key, mode in (("delora_ext, x requires grad", ("ours", HEADLINE["r"]), "x_grad"),
                                      ("frozen nn.Linear, x requires grad", ("frozen", None), "x_grad"),
                                      ("PEFT DeLoRA, x requires grad", ("peft_delora", HEADLINE["r"]), "x_grad"),
+                                     ("PEFT DeLoRA on delora_ext, x requires grad", ("peft_native", HEADLINE["r"]),
+                                      "x_grad"),
                                      ("delora_ext, x without grad", ("ours", HEADLINE["r"]), "x_nograd")):
                 profile[label] = profile_steps(make_step(ex["layers"][key], ex["xs"][mode], ex["g"]),
                                                n_profile_steps)
@@ -709,11 +950,23 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for (i, o, r) in merge_cfgs:
         merges.append(bench_merge(i, o, r, mrep, args.seed))
-    log(f"  merge: {len(merge_cfgs)} configurations x {mrep} repeats in {time.perf_counter() - t0:.1f} s")
+    if merge_cfgs:
+        log(f"  merge: {len(merge_cfgs)} configurations x {mrep} repeats in {time.perf_counter() - t0:.1f} s")
+
+    host = mixed = None
+    if not args.quantized_only:
+        t0 = time.perf_counter()
+        quick = args.quick and args.only != "host"
+        host = host_overhead.host_overhead(**(dict(rounds=5, calls=50, warmup=1) if quick else {}), seed=args.seed)
+        mixed = host_overhead.mixed_batch(**(dict(rounds=3, calls=5, warmup=1) if quick else {}), seed=args.seed)
+        log(f"  host overhead and mixed batch in {time.perf_counter() - t0:.1f} s")
 
     res = {"environment": env, "headline": HEADLINE, "seq": SEQ, "warmup": warmup, "repeats": repeats_used,
            "targets_spec": TARGETS, "rows": rows, "merges": merges, "profile": profile,
-           "profile_steps": n_profile_steps}
+           "profile_steps": n_profile_steps, "host_overhead": host, "mixed_batch": mixed}
+    if not args.no_quantized and args.only != "host":
+        qrep = args.quantized_repeats or (3 if args.quick else 7)
+        res["quantized"] = bench_quantized(qrep, 1, args.seed, log)
     cpu1 = _cpu_seconds()
     if cpu0 and cpu1:
         other = (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])
@@ -722,9 +975,13 @@ def main(argv=None) -> int:
         env["other_processes_cpu_share"] = round(max(other, 0.0) / span, 4)
     env["loadavg_end"] = _loadavg()
     env["busy_processes_end"] = _other_busy_processes()
-    res["targets"] = evaluate_targets(rows, merges)
+    res["targets"] = evaluate_targets(rows, merges) if rows else []
     res["wall_s"] = time.perf_counter() - t_start
-    md = render_markdown(res)
+    if args.quantized_only:
+        md = render_quantized_only(res)
+    else:
+        md = render_markdown(res) if rows else render_header(res)
+        md += "\n".join(host_overhead.render(host, mixed)) + "\n"
 
     if args.out:
         base = args.out
@@ -734,7 +991,8 @@ def main(argv=None) -> int:
     else:
         date = _dt.date.today().isoformat()
         base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"cpu-{date}" + ("-quick" if args.quick else ""))
+                            f"cpu-{date}" + ("-quantized" if args.quantized_only else "-host" if args.only == "host"
+                                             else "-quick" if args.quick else ""))
     os.makedirs(os.path.dirname(os.path.abspath(base)) or ".", exist_ok=True)
     with open(base + ".md", "w") as f:
         f.write(md)
@@ -746,7 +1004,7 @@ def main(argv=None) -> int:
     if flagged:
         log(f"WARNING: {flagged} variant timings had < {MIN_CLEAN} undisturbed samples (other processes took "
             f"{100 * env.get('other_processes_cpu_share', 0.0):.1f} % of the CPU); rerun on a quiet machine")
-    met = all(t["met"] for t in res["targets"])
+    met = all(t["met"] for t in res["targets"] + host["targets"])
     return 0 if (met or not args.strict) else 1
 
 

@@ -66,11 +66,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
-from variants import RefDeLoRA, build_ours, build_peft_delora, build_peft_lora, build_ref, frozen  # noqa: E402
+from variants import (RefDeLoRA, build_ours, build_peft_delora, build_peft_lora, build_peft_native,  # noqa: E402
+                      build_ref, frozen)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("frozen", "ours", "peft_delora", "peft_lora", "ref")
+VARIANTS = ("frozen", "ours", "peft_delora", "peft_native", "peft_lora", "ref")
 LABELS = {"frozen": "frozen F.linear", "ours": "delora_ext", "peft_delora": "PEFT DeLoRA",
+          "peft_native": "PEFT DeLoRA on delora_ext",
           "peft_lora": "PEFT LoRA", "ref": "reference"}
 PHASES = ("fwd", "bwd", "step")
 # Timing modes (see L2Flush). JSON: host-synced summaries under the original keys (row[v][phase], row[k] of a
@@ -83,6 +85,7 @@ TARGETS = {
     "step_vs_peft_lora": 1.05,       # ours step / PEFT LoRA step ≤
     "merge_bw_fraction": 0.80,       # merge GB/s / copy GB/s ≥
     "graph_fwd_vs_frozen": 1.50,     # ours graphed N=16 forward / frozen graphed forward ≤
+    "native_peft_vs_ours": 1.05,     # PEFT DeLoRA on delora_ext step / ours step ≤
 }
 
 
@@ -206,6 +209,7 @@ def build_all(template: nn.Linear, r: int) -> dict:
     ours = build_ours(template, r)
     return {"frozen": frozen(template), "ours": ours,
             "peft_delora": build_peft_delora(template, r, ours, fp32_adapters=True)[0],
+            "peft_native": build_peft_native(template, r, ours, fp32_adapters=True)[0],
             "peft_lora": build_peft_lora(template, r, fp32_adapters=True)[0], "ref": build_ref(template, ours)}
 
 
@@ -226,7 +230,8 @@ def _delora_params(layer: nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. forward / backward / step
-def agreement(layers: dict, x: torch.Tensor, g: torch.Tensor, variants=("ours", "peft_delora", "ref"),
+def agreement(layers: dict, x: torch.Tensor, g: torch.Tensor,
+              variants=("ours", "peft_delora", "peft_native", "ref"),
               before_each=None) -> dict:
     """Relative errors (Frobenius) of y and of dx, dA, dB, dλ against an fp32 reference, per DeLoRA variant
     (``layers[v]`` for v in ``variants``; ``before_each(v)`` runs first, e.g. to select kernel switches)."""
@@ -1065,6 +1070,11 @@ def evaluate_targets(res: dict, cfg: Config) -> list[dict]:
         out.append({"target": f"step ≤ {TARGETS['step_vs_peft_lora']:.2f}× PEFT LoRA (within 5 %)",
                     "value": f"{o / pl:.3f}×  ({o * 1e3:.0f} vs {pl * 1e3:.0f} µs); host-synced {so / spl:.3f}×",
                     "met": o / pl <= TARGETS["step_vs_peft_lora"]})
+        n, sn = _timing(h["peft_native"], "queued")["step"]["median_ms"], h["peft_native"]["step"]["median_ms"]
+        out.append({"target": f"PEFT DeLoRA on delora_ext: step ≤ {TARGETS['native_peft_vs_ours']:.2f}× delora_ext",
+                    "value": f"{n / o:.3f}×  ({n * 1e3:.0f} vs {o * 1e3:.0f} µs); host-synced {sn / so:.3f}×; "
+                             f"{pd / n:.2f}× faster than PEFT DeLoRA",
+                    "met": n / o <= TARGETS["native_peft_vs_ours"]})
     for m in res.get("merge") or []:
         q = {k: _timing(m[k], "queued") for k in ("copy", "ours_layer", "ours_op")}
         frac = q["ours_layer"]["fraction_of_copy"]
@@ -1227,9 +1237,9 @@ def render_markdown(res: dict, cfg: Config) -> str:
         for mode in MODES:
             L.append(f"## Training, {MODE_LABELS[mode]}: median µs (ratio to frozen)")
             L.append("")
-            L.append("| N | r | phase | frozen | delora_ext | PEFT DeLoRA | PEFT LoRA | reference | ours / PEFT DeLoRA | "
+            L.append("| N | r | phase | " + " | ".join(LABELS[v] for v in VARIANTS) + " | ours / PEFT DeLoRA | "
                      "ours / LoRA |")
-            L.append("|---|---|---|---|---|---|---|---|---|---|")
+            L.append("|---|---|---|" + "---|" * len(VARIANTS) + "---|---|")
             for row in res["steps"]:
                 t = {v: _timing(row[v], mode) for v in VARIANTS}
                 for p in PHASES:
@@ -1247,11 +1257,11 @@ def render_markdown(res: dict, cfg: Config) -> str:
         L.append("")
         L.append("### Agreement with an fp32 reference (relative Frobenius error: y / dx / dA / dB / dλ)")
         L.append("")
-        L.append("| N | r | delora_ext | PEFT DeLoRA | reference (bf16) |")
-        L.append("|---|---|---|---|---|")
+        L.append("| N | r | delora_ext | PEFT DeLoRA | PEFT DeLoRA on delora_ext | reference (bf16) |")
+        L.append("|---|---|---|---|---|---|")
         for row in res["steps"]:
             cells = []
-            for v in ("ours", "peft_delora", "ref"):
+            for v in ("ours", "peft_delora", "peft_native", "ref"):
                 a = row["agreement"][v]
                 cells.append(" / ".join(f"{a[k]:.1e}" for k in ("y", "dx", "dA", "dB", "dlam")))
             L.append(f"| {row['N']} | {row['r']} | " + " | ".join(cells) + " |")

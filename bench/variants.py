@@ -73,6 +73,16 @@ def build_peft_delora(template: nn.Linear, r: int, ours, fp32_adapters: bool = F
     return layer, model
 
 
+def build_peft_native(template: nn.Linear, r: int, ours, fp32_adapters: bool = False):
+    """PEFT's DeloraLinear converted by delora_ext.peft.accelerate (PEFT's containers and semantics on our ops),
+    with ours's values; and the PeftModel that owns it."""
+    import delora_ext.peft
+    layer, model = build_peft_delora(template, r, ours, fp32_adapters)
+    delora_ext.peft.accelerate(model)
+    assert type(layer) is delora_ext.peft.NativeDeloraLinear
+    return layer, model
+
+
 def build_peft_lora(template: nn.Linear, r: int, fp32_adapters: bool = False):
     """(PEFT's LoRA layer of rank r, alpha = r, random B, the PeftModel that owns it)."""
     import peft

@@ -1,4 +1,4 @@
-// CPU kernels for the DeLoRA-specific passes, and the CPU registration of every op.
+// CPU kernels for the DeLoRA-specific passes: the CPU kernel table (kernels.h).
 //
 // Work split: prep and finalize parallelise over the r rank directions for the r×in parts and over blocks
 // of output rows for the out×r parts; every reduction accumulates in opmath (float or double) in a fixed
@@ -6,13 +6,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
-#include "delora.h"
 #include "delora_math.h"
+#include "kernels.h"
 
 namespace delora_ext {
 namespace {
@@ -41,26 +40,22 @@ void column_sums(int64_t out, int64_t r, F&& f, T* result) {
     for (int64_t k = 0; k < r; ++k) result[k] += partial[blk * r + k];
 }
 
-}  // namespace
-
-void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
-  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
-  // The GEMM-dtype outputs (when asked for) share one dtype; without them it is irrelevant.
-  const auto gemm_dt = o.Ad.defined() ? o.Ad.scalar_type() : (o.Bd.defined() ? o.Bd.scalar_type() : A.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_prep_cpu", [&] {
+void prep_cpu(const PrepParams& p) {
+  const int64_t r = p.A.size(0), in = p.A.size(1), out = p.B.size(0);
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "delora_prep_cpu", [&] {
     using opmath_t = scalar_t;
-    const opmath_t* pA = A.const_data_ptr<opmath_t>();
-    const opmath_t* pB = B.const_data_ptr<opmath_t>();
-    const opmath_t* pw = w.const_data_ptr<opmath_t>();
-    const opmath_t lam_v = lam.const_data_ptr<opmath_t>()[0];
-    opmath_t* pAf = o.Af.defined() ? o.Af.mutable_data_ptr<opmath_t>() : nullptr;
-    opmath_t* psa = o.sa.defined() ? o.sa.mutable_data_ptr<opmath_t>() : nullptr;
-    opmath_t* ps = o.s.mutable_data_ptr<opmath_t>();
-    opmath_t* pa = o.a.mutable_data_ptr<opmath_t>();
-    opmath_t* pb = o.b.mutable_data_ptr<opmath_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gemm_dt, "delora_prep_cpu_gemm", [&] {
-      scalar_t* pAd = o.Ad.defined() ? o.Ad.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* pBd = o.Bd.defined() ? o.Bd.mutable_data_ptr<scalar_t>() : nullptr;
+    const opmath_t* pA = p.A.const_data_ptr<opmath_t>();
+    const opmath_t* pB = p.B.const_data_ptr<opmath_t>();
+    const opmath_t* pw = p.w.const_data_ptr<opmath_t>();
+    const opmath_t lam_v = p.lam.const_data_ptr<opmath_t>()[0];
+    opmath_t* pAf = data_or_null<opmath_t>(p.Af);
+    opmath_t* psa = data_or_null<opmath_t>(p.sa);
+    opmath_t* ps = p.s.mutable_data_ptr<opmath_t>();
+    opmath_t* pa = p.a_raw.mutable_data_ptr<opmath_t>();
+    opmath_t* pb = p.b_raw.mutable_data_ptr<opmath_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.gemm_dtype(), "delora_prep_cpu_gemm", [&] {
+      scalar_t* pAd = data_or_null<scalar_t>(p.Ad);
+      scalar_t* pBd = data_or_null<scalar_t>(p.Bd);
 
       // Sums of squares in double whatever the opmath: a sequential fp32 sum over in = 16384 terms is off by
       // ~3e-6 relative, double makes the norm correctly rounded for any realistic size, at r·(in+out) cost.
@@ -76,16 +71,14 @@ void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor&
           pa[k] = static_cast<opmath_t>(std::sqrt(sq));
           pb[k] = static_cast<opmath_t>(std::sqrt(bsq[k]));
           ps[k] = scale_of<opmath_t>(lam_v, pa[k], pb[k], r);
-          const opmath_t sa = o.a_times_sa ? lam_over_r_clamped<opmath_t>(lam_v, pa[k], r) : inv_clamped(pa[k]);
+          const opmath_t sa = a_side_factor<opmath_t>(p.mode, lam_v, pa[k], r);
           if (psa) psa[k] = sa;
-          bcoef[k] = o.b_plain ? opmath_t(1)
-                     : o.b_over_bhat ? lam_over_r_clamped<opmath_t>(lam_v, pb[k], r)
-                                     : ps[k] * opmath_t(o.bd_alpha);
+          bcoef[k] = b_side_factor<opmath_t>(p.mode, lam_v, pb[k], ps[k], opmath_t(p.bd_alpha), r);
           if (pAf)
             for (int64_t j = 0; j < in; ++j) pAf[k * in + j] = row[j] * pw[j];
           if (pAd) {
             scalar_t* drow = pAd + k * in;
-            if (o.a_times_sa) {
+            if (ad_scaled(p.mode)) {
               for (int64_t j = 0; j < in; ++j) drow[j] = static_cast<scalar_t>(row[j] * pw[j] * sa);
             } else {
               for (int64_t j = 0; j < in; ++j) drow[j] = static_cast<scalar_t>(row[j] * pw[j]);
@@ -103,44 +96,42 @@ void prep_cpu(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor&
   });
 }
 
-void finalize_cpu(const Tensor& M, const Tensor& Q, const Tensor& qscale, const Tensor& A, const Tensor& B,
-                  const Tensor& w, const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA,
-                  Tensor& dB, Tensor& dlam) {
-  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_finalize_cpu", [&] {
+void finalize_cpu(const FinalizeParams& p) {
+  const int64_t r = p.A.size(0), in = p.A.size(1), out = p.B.size(0);
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "delora_finalize_cpu", [&] {
     using opmath_t = scalar_t;
-    const opmath_t* pA = A.const_data_ptr<opmath_t>();
-    const opmath_t* pB = B.const_data_ptr<opmath_t>();
-    const opmath_t* pw = w.const_data_ptr<opmath_t>();
-    const opmath_t* ps = s.const_data_ptr<opmath_t>();
-    const opmath_t* pa = a_raw.const_data_ptr<opmath_t>();
-    const opmath_t* pb = b_raw.const_data_ptr<opmath_t>();
-    const opmath_t* pq = qscale.defined() ? qscale.const_data_ptr<opmath_t>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, M.scalar_type(), "delora_finalize_cpu_in", [&] {
-      const scalar_t* pM = M.const_data_ptr<scalar_t>();
+    const opmath_t* pA = p.A.const_data_ptr<opmath_t>();
+    const opmath_t* pB = p.B.const_data_ptr<opmath_t>();
+    const opmath_t* pw = p.w.const_data_ptr<opmath_t>();
+    const opmath_t* ps = p.s.const_data_ptr<opmath_t>();
+    const opmath_t* pa = p.a_raw.const_data_ptr<opmath_t>();
+    const opmath_t* pb = p.b_raw.const_data_ptr<opmath_t>();
+    const opmath_t* pq = const_data_or_null<opmath_t>(p.qscale);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.M.scalar_type(), "delora_finalize_cpu_in", [&] {
+      const scalar_t* pM = p.M.const_data_ptr<scalar_t>();
       std::vector<opmath_t> gs(static_cast<size_t>(r));
       column_sums<opmath_t>(
           out, r, [&](int64_t o, int64_t k) { return opmath_t(pM[o * r + k]) * pB[o * r + k]; }, gs.data());
 
-      if (dlam.defined()) {
+      if (p.dlam.defined()) {
         opmath_t acc = 0;
         for (int64_t k = 0; k < r; ++k)
           acc += gs[k] / (opmath_t(r) * clamp_norm(pa[k]) * clamp_norm(pb[k]));
-        dlam.mutable_data_ptr<opmath_t>()[0] = acc;
+        p.dlam.mutable_data_ptr<opmath_t>()[0] = acc;
       }
-      if (dB.defined()) {
+      if (p.dB.defined()) {
         std::vector<opmath_t> coef(static_cast<size_t>(r));
         for (int64_t k = 0; k < r; ++k) coef[k] = norm_grad_coef(gs[k], ps[k], pb[k]);
-        opmath_t* pdB = dB.mutable_data_ptr<opmath_t>();
+        opmath_t* pdB = p.dB.mutable_data_ptr<opmath_t>();
         at::parallel_for(0, out, std::max<int64_t>(1, kElemGrain / r), [&](int64_t o0, int64_t o1) {
           for (int64_t o = o0; o < o1; ++o)
             for (int64_t k = 0; k < r; ++k)
               pdB[o * r + k] = opmath_t(pM[o * r + k]) * ps[k] + coef[k] * pB[o * r + k];
         });
       }
-      if (dA.defined()) {
-        const scalar_t* pQ = Q.const_data_ptr<scalar_t>();
-        opmath_t* pdA = dA.mutable_data_ptr<opmath_t>();
+      if (p.dA.defined()) {
+        const scalar_t* pQ = p.Q.const_data_ptr<scalar_t>();
+        opmath_t* pdA = p.dA.mutable_data_ptr<opmath_t>();
         at::parallel_for(0, r, kRowGrain, [&](int64_t k0, int64_t k1) {
           for (int64_t k = k0; k < k1; ++k) {
             const opmath_t c = norm_grad_coef(gs[k], ps[k], pa[k]);
@@ -177,6 +168,9 @@ void dropout_cpu(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
   });
 }
 
-TORCH_LIBRARY_IMPL(delora_ext, CPU, m) { register_device_impls(m); }
+}  // namespace
+
+// No merge kernel (merges go through ATen's addmm) and no small-N forward.
+DeviceKernels cpu_kernels() { return {.prep = &prep_cpu, .finalize = &finalize_cpu, .dropout = &dropout_cpu}; }
 
 }  // namespace delora_ext

@@ -1,4 +1,4 @@
-// CUDA kernels for the DeLoRA-specific passes, and the CUDA registration of every op.
+// CUDA kernels for the DeLoRA-specific passes: the CUDA kernel table (kernels.h).
 //
 // Grid layout: prep and finalize launch one block per rank direction k (r is small, 1..256): the block
 // reduces over the row A[k,:] and the column B[:,k] with a fixed-order block reduction (deterministic),
@@ -8,17 +8,15 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
 
 #include <mutex>
 
-#include "delora.h"
 #include "delora_math.h"
+#include "kernels.h"
 
 namespace delora_ext {
 namespace {
@@ -44,13 +42,17 @@ __device__ __forceinline__ double column_sq_partial(const T* __restrict__ B, int
 }
 
 // One block per k: the norms of row A[k,:] and column B[:,k], then s_k, and the folded operands row k of Af / Ad
-// and column k of Bd (PrepOutputs in delora.h). T is the opmath type, D the GEMM dtype of Ad and Bd.
+// and column k of Bd (PrepParams in kernels.h, null for an output not wanted). T is the opmath type, D the GEMM
+// dtype of Ad and Bd. The pointers are kernel parameters rather than members of one argument struct on purpose:
+// __restrict__ on a kernel's pointer parameters is what lets nvcc load the inputs through the read-only cache and
+// reorder those loads across the output stores; members of a struct argument get neither (so finalize_kernel
+// takes its pointers the same way).
 template <typename T, typename D>
 __global__ void __launch_bounds__(kRowThreads)
     prep_kernel(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ lam, const T* __restrict__ w,
                 T* __restrict__ Af, D* __restrict__ Ad, D* __restrict__ Bd, T* __restrict__ s, T* __restrict__ a_raw,
-                T* __restrict__ b_raw, T* __restrict__ sa_out, bool a_times_sa, bool b_over_bhat, bool b_plain,
-                T bd_alpha, int64_t r, int64_t in, int64_t out) {
+                T* __restrict__ b_raw, T* __restrict__ sa_out, ScaleMode mode, T bd_alpha, int64_t r, int64_t in,
+                int64_t out) {
   // Sums of squares in double, as the CPU kernel: the norms (and s) are then the same function on both
   // devices up to summation order, correctly rounded in practice, and squares cannot overflow/underflow.
   using Reduce = cub::BlockReduce<double, kRowThreads>;
@@ -70,17 +72,17 @@ __global__ void __launch_bounds__(kRowThreads)
   const double b2 = Reduce(tmp).Sum(column_sq_partial(B, k, r, out));
   if (threadIdx.x == 0) {
     const T a = static_cast<T>(sqrt(a2)), b = static_cast<T>(sqrt(b2));
-    const T sk = scale_of<T>(lam[0], a, b, r), sak = a_times_sa ? lam_over_r_clamped<T>(lam[0], a, r) : inv_clamped(a);
+    const T sk = scale_of<T>(lam[0], a, b, r), sak = a_side_factor<T>(mode, lam[0], a, r);
     a_raw[k] = a;
     b_raw[k] = b;
     s[k] = sk;
     if (sa_out != nullptr) sa_out[k] = sak;
     sa_shared = sak;
-    bcoef_shared = b_plain ? T(1) : b_over_bhat ? lam_over_r_clamped<T>(lam[0], b, r) : sk * bd_alpha;
+    bcoef_shared = b_side_factor<T>(mode, lam[0], b, sk, bd_alpha, r);
   }
   __syncthreads();
   if (Ad != nullptr) {
-    if (a_times_sa) {
+    if (ad_scaled(mode)) {
       const T f = sa_shared;
       for (int64_t j = threadIdx.x; j < in; j += kRowThreads) Ad[k * in + j] = static_cast<D>(row[j] * w[j] * f);
     } else {
@@ -463,51 +465,45 @@ __global__ void dropout_kernel(const scalar_t* src, scalar_t* dst,  // may alias
                                                                       : scalar_t(0);
 }
 
-}  // namespace
-
-void prep_cuda(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
-  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+void prep_cuda(const PrepParams& p) {
+  const int64_t r = p.A.size(0);
   if (r == 0) return;
-  const c10::cuda::CUDAGuard guard(A.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  const auto gemm_dt = o.Ad.defined() ? o.Ad.scalar_type() : (o.Bd.defined() ? o.Bd.scalar_type() : A.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_prep_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "delora_prep_cuda", [&] {
     using opmath_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gemm_dt, "delora_prep_cuda_gemm", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.gemm_dtype(), "delora_prep_cuda_gemm", [&] {
       prep_kernel<opmath_t, scalar_t><<<r, kRowThreads, 0, stream>>>(
-          A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(), lam.const_data_ptr<opmath_t>(),
-          w.const_data_ptr<opmath_t>(), o.Af.defined() ? o.Af.mutable_data_ptr<opmath_t>() : nullptr,
-          o.Ad.defined() ? o.Ad.mutable_data_ptr<scalar_t>() : nullptr,
-          o.Bd.defined() ? o.Bd.mutable_data_ptr<scalar_t>() : nullptr, o.s.mutable_data_ptr<opmath_t>(),
-          o.a.mutable_data_ptr<opmath_t>(), o.b.mutable_data_ptr<opmath_t>(),
-          o.sa.defined() ? o.sa.mutable_data_ptr<opmath_t>() : nullptr, o.a_times_sa, o.b_over_bhat, o.b_plain, static_cast<opmath_t>(o.bd_alpha), r, in, out);
+          p.A.const_data_ptr<opmath_t>(), p.B.const_data_ptr<opmath_t>(), p.lam.const_data_ptr<opmath_t>(),
+          p.w.const_data_ptr<opmath_t>(), data_or_null<opmath_t>(p.Af), data_or_null<scalar_t>(p.Ad),
+          data_or_null<scalar_t>(p.Bd), p.s.mutable_data_ptr<opmath_t>(), p.a_raw.mutable_data_ptr<opmath_t>(),
+          p.b_raw.mutable_data_ptr<opmath_t>(), data_or_null<opmath_t>(p.sa), p.mode, static_cast<opmath_t>(p.bd_alpha),
+          r, p.A.size(1), p.B.size(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
 
-void finalize_cuda(const Tensor& M, const Tensor& Q, const Tensor& qscale, const Tensor& A, const Tensor& B,
-                   const Tensor& w, const Tensor& s, const Tensor& a_raw, const Tensor& b_raw, Tensor& dA,
-                   Tensor& dB, Tensor& dlam) {
-  const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
-  const c10::cuda::CUDAGuard guard(A.device());
+void finalize_cuda(const FinalizeParams& p) {
+  const int64_t r = p.A.size(0);
   auto stream = at::cuda::getCurrentCUDAStream();
-  Tensor parts = dlam.defined() ? at::empty({r}, A.options()) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "delora_finalize_cuda", [&] {
+  Tensor parts = p.dlam.defined() ? at::empty({r}, p.A.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "delora_finalize_cuda", [&] {
     using opmath_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, M.scalar_type(), "delora_finalize_cuda_in", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.M.scalar_type(), "delora_finalize_cuda_in", [&] {
       finalize_kernel<opmath_t, scalar_t><<<r, kRowThreads, 0, stream>>>(
-          M.const_data_ptr<scalar_t>(), Q.defined() ? Q.const_data_ptr<scalar_t>() : nullptr,
-          qscale.defined() ? qscale.const_data_ptr<opmath_t>() : nullptr, A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(),
-          s.const_data_ptr<opmath_t>(), a_raw.const_data_ptr<opmath_t>(), b_raw.const_data_ptr<opmath_t>(),
-          dA.defined() ? dA.mutable_data_ptr<opmath_t>() : nullptr,
-          dB.defined() ? dB.mutable_data_ptr<opmath_t>() : nullptr,
-          parts.defined() ? parts.mutable_data_ptr<opmath_t>() : nullptr, r, in, out);
+          p.M.const_data_ptr<scalar_t>(), const_data_or_null<scalar_t>(p.Q), const_data_or_null<opmath_t>(p.qscale),
+          p.A.const_data_ptr<opmath_t>(), p.B.const_data_ptr<opmath_t>(), p.w.const_data_ptr<opmath_t>(),
+          p.s.const_data_ptr<opmath_t>(), p.a_raw.const_data_ptr<opmath_t>(), p.b_raw.const_data_ptr<opmath_t>(),
+          data_or_null<opmath_t>(p.dA), data_or_null<opmath_t>(p.dB), data_or_null<opmath_t>(parts), r, p.A.size(1),
+          p.B.size(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   // r partial sums, added in a fixed order by a deterministic ATen reduction.
-  if (dlam.defined()) at::sum_out(dlam, parts, {0}, /*keepdim=*/true);
+  if (parts.defined()) {
+    Tensor dlam = p.dlam;
+    at::sum_out(dlam, parts, {0}, /*keepdim=*/true);
+  }
 }
 
 // Lets merge_tiled_kernel<scalar_t, acc_t> use up to `bytes` (the same cap on every call) of dynamic shared
@@ -540,7 +536,6 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
   }
   const int64_t rows = C.size(0), cols = C.size(1), r = L.size(1);
   if (rows == 0 || cols == 0) return true;
-  const c10::cuda::CUDAGuard guard(weight.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   bool launched = false;
   auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
@@ -595,38 +590,35 @@ bool merge_cuda(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
   return launched;
 }
 
-bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
-                          const std::function<Tensor()>& base, bool overlap, Tensor& y, bool accumulate, Tensor& u,
-                          Tensor& s, Tensor& a_raw, Tensor& b_raw) {
-  const int64_t n_rows = x_d.size(0), r = A.size(0), in = A.size(1), out = B.size(0);
-  if (!small_n_fits(n_rows, r, in, out, A.scalar_type(), x_d.scalar_type())) return false;
+bool small_n_forward_cuda(SmallNParams& p) {
+  const int64_t n_rows = p.x_d.size(0), r = p.A.size(0), in = p.A.size(1), out = p.B.size(0);
+  if (!small_n_fits(n_rows, r, in, out, p.A.scalar_type(), p.x_d.scalar_type())) return false;
   const size_t smem = static_cast<size_t>(n_rows * r) * sizeof(float);
-  const c10::cuda::CUDAGuard guard(x_d.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   // Every tensor below is allocated on `stream` before the fork, and the side stream's work is joined back into
   // `stream` before this function returns, so the caching allocator's per-stream reuse stays safe.
-  Tensor v = at::empty({n_rows, r}, A.options());
+  Tensor v = at::empty({n_rows, r}, p.A.options());
   {
     using opmath_t = float;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_d.scalar_type(), "delora_small_n_cuda_x", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x_d.scalar_type(), "delora_small_n_cuda_x", [&] {
       auto launch_u = [&](cudaStream_t st) {
         small_u_kernel<opmath_t, scalar_t><<<r, kRowThreads, 0, st>>>(
-            x_d.const_data_ptr<scalar_t>(), A.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(),
-            lam.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(), v.mutable_data_ptr<opmath_t>(),
-            u.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<opmath_t>(), a_raw.mutable_data_ptr<opmath_t>(),
-            b_raw.mutable_data_ptr<opmath_t>(), static_cast<int>(n_rows), r, in, out);
+            p.x_d.const_data_ptr<scalar_t>(), p.A.const_data_ptr<opmath_t>(), p.B.const_data_ptr<opmath_t>(),
+            p.lam.const_data_ptr<opmath_t>(), p.w.const_data_ptr<opmath_t>(), v.mutable_data_ptr<opmath_t>(),
+            p.u.mutable_data_ptr<scalar_t>(), p.s.mutable_data_ptr<opmath_t>(), p.a_raw.mutable_data_ptr<opmath_t>(),
+            p.b_raw.mutable_data_ptr<opmath_t>(), static_cast<int>(n_rows), r, in, out);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (overlap) {
+      if (p.overlap) {
         // fork: the side stream starts after everything already on `stream` (x_d, the adapter tensors);
         // join: `stream` waits for the u launch before the update reads v.
-        c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, x_d.device().index());
+        c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, p.x_d.device().index());
         at::cuda::CUDAEvent forked, joined;
         forked.record(stream);
         forked.block(side);
         launch_u(side.stream());
         try {
-          y = base();  // on `stream`, concurrent with the u launch
+          p.y = p.base();  // on `stream`, concurrent with the u launch
         } catch (...) {
           // Join before the tensors the u launch writes can be freed and reused on `stream`.
           joined.record(side);
@@ -636,15 +628,17 @@ bool small_n_forward_cuda(const Tensor& x_d, const Tensor& A, const Tensor& B, c
         joined.record(side);
         joined.block(stream);
       } else {
-        y = base();
+        p.y = p.base();
         launch_u(stream.stream());
       }
-      TORCH_CHECK(y.is_contiguous() && y.size(0) == n_rows && y.size(1) == out && y.scalar_type() == x_d.scalar_type(),
-                  "delora_ext: small-N forward: the base output must be a contiguous (N, out) tensor in x's dtype");
+      const Tensor& y = p.y;
+      TORCH_CHECK(
+          y.is_contiguous() && y.size(0) == n_rows && y.size(1) == out && y.scalar_type() == p.x_d.scalar_type(),
+          "delora_ext: small-N forward: the base output must be a contiguous (N, out) tensor in x's dtype");
       const unsigned blocks = static_cast<unsigned>((out + kSmallUpdateThreads - 1) / kSmallUpdateThreads);
       small_update_kernel<opmath_t, scalar_t><<<blocks, kSmallUpdateThreads, smem, stream>>>(
-          y.mutable_data_ptr<scalar_t>(), v.const_data_ptr<opmath_t>(), B.const_data_ptr<opmath_t>(),
-          static_cast<int>(n_rows), r, out, accumulate);
+          y.mutable_data_ptr<scalar_t>(), v.const_data_ptr<opmath_t>(), p.B.const_data_ptr<opmath_t>(),
+          static_cast<int>(n_rows), r, out, p.accumulate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -655,7 +649,6 @@ void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p) 
   TORCH_CHECK(src.is_contiguous() && dst.is_contiguous(), "delora_ext: dropout needs contiguous tensors");
   const int64_t n = src.numel();
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(src.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "delora_dropout_cuda", [&] {
@@ -667,6 +660,14 @@ void dropout_cuda(const Tensor& src, Tensor& dst, const Tensor& seed, double p) 
   });
 }
 
-TORCH_LIBRARY_IMPL(delora_ext, CUDA, m) { register_device_impls(m); }
+}  // namespace
+
+DeviceKernels cuda_kernels() {
+  return {.prep = &prep_cuda,
+          .finalize = &finalize_cuda,
+          .dropout = &dropout_cuda,
+          .merge = &merge_cuda,
+          .small_n_forward = &small_n_forward_cuda};
+}
 
 }  // namespace delora_ext

@@ -53,6 +53,30 @@ DELORA_HD T lam_over_r_clamped(T lam, T raw, int64_t r) {
   return lam / (T(r) * clamp_norm(raw));
 }
 
+// What prep writes as the GEMM operands Ad (r×in), Bd (out×r) and the A-side factor sa (r), in the GEMM dtype:
+enum class ScaleMode {
+  kFull,           // Ad = A⊙w,           Bd = alpha·B⊙s,   sa = 1/â         fp32/fp64/bf16 GEMMs, merges, ΔW
+  kSplitForward,   // Ad = A⊙w,           Bd = B⊙λ/(r·b̂),   sa = 1/â         fp16 forward: ((x Adᵀ) ⊙ sa) Bdᵀ
+  kSplitBackward,  // Ad = A⊙w⊙λ/(r·â),   Bd = B,           sa = λ/(r·â)     fp16 backward
+};
+
+// Whether sa_k scales row k of Ad.
+DELORA_HD bool ad_scaled(ScaleMode mode) { return mode == ScaleMode::kSplitBackward; }
+
+// sa_k, the A-side factor of the split scale (a: the raw norm).
+template <typename T>
+DELORA_HD T a_side_factor(ScaleMode mode, T lam, T a, int64_t r) {
+  return ad_scaled(mode) ? lam_over_r_clamped<T>(lam, a, r) : inv_clamped(a);
+}
+
+// The factor of column k of B in Bd (s_k the full scale, alpha a host scalar: merge's ±1 or a merge weight).
+template <typename T>
+DELORA_HD T b_side_factor(ScaleMode mode, T lam, T b, T s, T alpha, int64_t r) {
+  return mode == ScaleMode::kSplitBackward  ? T(1)
+         : mode == ScaleMode::kSplitForward ? lam_over_r_clamped<T>(lam, b, r)
+                                            : s * alpha;
+}
+
 // ∂s_k/∂a_k · (1/a_k) = −s_k / a_k² where the clamp is not active, else 0. Multiplying this by
 // gs_k·A[k, j] gives the norm term of dA (likewise for B with b_k).
 template <typename T>

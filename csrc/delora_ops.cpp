@@ -1,15 +1,40 @@
-// Device-independent host entry points: argument checks, GEMMs through ATen, and calls into the
-// per-device launchers for the DeLoRA-specific passes. See registration.cpp for each op's math.
+// Device-independent host entry points: argument checks, GEMMs through ATen, and calls into the device's kernel
+// table (kernels.h) for the DeLoRA-specific passes. See registration.cpp for each op's math.
+#include <c10/core/DeviceGuard.h>
+
 #include "delora.h"
 #include "delora_math.h"
-
-#include <c10/core/DeviceGuard.h>
+#include "kernels.h"
 
 namespace delora_ext {
 
 Tuning& tuning() {
   static Tuning t;
   return t;
+}
+
+namespace {
+
+// One table per device type, indexed by it; written at load time only (registration.cpp), so reads need no lock.
+using KernelTables = std::array<DeviceKernels, static_cast<size_t>(c10::COMPILE_TIME_MAX_DEVICE_TYPES)>;
+
+KernelTables& kernel_tables() {
+  static KernelTables tables;
+  return tables;
+}
+
+}  // namespace
+
+void set_device_kernels(c10::DeviceType device, const DeviceKernels& kernels) {
+  kernel_tables()[static_cast<size_t>(device)] = kernels;
+}
+
+bool has_device_kernels(c10::DeviceType device) { return kernel_tables()[static_cast<size_t>(device)].prep != nullptr; }
+
+const DeviceKernels& device_kernels(c10::Device device) {
+  TORCH_CHECK(has_device_kernels(device.type()), "delora_ext: this build has no kernels for ", device.type(),
+              " tensors (the CUDA kernels are built when a CUDA toolkit is found, see README: Build)");
+  return kernel_tables()[static_cast<size_t>(device.type())];
 }
 
 namespace {
@@ -73,54 +98,6 @@ void check_dropout(const char* op, double p, const std::optional<Tensor>& seed, 
   }
 }
 
-bool is_cuda(const Tensor& t) { return t.device().is_cuda(); }
-
-#ifndef DELORA_WITH_CUDA
-[[noreturn]] void no_cuda(const char* what) {
-  TORCH_CHECK(false, "delora_ext: ", what,
-              " got CUDA tensors, but this build of delora_ext has no CUDA kernels (rebuild with a CUDA "
-              "toolkit present, see README: Build)");
-}
-#endif
-
-void launch_prep(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, PrepOutputs& o) {
-  if (is_cuda(A)) {
-#ifdef DELORA_WITH_CUDA
-    prep_cuda(A, B, lam, w, o);
-#else
-    no_cuda("prep");
-#endif
-  } else {
-    prep_cpu(A, B, lam, w, o);
-  }
-}
-
-void launch_finalize(const Tensor& M, const Tensor& Q, const Tensor& qscale, const Tensor& A, const Tensor& B,
-                     const Tensor& w, const Tensor& s, const Tensor& a, const Tensor& b, Tensor& dA, Tensor& dB,
-                     Tensor& dlam) {
-  if (is_cuda(A)) {
-#ifdef DELORA_WITH_CUDA
-    finalize_cuda(M, Q, qscale, A, B, w, s, a, b, dA, dB, dlam);
-#else
-    no_cuda("linear_bwd");
-#endif
-  } else {
-    finalize_cpu(M, Q, qscale, A, B, w, s, a, b, dA, dB, dlam);
-  }
-}
-
-void launch_dropout(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
-  if (is_cuda(src)) {
-#ifdef DELORA_WITH_CUDA
-    dropout_cuda(src, dst, seed, p);
-#else
-    no_cuda("dropout");
-#endif
-  } else {
-    dropout_cpu(src, dst, seed, p);
-  }
-}
-
 // Adapter-sized operands in opmath, contiguous (no copy when they already are, the usual case).
 struct Folded {
   Tensor A, B, lam, w;  // opmath copies/views of the parameters
@@ -138,13 +115,16 @@ Folded opmath_params(const Tensor& A, const Tensor& B, const Tensor& lam, const 
   return f;
 }
 
-PrepOutputs prep_outputs(const Folded& f) {
+// prep's arguments for f with the required outputs (s and the raw norms) allocated.
+PrepParams prep_params(const Folded& f) {
   const int64_t r = f.A.size(0);
-  PrepOutputs o;
-  o.s = at::empty({r}, f.A.options());
-  o.a = at::empty({r}, f.A.options());
-  o.b = at::empty({r}, f.A.options());
-  return o;
+  return {.A = f.A,
+          .B = f.B,
+          .lam = f.lam,
+          .w = f.w,
+          .s = at::empty({r}, f.A.options()),
+          .a_raw = at::empty({r}, f.A.options()),
+          .b_raw = at::empty({r}, f.A.options())};
 }
 
 // Opmath A⊙w, s and the norms (the prep op); with `with_bs`, also Bs = alpha·(B⊙s) in opmath from the same
@@ -152,25 +132,25 @@ PrepOutputs prep_outputs(const Folded& f) {
 Folded fold(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, bool with_bs = false,
             double alpha = 1.0) {
   Folded f = opmath_params(A, B, lam, w);
-  PrepOutputs o = prep_outputs(f);
-  o.Af = at::empty_like(f.A);
+  PrepParams p = prep_params(f);
+  p.Af = at::empty_like(f.A);
   if (with_bs) {
-    o.Bd = at::empty_like(f.B);
-    o.bd_alpha = alpha;
+    p.Bd = at::empty_like(f.B);
+    p.bd_alpha = alpha;
   }
-  launch_prep(f.A, f.B, f.lam, f.w, o);
-  f.Af = o.Af;
-  f.s = o.s;
-  f.a = o.a;
-  f.b = o.b;
-  f.Bs = o.Bd;
+  device_kernels(f.A.device()).prep(p);
+  f.Af = p.Af;
+  f.s = p.s;
+  f.a = p.a_raw;
+  f.b = p.b_raw;
+  f.Bs = p.Bd;
   return f;
 }
 
-// The GEMM operands in x's dtype, written by the one prep launch (no separate cast or scale kernels):
-//   full scale (fp32, fp64, bf16):  Ad = A⊙w,  Bd = B⊙s            y += (x_d Adᵀ) Bdᵀ
-//   split scale (fp16):             Ad = A⊙w,  Bd = B⊙λ/(r·b̂), sa = 1/â   y += ((x_d Adᵀ) ⊙ sa) Bdᵀ
-//   split scale, backward:          Ad = A⊙w⊙λ/(r·â), Bd = B      dx += ((g Bd) ⊙ 1/b̂) Ad, Q = (g Bd)ᵀ x_d
+// The GEMM operands in x's dtype, written by the one prep launch (no separate cast or scale kernels), in the
+// full scale (fp32, fp64, bf16) or, for fp16, the split scale (ScaleMode):
+//   forward    y += ((x_d Adᵀ) ⊙ sa) Bdᵀ
+//   backward   dx += ((g Bd) ⊙ 1/b̂) Ad, Q = (g Bd)ᵀ x_d
 //     (g·B unnormalised keeps Q = (gB)ᵀx_d as small as B is: with g·(B/b̂), Q overflowed fp16 where dA is finite)
 // The split keeps every fp16 factor bounded by the data it scales (see low_rank below); bf16 has fp32's
 // range, so B⊙s cannot overflow there and bf16 takes the full scale (no N×r scaling pass).
@@ -182,16 +162,14 @@ struct GemmOperands {
 bool split_scale_dtype(at::ScalarType dt) { return dt == at::kHalf; }
 
 GemmOperands gemm_operands(const Folded& f, at::ScalarType dt, bool backward) {
-  PrepOutputs o = prep_outputs(f);
+  PrepParams p = prep_params(f);
   const bool split = split_scale_dtype(dt);
-  o.Ad = at::empty(f.A.sizes(), f.A.options().dtype(dt));
-  o.Bd = at::empty(f.B.sizes(), f.B.options().dtype(dt));
-  o.b_over_bhat = split && !backward;
-  o.b_plain = split && backward;
-  o.a_times_sa = split && backward;
-  if (split) o.sa = at::empty({f.A.size(0)}, f.A.options());
-  launch_prep(f.A, f.B, f.lam, f.w, o);
-  return {o.Ad, o.Bd, o.s, o.a, o.b, o.sa, split};
+  p.Ad = at::empty(f.A.sizes(), f.A.options().dtype(dt));
+  p.Bd = at::empty(f.B.sizes(), f.B.options().dtype(dt));
+  p.mode = !split ? ScaleMode::kFull : backward ? ScaleMode::kSplitBackward : ScaleMode::kSplitForward;
+  if (split) p.sa = at::empty({f.A.size(0)}, f.A.options());
+  device_kernels(f.A.device()).prep(p);
+  return {p.Ad, p.Bd, p.s, p.a_raw, p.b_raw, p.sa, split};
 }
 
 // N for x seen as (N, features): the product of the leading dimensions (1 for a 1-D x). From the shape, not
@@ -208,7 +186,7 @@ Tensor rows_of(const Tensor& x, int64_t in) { return x.reshape({leading_rows(x),
 Tensor dropped(const Tensor& x2, double p, const std::optional<Tensor>& seed) {
   if (p <= 0.0) return x2;
   Tensor out = at::empty_like(x2);
-  launch_dropout(x2, out, *seed, p);
+  device_kernels(x2.device()).dropout(x2, out, *seed, p);
   return out;
 }
 
@@ -238,38 +216,38 @@ std::pair<Tensor, Tensor> low_rank(Tensor y2, const Tensor& x_d, const GemmOpera
   return {u, y2};
 }
 
-// The small-N CUDA forward applies: CUDA, Tuning::small_n on, and small_n_fits (delora.h).
+// The small-N forward applies: the device has one (CUDA), Tuning::small_n on, and small_n_fits (kernels.h).
 bool small_n_applies(const Tensor& x2, const Tensor& A, int64_t out) {
-#ifdef DELORA_WITH_CUDA
-  return x2.is_cuda() && tuning().small_n.load(std::memory_order_relaxed) >= 1 &&
+  return device_kernels(x2.device()).small_n_forward != nullptr &&
+         tuning().small_n.load(std::memory_order_relaxed) >= 1 &&
          small_n_fits(x2.size(0), A.size(0), A.size(1), out, opmath_of(A), x2.scalar_type());
-#else
-  (void)x2, (void)A, (void)out;
-  return false;
-#endif
 }
 
-// y2 = base() (N×out, contiguous) [+]= (u⊙s) Bᵀ through small_n_forward_cuda; returns y2 and u, s, a, b as the
-// forward op does. With small_n = overlap and a base GEMM to hide behind (accumulate), the u launch runs on a side
-// stream concurrently with base().
+// y2 = base() (N×out, contiguous) [+]= (u⊙s) Bᵀ through the device's small_n_forward; returns y2 and u, s, a, b
+// as the forward op does. With small_n = overlap and a base GEMM to hide behind (accumulate), the u launch runs on
+// a side stream concurrently with base().
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_n_forward(const Tensor& x_d, const Tensor& A,
                                                                    const Tensor& B, const Tensor& lam,
                                                                    const Tensor& w,
                                                                    const std::function<Tensor()>& base,
                                                                    bool accumulate) {
   const Folded f = opmath_params(A, B, lam, w);
-  PrepOutputs o = prep_outputs(f);
-  Tensor u = at::empty({x_d.size(0), f.A.size(0)}, x_d.options());
-  Tensor y2;
-#ifdef DELORA_WITH_CUDA
-  const bool overlap = accumulate && tuning().small_n.load(std::memory_order_relaxed) == 2;
-  const bool ok = small_n_forward_cuda(x_d, f.A, f.B, f.lam, f.w, base, overlap, y2, accumulate, u, o.s, o.a, o.b);
-#else
-  (void)base;
-  const bool ok = false;
-#endif
+  const int64_t r = f.A.size(0);
+  SmallNParams p{.x_d = x_d,
+                 .A = f.A,
+                 .B = f.B,
+                 .lam = f.lam,
+                 .w = f.w,
+                 .base = base,
+                 .overlap = accumulate && tuning().small_n.load(std::memory_order_relaxed) == 2,
+                 .accumulate = accumulate};
+  p.s = at::empty({r}, f.A.options());
+  p.a_raw = at::empty({r}, f.A.options());
+  p.b_raw = at::empty({r}, f.A.options());
+  p.u = at::empty({x_d.size(0), r}, x_d.options());
+  const bool ok = device_kernels(x_d.device()).small_n_forward(p);
   TORCH_INTERNAL_ASSERT(ok, "delora_ext: small-N forward launched outside its conditions");
-  return {y2, u, o.s, o.a, o.b};
+  return {p.y, p.u, p.s, p.a_raw, p.b_raw};
 }
 
 }  // namespace
@@ -412,8 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
   Tensor x_d;
   if (want_A) x_d = dropped(rows_of(x, d.in), dropout_p, seed);
   // G = g Bd (N×r): g·(B⊙s), or g·B with the split scale. For r ≤ 8 on CPU, Bd goes in as the transpose of an
-  // r×out matrix: MKL's g·B with a row-major out×r B is ~2× slower there (2.55 vs 1.23 ms at r=4, 3.05 vs 2.12 ms
-  // at r=8; N=4096, out=1024, interleaved medians on the 2-core CI CPU); equal at r=16.
+  // r×out matrix: MKL's g·B with a row-major narrow B can be slower (docs/native.md, bench/cpu_gemm_layouts.py).
   Tensor G;
   if (want_x || want_A) {
     Tensor Bd = op_g.Bd;
@@ -428,7 +405,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     if (op_g.split) Gx = (G.to(opmath) * b_op.clamp_min(kNormEps).reciprocal()).to(dt);
     if (seeded) {
       Tensor t = at::mm(Gx, op_g.Ad);
-      if (dropout_p > 0.0) launch_dropout(t, t, *seed, dropout_p);
+      if (dropout_p > 0.0) device_kernels(t.device()).dropout(t, t, *seed, dropout_p);
       grad_x = has_weight ? t.addmm_(g2, *weight) : t;
     } else {
       grad_x = has_weight ? grad_x.addmm_(Gx, op_g.Ad) : at::mm(Gx, op_g.Ad);
@@ -436,17 +413,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     grad_x = grad_x.view(x.sizes());
   }
   if (want_param) {
-    // M = gᵀu (out×r). For narrow u (r ≤ 8) MKL is 3–5× slower on gᵀ·u than on (uᵀ·g)ᵀ (measured on the
-    // 2-core CI CPU: 10.8 vs 1.9 ms at N=4096, out=1024, r=8); the transpose copy is only r×out. CPU only:
-    // cuBLAS has no such gap, and the copy would be an extra launch.
+    // M = gᵀu (out×r). For narrow u (r ≤ 8) MKL is several times slower on gᵀ·u than on (uᵀ·g)ᵀ
+    // (docs/native.md); the transpose copy is only r×out. CPU only: the gap is MKL's, and on a GPU the copy would
+    // be one more launch.
     Tensor M = (d.r <= 8 && g2.is_cpu()) ? at::mm(u.to(dt).t(), g2).t() : at::mm(g2.t(), u.to(dt));
     // Q = Gᵀ x_d: s-scaled (full scale), or (g·B)ᵀ x_d with finalize's qscale = s (split scale).
     Tensor Q = want_A ? at::mm(G.t(), x_d) : Tensor();
     Tensor dA = want_A ? at::empty_like(A_op) : Tensor();
     Tensor dB = want_B ? at::empty_like(B_op) : Tensor();
     Tensor dlam = want_lam ? at::empty({1}, A_op.options()) : Tensor();
-    launch_finalize(M.contiguous(), Q, op_g.split ? s_op : Tensor(), A_op, B_op, w_op, s_op, a_op, b_op, dA,
-                    dB, dlam);
+    device_kernels(A_op.device())
+        .finalize({.M = M.contiguous(),
+                   .Q = Q,
+                   .qscale = op_g.split ? s_op : Tensor(),
+                   .A = A_op,
+                   .B = B_op,
+                   .w = w_op,
+                   .s = s_op,
+                   .a_raw = a_op,
+                   .b_raw = b_op,
+                   .dA = dA,
+                   .dB = dB,
+                   .dlam = dlam});
     if (want_A) grad_A = dA.to(A.scalar_type());
     if (want_B) grad_B = dB.to(B.scalar_type());
     if (want_lam) grad_lam = dlam.to(lam.scalar_type()).view(lam.sizes());
@@ -474,9 +462,8 @@ void merge_folded(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
     return;
   }
   const auto opmath = Af.scalar_type();
-#ifdef DELORA_WITH_CUDA
-  if (weight.is_cuda() && merge_cuda(weight, Bs.contiguous(), Af)) return;
-#endif
+  const DeviceKernels& kernels = device_kernels(weight.device());
+  if (kernels.merge != nullptr && kernels.merge(weight, Bs.contiguous(), Af)) return;
   if (weight.scalar_type() == opmath) {
     // W += B' A' in one pass, accumulating in W's own (opmath) precision; addmm_ writes W in place.
     weight.addmm_(Bs, Af);
@@ -548,8 +535,9 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
 }
 
 Tensor dropout_scale(const Tensor& x2, const Tensor& seed, double p, at::ScalarType dt) {
+  c10::OptionalDeviceGuard guard(x2.device());
   Tensor m = at::ones(x2.sizes(), x2.options().dtype(dt));
-  if (p > 0.0) launch_dropout(m, m, seed, p);
+  if (p > 0.0) device_kernels(m.device()).dropout(m, m, seed, p);
   return m;
 }
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m delora_ext {demo,info,bench}`` (also the ``delora-ext`` console script)."""
+"""Command line: ``python -m delora_ext {demo,experiment,info,bench}`` (also the ``delora-ext`` console script)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "demo": "fine-tune a small causal LM with DeLoRA end to end (demo --help for its options)",
+    "experiment": "learning-rate robustness and forgetting: DeLoRA vs LoRA and DoRA (experiment --help)",
     "info": "print the build information (torch, compiled kernels, CUDA toolkit)",
     "bench": "run the CPU benchmark and write its tables and plot (bench --help for its options)",
 }
@@ -17,7 +18,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="delora-ext", description=__doc__)
     parser.add_argument("command", choices=sorted(COMMANDS),
                         help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
-    # demo and bench own their options: everything after the command goes to them unparsed
+    # demo, experiment and bench own their options: everything after the command goes to them unparsed
     args = parser.parse_args(argv[:1])
     rest = argv[1:]
     if args.command == "info":
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
         from delora_ext import demo
 
         return demo.main(rest)
+    if args.command == "experiment":
+        from delora_ext import experiment
+
+        return experiment.main(rest)
     from delora_ext import benchmark
 
     return benchmark.main(rest) or 0

@@ -38,6 +38,8 @@ def plot(result_json: str, png: str) -> str:
     with open(result_json) as f:
         res = json.load(f)
     rows = [r for r in res["rows"] if r["mode"] == "x_grad"]
+    if not rows:  # --only host: no step table to draw
+        return None
     labels = [f"N={r['N']}\n{r['in']}×{r['out']}\nr={r['r']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 4.5))
     width = 0.8 / len(VARIANTS)
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
     if result and os.path.isfile(result) and not any(a in ("-h", "--help") for a in argv):
         try:
             png = plot(result, result[: -len(".json")] + ".png")
-            print(f"plot: {png}", file=sys.stderr)
+            if png:
+                print(f"plot: {png}", file=sys.stderr)
         except ImportError:
             print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return rc

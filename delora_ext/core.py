@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, quant
 
 # (A, B, λ, w) and the dropout probability on the adapter's input (0 in eval and for frozen terms)
 Term = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
@@ -32,17 +32,29 @@ def is_conv1d(module: nn.Module) -> bool:
 def plain_forward(module: nn.Module) -> bool:
     """Whether the base layer computes exactly x Wᵀ + b, so the fused native op can replace its forward. Not when
     something wraps its forward: module hooks, or an instance-level forward (accelerate's offload/device-map hooks
-    replace ``module.forward``); then the layer calls it, as PEFT's does, and adds the adapter term."""
+    replace ``module.forward``); then the layer calls it, as PEFT's does, and adds the adapter term. Nor when the
+    weight is a quantised tensor subclass (torchao's quantize_ keeps the nn.Linear and swaps its weight)."""
     if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
         return False
     if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward
+        return type(module).forward is nn.Linear.forward and not quant.is_quantized_weight(module.weight)
     return is_conv1d(module) and type(module).__module__.startswith("transformers.")
 
 
 def weight_oi(module: nn.Module) -> torch.Tensor:
     """The base weight as (out, in): a transposed view for Conv1D, whose weight is stored (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
     return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def weight_and_bias(module: nn.Module) -> tuple:
+    """(``weight_oi(module)``, bias) of a plain linear base, read from its parameter dict when they are there: each
+    nn.Module.__getattr__ is a Python call, a measurable part of a small layer's forward. (A parametrized weight or
+    bias is a property, not in the dict.)"""
+    p = module._parameters
+    W = p["weight"] if "weight" in p and isinstance(module, nn.Linear) else weight_oi(module)
+    return W, (p["bias"] if "bias" in p else module.bias)
 
 
 def column_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -66,14 +78,21 @@ def forward(base_layer: nn.Module, x: torch.Tensor, terms: Sequence[Term], *args
     """
     if not terms:
         return base_layer(x, *args, **kwargs)
-    rest = terms
     if not args and not kwargs and plain_forward(base_layer) and base_layer.weight.is_floating_point():
-        A, B, lam, w, p = terms[0]
-        y = ops.linear(x, weight_oi(base_layer), base_layer.bias, A, B, lam, w, p)
-        rest = terms[1:]
-    else:
-        y = base_layer(x, *args, **kwargs)
-    for A, B, lam, w, p in rest:
+        return fused_forward(base_layer, x, terms)
+    y = base_layer(x, *args, **kwargs)
+    for A, B, lam, w, p in terms:
+        y = y + ops.adapter(x, A, B, lam, w, p).to(y.dtype)
+    return y
+
+
+def fused_forward(base_layer: nn.Module, x: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """``forward`` for a base layer already known to be a plain linear with a floating-point weight: the first term
+    fused with the base GEMM, one op call per layer and direction; further terms added by the adapter-only op."""
+    A, B, lam, w, p = terms[0]
+    W, bias = weight_and_bias(base_layer)
+    y = ops.linear(x, W, bias, A, B, lam, w, p)
+    for A, B, lam, w, p in terms[1:]:
         y = y + ops.adapter(x, A, B, lam, w, p).to(y.dtype)
     return y
 
@@ -88,10 +107,12 @@ def apply_delta(weight: torch.Tensor, adapters: Sequence[tuple], alphas: Sequenc
     ops.merge_many_(weight, adapters, alphas)
 
 
-def delta_weight(adapters: Sequence[tuple], alphas: Sequence[float] | None = None) -> torch.Tensor:
-    """Σ alpha_i · ΔW_i, (out, in), fp32 (fp64 for fp64 adapters); alphas default to 1."""
+def delta_weight(adapters: Sequence[tuple], alphas: Sequence[float] | None = None,
+                 grad: bool = False) -> torch.Tensor:
+    """Σ alpha_i · ΔW_i, (out, in), fp32 (fp64 for fp64 adapters); alphas default to 1. ``grad=True`` keeps the
+    autograd graph where grad mode is on (PEFT's ``get_delta_weight`` is differentiable)."""
     alphas = [1.0] * len(adapters) if alphas is None else alphas
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         d = None
         for a, alpha in zip(adapters, alphas):
             t = ops.delta_weight(*a[:4])

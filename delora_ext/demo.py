@@ -31,18 +31,24 @@ def _build_model(args, device):
 
 
 class ReverseTask:
-    """Sequences "x_1 … x_L SEP x_L … x_1" over ``n_sym`` symbols; the loss counts the reversed half only."""
+    """Sequences "x_1 … x_L SEP x_L … x_1" over ``n_sym`` symbols; the loss counts the reversed half only.
 
-    def __init__(self, vocab: int, length: int = 8, seed: int = 0):
-        self.n_sym = min(vocab - 1, 48)
-        self.sep = self.n_sym
+    Subclasses change the answer (``answer``); ``n_sym`` and ``sep`` let several tasks share one vocabulary.
+    """
+
+    def __init__(self, vocab: int, length: int = 8, seed: int = 0, n_sym: int | None = None, sep: int | None = None):
+        self.n_sym = min(vocab - 1, 48) if n_sym is None else n_sym
+        self.sep = self.n_sym if sep is None else sep
         self.length = length
         self.gen = torch.Generator().manual_seed(seed)
+
+    def answer(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1)
 
     def batch(self, n: int, device):
         x = torch.randint(0, self.n_sym, (n, self.length), generator=self.gen)
         sep = torch.full((n, 1), self.sep)
-        ids = torch.cat([x, sep, x.flip(1)], 1)
+        ids = torch.cat([x, sep, self.answer(x)], 1)
         labels = ids.clone()
         labels[:, : self.length + 1] = -100  # learn the answer, not the random prompt
         return ids.to(device), labels.to(device)

@@ -416,7 +416,9 @@ def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple[tu
             in_f, out_f = mod.in_features, mod.out_features
         elif supported_base(mod):
             r = cfg.rank_for(key)
-            out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else mod.weight.shape
+            # in/out_features, not weight.shape: a bitsandbytes 4-bit weight is stored packed, (out·in/2, 1)
+            out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else (mod.out_features,
+                                                                                              mod.in_features)
         else:
             continue
         shapes = {"delora_A": (r, in_f), "delora_B": (out_f, r), "delora_lambda": (1,), "delora_w_norm": (in_f,)}

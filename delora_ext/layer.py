@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import core
+from . import core, inference, quant
 from .config import adapter_list, check_adapter_name, check_known, check_lambda, check_module_dropout
 from .core import is_conv1d, plain_forward
 
@@ -75,6 +75,7 @@ class DeLoRALayer:
         if not supported_base(base_layer):
             raise TypeError(f"`base_layer` must be an nn.Linear (or subclass) or transformers' Conv1D, "
                             f"got {type(base_layer).__name__}")
+        quant.check(base_layer, "`base_layer`", w_norm_given=True)
         self.base_layer = base_layer
         if is_conv1d(base_layer):
             self.in_features, self.out_features = base_layer.weight.shape
@@ -102,6 +103,8 @@ class DeLoRALayer:
         self._merge_record: tuple | None = None
         self._w_pending: set[str] = set()  # adapters whose w waits for the base weight to leave the meta device
         self._load_w_keys: set[str] = set()
+        self._requantized: set[str] = set()  # adapters merge(requantize=True) put into a quantised base weight
+        self._requant_undo: list = []  # restores the weights a model-wide requantising merge replaced, until it ends
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -117,6 +120,17 @@ class DeLoRALayer:
     def weight_oi(self) -> torch.Tensor:
         """The base weight as (out, in) (a transposed view for Conv1D, whose weight is stored (in, out))."""
         return core.weight_oi(self.base_layer)
+
+    @property
+    def quant_kind(self) -> str | None:
+        """The kind of quantised base layer (``delora_ext.quant``), None for a dense one."""
+        return quant.kind(self.base_layer)
+
+    def _base_column_norms(self) -> torch.Tensor:
+        """fp32 column norms of the base weight as it is now; of the dequantised W₀ for a quantised base."""
+        if self.quant_kind is not None:
+            return quant.column_norms(self.base_layer, core.NORM_CHUNK_ROWS)
+        return core.column_norms(self.weight_oi())
 
     def _check_known(self, names: Iterable[str], arg: str = "adapter_names") -> None:
         check_known(names, self.delora_A, "this layer", arg)
@@ -146,13 +160,16 @@ class DeLoRALayer:
             self._check_merge_record("add an adapter to")
         weight = self.base_layer.weight
         dev = weight.device
+        quantized = self.quant_kind is not None
         if w_norm is not None:
             w_norm = torch.as_tensor(w_norm)
             if w_norm.shape != (self.in_features,) or not w_norm.is_floating_point():
                 raise ValueError(f"`w_norm` must be a floating tensor of shape ({self.in_features},), "
                                  f"got {w_norm.dtype} {tuple(w_norm.shape)}")
             w = w_norm.detach().to(device=dev, dtype=torch.float32).clone()
-        elif not weight.is_floating_point():
+        elif quantized and dev.type != "meta":
+            w = self._column_norms_unmerged()
+        elif not weight.is_floating_point() and not quantized:
             raise TypeError(f"`base_layer.weight` must be floating point to compute DeLoRA's column norms w "
                             f"(got dtype {weight.dtype}); pass `w_norm` (the pretrained weight's column norms)")
         elif dev.type == "meta":
@@ -185,9 +202,9 @@ class DeLoRALayer:
     def _column_norms_unmerged(self) -> torch.Tensor:
         """fp32 column norms of the pretrained weight: the current weight minus whatever is merged into it."""
         with torch.no_grad():
-            W = self.weight_oi()
             if not self.merged_adapters:
-                return core.column_norms(W)
+                return self._base_column_norms()
+            W = quant.dequantize(self.base_layer) if self.quant_kind is not None else self.weight_oi()
             unmerged = W.detach().to(torch.float32).clone()
             self._apply_delta(unmerged, list(self.merged_adapters), -1.0, merged=True)
             return core.column_norms(unmerged)
@@ -203,7 +220,7 @@ class DeLoRALayer:
             if weight.device.type == "meta":
                 raise RuntimeError("DeLoRALinear: the base weight is still on the meta device; load the real "
                                    "weights (or an adapter file carrying delora_w_norm) before running or merging")
-            w = core.column_norms(self.weight_oi())
+            w = self._base_column_norms()
             for name in sorted(self._w_pending):
                 for store in self._stores(self.adapter_layer_names):
                     if store[name].device.type == "meta":
@@ -302,6 +319,7 @@ class DeLoRALayer:
         One host sync for all of them; merging is not on the training path. An unmerge subtracts what merge
         added (``_merged_terms``, checked then), so only adapters without that record are checked for it."""
         if action == "unmerge":
+            self._check_unmergeable(names)
             names = [n for n in names if n not in self._merged_terms]
         keys = self.adapter_tensor_names + self.frozen_tensor_names
         named = [(f"{k}[{n!r}]", getattr(self, k)[n]) for n in names for k in keys if n in getattr(self, k)]
@@ -318,6 +336,16 @@ class DeLoRALayer:
                     if any(b.startswith("delora_w_norm") for b in bad) else "")
             raise ValueError(f"cannot {action}: {', '.join(bad)} has non-finite values{hint}; "
                              f"the base weight was left unchanged")
+
+    def _check_unmergeable(self, names: list[str]) -> None:
+        """Refuse to unmerge what ``merge(requantize=True)`` put into a quantised weight: requantising rounded
+        W₀ + ΔW, so subtracting ΔW would not give W₀ back."""
+        requantized = [n for n in names if n in self._requantized]
+        if requantized:
+            raise ValueError(f"cannot unmerge adapter(s) {requantized}: merge(requantize=True) requantised "
+                             f"W₀ + ΔW into the {quant.describe(self.base_layer)} base, which rounded it, so W₀ "
+                             f"cannot be recovered; reload the base model to undo the merge (merge_and_unload"
+                             f"(model) keeps the requantised layers)")
 
     def _apply_delta(self, W: torch.Tensor, names: list[str], alpha: float, merged: bool = False) -> None:
         """W += alpha · Σ (ΔW − ΔW₀) over ``names`` in place, for the (out, in) view W, in one pass (one rounding
@@ -339,6 +367,20 @@ class DeLoRALayer:
             self.resolve_w()
         terms = self._terms(adapter)
         return core.delta_weight(terms, [1.0, -1.0][:len(terms)])
+
+
+def requantize_message(stats: list[dict], paths: list[str] | None = None) -> str:
+    """The warning a requantising merge gives: the measured rounding error of the requantised W₀ + ΔW."""
+    rel = [s["fro"] / s["target_fro"] if s["target_fro"] else 0.0 for s in stats]
+    vs_delta = [s["fro"] / s["delta_fro"] if s["delta_fro"] else math.inf for s in stats]
+    worst = max(range(len(stats)), key=lambda i: rel[i])
+    where = f" (worst: {paths[worst]!r}, {stats[worst]['layer']})" if paths else f" ({stats[worst]['layer']})"
+    many = f"{len(stats)} layers; " if len(stats) > 1 else ""
+    return (f"merge(requantize=True) requantised W₀ + ΔW into the quantised base weight, which rounds it: "
+            f"{many}rounding error ‖requantised − (W₀ + ΔW)‖_F / ‖W₀ + ΔW‖_F = {rel[worst]:.3e}, "
+            f"{vs_delta[worst]:.3g}× ‖ΔW‖_F, max |error| {max(s['max_abs'] for s in stats):.3e}{where}. "
+            f"The merged model's outputs differ from the adapter's by this rounding, and the merge cannot be "
+            f"unmerged; merge_and_unload(model, dtype=...) keeps W₀ + ΔW exactly in a dense layer instead.")
 
 
 class DeLoRALinear(DeLoRALayer, nn.Module):
@@ -364,47 +406,98 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights, w_norm=w_norm)
 
     # ---- forward -----------------------------------------------------------------------------------
+    # Cached folded factors (delora_ext.inference): the forward when no graph is recorded, and paper init's frozen
+    # term in training. False: always the native ops.
+    inference_cache = True
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = self.base_layer
+        # Containers and the base weight are read through _modules / _parameters: nn.Module.__getattr__ and
+        # ParameterDict lookups were most of the host time of a small-batch forward.
+        m = self._modules
+        base = m["base_layer"]
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"DeLoRALinear: `x` must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
-        if plain_forward(base) and x.device != base.weight.device:  # a wrapped forward may move the weight itself
-            raise RuntimeError(f"DeLoRALinear: `x` is on {x.device} but the layer's weight is on {base.weight.device}")
-        if self._disable_adapters or self.merged:
+        fused = False
+        if plain_forward(base):
+            p = base._parameters
+            W = p["weight"] if "weight" in p else base.weight
+            if x.device != W.device:  # a wrapped forward may move the weight itself
+                raise RuntimeError(f"DeLoRALinear: `x` is on {x.device} but the layer's weight is on {W.device}")
+            fused = not args and not kwargs and W.is_floating_point()
+        if self._disable_adapters or self.merged_adapters:
             return base(x, *args, **kwargs)
-        names = [n for n in self.active_adapters if n in self.delora_A]
-        if names and self._w_pending:
+        plan = inference.active_plan(self)
+        if plan is not None:
+            if self._w_pending:
+                self.resolve_w()
+            return inference.mixed_forward(self, plan, x, fused, args, kwargs)
+        known = m["delora_A"]._parameters
+        names = self.active_adapters
+        if len(names) != 1 or names[0] not in known:
+            names = [n for n in names if n in known]
+        if not names:
+            return base(x, *args, **kwargs)
+        if self._w_pending:
             self.resolve_w()
+        if (inference.cache_applies(x) and self.inference_cache
+                and not (self.training and any(self.module_dropout[n] > 0.0 for n in names))):
+            y = inference.cached_forward(self, x, names, fused, args, kwargs)
+            if y is not None:
+                return y
+        if fused:
+            frozen = m["delora_A0"]._buffers
+            if frozen and self.inference_cache and inference.frozen_terms_apply(x):
+                paper = [n for n in names if n in frozen]
+                if paper:
+                    y = core.fused_forward(base, x, self._forward_terms(names, with_frozen=False))
+                    return inference.add_frozen_terms(self, y, x, paper)
+            return core.fused_forward(base, x, self._forward_terms(names))
         return core.forward(base, x, self._forward_terms(names), *args, **kwargs)
 
-    def _forward_terms(self, names: list[str]) -> list[core.Term]:
-        """The terms the forward adds for ``names``: each adapter with its dropout (in training), and a paper-init
-        adapter's frozen initial update with −λ₀. That one stands for a change of W (the paper's W ← W₀ − ΔW₀), so
-        it sees no dropout and carries no gradient."""
+    def _forward_terms(self, names: list[str], with_frozen: bool = True) -> list[core.Term]:
+        """The terms the forward adds for ``names``: each adapter with its dropout (in training), and (unless
+        ``with_frozen=False``) a paper-init adapter's frozen initial update with −λ₀. That one stands for a change of W
+        (the paper's W ← W₀ − ΔW₀), so it sees no dropout and carries no gradient."""
+        m = self._modules
+        pA, pB, pL = m["delora_A"]._parameters, m["delora_B"]._parameters, m["delora_lambda"]._parameters
+        bw, frozen = m["delora_w_norm"]._buffers, m["delora_A0"]._buffers
+        dropout = self.module_dropout if self.training else None
         terms = []
         for name in names:
-            A, B, lam, w = self._params(name)
-            terms.append((A, B, lam, w, self.module_dropout[name] if self.training else 0.0))
-            if name in self.delora_A0:
-                A0, B0, lam0, _ = self._params0(name)
-                terms.append((A0, B0, -lam0, w, 0.0))
+            w = bw[name]
+            terms.append((pA[name], pB[name], pL[name], w, dropout[name] if dropout is not None else 0.0))
+            if with_frozen and name in frozen:
+                terms.append((frozen[name], m["delora_B0"]._buffers[name], -m["delora_lambda0"]._buffers[name], w,
+                              0.0))
         return terms
 
+    def clear_inference_cache(self) -> None:
+        """Drop the cached folded factors (needed only after writing adapter tensors through ``.data``)."""
+        inference.clear_inference_cache(self)
+
     # ---- merge -------------------------------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, requantize=False) -> None:
         """Add the adapters' ΔW to the base weight in place (default: the active adapters).
 
         Adapters with a non-finite A, B, λ or w are refused before anything is written. ``safe_merge=True``
         merges into a copy first and raises if the result is not finite (overflow in the weight's dtype),
         leaving the weight untouched (costs one out×in temporary, as PEFT's). Adapters already merged are
         skipped with a warning.
+
+        A quantised base layer (bitsandbytes, torchao) is refused unless ``requantize``: True (or, for torchao,
+        the config to requantise with) dequantises W₀, adds ΔW in fp32 and requantises in place, with a warning
+        giving the measured rounding error. That merge cannot be unmerged. ``merge_and_unload(model, dtype=...)``
+        gives dense layers holding W₀ + ΔW instead.
         """
-        names, checked = self._merge_plan(safe_merge, adapter_names, keep_checked=True)
-        self._merge_commit(names, checked)
+        names, checked = self._merge_plan(safe_merge, adapter_names, keep_checked=True, requantize=requantize)
+        stats = self._merge_commit(names, checked, requantize=requantize)
+        self._requant_undo = []
+        if stats is not None:
+            warnings.warn(requantize_message([stats]), stacklevel=2)
 
     def _merge_plan(self, safe_merge: bool, adapter_names: list[str] | None,
-                    keep_checked: bool = False) -> tuple[list[str], torch.Tensor | None]:
+                    keep_checked: bool = False, requantize=False) -> tuple[list[str], torch.Tensor | None]:
         """Every check of ``merge``, nothing written: (the adapters to merge, the checked merged copy or None).
         With ``safe_merge`` it merges into a temporary copy and checks that; ``keep_checked`` returns the copy for
         ``_merge_commit`` to write. A model-wide merge drops it (one temporary per layer at a time) and the commit
@@ -423,6 +516,8 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return names, None
+        if self.quant_kind is not None:
+            return names, self._quantized_plan(names, safe_merge, keep_checked, requantize)
         weight = self.base_layer.weight
         if not weight.is_floating_point():
             raise TypeError(f"cannot merge into a base weight of dtype {weight.dtype}; merging needs a floating "
@@ -450,7 +545,85 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                 return names, (new if keep_checked else None)
         return names, None
 
-    def _merge_commit(self, names: list[str], checked: torch.Tensor | None = None) -> None:
+    def _quantized_plan(self, names: list[str], safe_merge: bool, keep_checked: bool, requantize):
+        if requantize is None or requantize is False:
+            raise TypeError(f"cannot merge into a quantised base layer ({quant.describe(self.base_layer)}) in "
+                            f"place: its weight would have to be requantised, which rounds W₀ + ΔW. Use "
+                            f"merge_and_unload(model, dtype=torch.bfloat16) (or another dtype) for dense layers "
+                            f"holding the dequantised W₀ + ΔW, or merge(..., requantize=True) to requantise "
+                            f"(not unmergeable)")
+        quant.check_requantize(self.base_layer, requantize)
+        if self._w_pending:
+            self.resolve_w()
+        self._check_finite(names, "merge")
+        if not safe_merge:
+            return None
+        target = self._quantized_target(names)
+        if not bool(torch.isfinite(target).all()):
+            raise ValueError(f"NaNs detected in the merged weights (W₀ + ΔW of adapter(s) "
+                             f"{', '.join(map(repr, names))} is not finite); the base weight was left unchanged")
+        return target if keep_checked else None
+
+    def _quantized_target(self, names: list[str]) -> torch.Tensor:
+        """W₀ + ΔW of ``names`` in fp32: the dequantised base weight (one full fp32 copy) plus ΔW in one pass."""
+        with torch.no_grad():
+            W = quant.dequantize(self.base_layer, torch.float32)
+            self._apply_delta(W, names, 1.0)
+            return W
+
+    def _signed_terms(self, names: list[str]) -> tuple[list[tuple], list[float]]:
+        """The (A, B, λ, w) terms of ``names`` with their signs: +1, and −1 for a paper-init frozen term."""
+        terms, alphas = [], []
+        for name in names:
+            for i, term in enumerate(self._terms(name)):
+                terms.append(term)
+                alphas.append(1.0 if i == 0 else -1.0)
+        return terms, alphas
+
+    def _delta_fro(self, names: list[str]) -> float:
+        """‖Σ ΔW‖_F of ``names`` from the folded factors, ‖B'A'‖²_F = tr((B'ᵀB')(A'A'ᵀ)), without forming ΔW."""
+        A, B = (t.double() for t in core.folded(*self._signed_terms(names)))
+        return math.sqrt(max(float(((B.t() @ B) * (A @ A.t())).sum()), 0.0))
+
+    def _merge_quantized(self, names: list[str], target: torch.Tensor | None, requantize) -> dict:
+        with torch.no_grad():
+            target = self._quantized_target(names) if target is None else target
+            install = quant.requantize(self.base_layer, target, config=requantize)
+            undo = install()
+            try:
+                stats = quant.rounding_error(self.base_layer, target, core.NORM_CHUNK_ROWS)
+                stats.update(delta_fro=self._delta_fro(names), layer=quant.describe(self.base_layer))
+            except BaseException:
+                undo()
+                raise
+        self._requant_undo.append((undo, list(names)))
+        self._requantized.update(names)
+        return stats
+
+    def _rollback_merge(self, names: list[str]) -> None:
+        """Undo a merge that a model-wide merge committed before a later layer failed: put back the quantised
+        weight a requantising merge replaced (exactly), or unmerge a dense one."""
+        if not self._requant_undo:
+            self.unmerge(names)
+            return
+        for undo, done in reversed(self._requant_undo):
+            undo()
+            for n in done:
+                self.merged_adapters.remove(n)
+                self._merged_terms.pop(n, None)
+                self._requantized.discard(n)
+        self._requant_undo = []
+        self._resync_merge_record()
+
+    def _merge_commit(self, names: list[str], checked: torch.Tensor | None = None, requantize=False):
+        """Write the merge ``_merge_plan`` checked; for a quantised base, the rounding error it measured."""
+        if names and self.quant_kind is not None:
+            stats = self._merge_quantized(names, checked, requantize)
+            for n in names:
+                self._merged_terms[n] = [tuple(t.detach().clone() for t in term) for term in self._terms(n)]
+            self.merged_adapters.extend(names)
+            self._resync_merge_record()
+            return stats
         if names:
             _note_write(self.base_layer.weight, self._resync_merge_record)
             with torch.no_grad():
@@ -462,6 +635,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                     self._merged_terms[n] = [tuple(t.detach().clone() for t in term) for term in self._terms(n)]
         self.merged_adapters.extend(names)
         self._resync_merge_record()
+        return None
 
     def _resync_merge_record(self) -> None:
         """Record the weight the merged adapters are now in (after a merge or unmerge wrote it, or a failed model
@@ -524,6 +698,45 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             self.merged_adapters.remove(n)
             self._merged_terms.pop(n, None)
         self._resync_merge_record()
+
+    def _merged_dense(self, dtype: torch.dtype, adapter_names: list[str] | None = None,
+                      safe_merge: bool = False) -> nn.Linear:
+        """A plain ``nn.Linear`` of ``dtype`` holding the dequantised base weight plus ΔW of the adapters to merge
+        (default: the active ones; those merged already are in the weight), for ``merge_and_unload(dtype=...)``.
+        Built a block of rows at a time in fp32 and cast once; this layer is not changed."""
+        if adapter_names is None:  # the model's active adapters, which this layer may not all have
+            names = [n for n in self.active_adapters if n in self.delora_A]
+        else:
+            names = adapter_list(adapter_names)
+            self._check_known(names)
+        names = [n for n in names if n not in self.merged_adapters]
+        if names and self._w_pending:
+            self.resolve_w()
+        self._check_finite(names, "merge")
+        terms, alphas = self._signed_terms(names)
+        base = self.base_layer
+        with torch.no_grad():
+            A, B = core.folded(terms, alphas) if terms else (None, None)
+            W = None
+            for r0, chunk in quant.row_chunks(base, core.NORM_CHUNK_ROWS):
+                rows = chunk.to(torch.float32 if A is None else A.dtype)  # fp64 adapters: fp64 (model.double())
+                if A is not None:
+                    rows = torch.addmm(rows, B[r0:r0 + rows.shape[0]].to(rows.device), A.to(rows.device))
+                if W is None:
+                    W = torch.empty(self.out_features, self.in_features, dtype=dtype, device=rows.device)
+                W[r0:r0 + rows.shape[0]] = rows
+            if safe_merge and not bool(torch.isfinite(W).all()):
+                raise ValueError(f"NaNs detected in the merged weights (W₀ + ΔW of adapter(s) "
+                                 f"{', '.join(map(repr, names))} is not finite in {dtype}); the model was left "
+                                 f"unchanged")
+            with torch.device("meta"):
+                dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
+            dense.weight = nn.Parameter(W, requires_grad=False)
+            if base.bias is not None:
+                dense.bias = nn.Parameter(base.bias.detach().to(device=W.device, dtype=dtype).clone(),
+                                          requires_grad=False)
+        dense.train(base.training)
+        return dense
 
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}(r={self.r[n]}, dropout={self.module_dropout[n]}"

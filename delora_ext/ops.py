@@ -1,7 +1,7 @@
 """The only module that touches ``torch.ops.delora_ext``: loading the native library, fake (meta)
 implementations for torch.compile, autograd, and the Python entry points the layer calls.
 
-Autocast is handled natively (AutocastCPU/AutocastCUDA kernels in csrc/registration.cpp): x, weight and bias
+Autocast is handled natively (AutocastCPU/AutocastCUDA kernels in csrc/autocast.cpp): x, weight and bias
 follow the autocast dtype, A, B, λ and w keep theirs, norms and s are always fp32, and each gradient comes back
 in its parameter's dtype.
 """
@@ -70,9 +70,8 @@ if not NATIVE:
     warnings.warn(f"{native_error}; using the pure-PyTorch reference. Rebuild with: {REBUILD_CMD}",
                   RuntimeWarning, stacklevel=2)
 
-# The CUDA kernels passed tests/test_cuda.py, compute-sanitizer memcheck and racecheck on an H200 (bench/results/
-# gpu-2026-11-28.md), so layers use them by default; DELORA_EXT_NATIVE_CUDA=0 routes CUDA tensors to the
-# pure-PyTorch reference instead (a switch for bisecting a suspected kernel problem).
+# Layers use the CUDA kernels by default; DELORA_EXT_NATIVE_CUDA=0 routes CUDA tensors to the pure-PyTorch
+# reference instead (a switch for bisecting a suspected kernel problem).
 CUDA_VALIDATED = os.environ.get("DELORA_EXT_NATIVE_CUDA", "1") != "0"
 
 
@@ -81,7 +80,7 @@ _TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows
 
 
 def set_tuning(**switches: str) -> None:
-    """Select kernel variants process-wide (for A/B benchmarks; the defaults are the measured choices):
+    """Select kernel variants process-wide (for A/B benchmarks in one process):
     ``gemm_order`` "base_first" | "seeded" (the adapter term computed first and the base GEMM accumulating onto
     it, beta = 1), ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel) and ``small_n`` "off" | "on" | "overlap"
     (CUDA forwards of at most 16 rows in two fused launches; overlap: the first on a side stream, concurrent with
@@ -140,7 +139,7 @@ def build_info() -> dict:
 
 def has_kernel(device: torch.device | str) -> bool:
     """Whether layers route tensors on ``device`` through the native ops."""
-    dev = torch.device(device).type
+    dev = device.type if isinstance(device, torch.device) else torch.device(device).type
     if not NATIVE:
         return False
     if dev == "cpu":
@@ -318,11 +317,17 @@ if NATIVE:
         _check_adapter("delta_weight", A, B, lam, w)
         return A.new_empty((B.shape[0], A.shape[1]), dtype=_opmath(A))
 
-    # Autograd: C++ autograd.Functions at the Autograd key (csrc/registration.cpp), not register_autograd
-    # (its Python wrapper was ~0.15 ms of host time per layer and step).
+    # Autograd: C++ autograd.Functions at the Autograd key (csrc/autograd.cpp), not register_autograd
+    # (its Python wrapper would add host time to every layer and step).
+
+    # The overloads themselves: calling the packet resolves the overload on every call.
+    _linear_fwd = _ops.linear_fwd.default
+    _adapter_fwd = _ops.adapter_fwd.default
 
 
 def _seed_for(x: torch.Tensor, dropout_p: float):
+    """The dropout mask's seed, drawn from torch's generator on x's device (so CUDA graphs replay fresh masks);
+    None, and no tensor made, without dropout."""
     if dropout_p <= 0.0:
         return None
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
@@ -358,14 +363,18 @@ def linear(x, weight, bias, A, B, lam, w, dropout_p: float = 0.0):
     if _reference_for(x.device):
         y = torch.nn.functional.linear(x, weight, bias)
         return y + _adapter_reference(x, A, B, lam, w, dropout_p).to(y.dtype)
-    return _ops.linear_fwd(x, weight, bias, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
+    if dropout_p == 0.0:
+        return _linear_fwd(x, weight, bias, A, B, lam, w, 0.0, None)[0]
+    return _linear_fwd(x, weight, bias, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
 
 
 def adapter(x, A, B, lam, w, dropout_p: float = 0.0):
     """The DeLoRA term alone, ((x_d ⊙ w) Aᵀ ⊙ s) Bᵀ: (..., out) in x's dtype, for non-Linear bases."""
     if _reference_for(x.device):
         return _adapter_reference(x, A, B, lam, w, dropout_p)
-    return _ops.adapter_fwd(x, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
+    if dropout_p == 0.0:
+        return _adapter_fwd(x, A, B, lam, w, 0.0, None)[0]
+    return _adapter_fwd(x, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
 
 
 def _check_writable(op: str, weight) -> None:

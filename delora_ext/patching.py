@@ -14,8 +14,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import quant
 from .config import DeLoRAConfig, adapter_list, check_adapter_name, check_known
-from .layer import STALE_CHOICES, DeLoRALinear, supported_base
+from .layer import STALE_CHOICES, DeLoRALinear, requantize_message, supported_base
 from .model import (STATE_ATTR, PatchState, candidates, delora_layers, get_state, is_bias_name,
                     modules_to_save_paths, note_data, parents, replace_module, require_state, targeted, transaction,
                     unwrap)
@@ -87,6 +88,7 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
         if isinstance(mod, DeLoRALinear):
             to_extend.append((name, key, mod))
         elif supported_base(mod):
+            quant.check(mod, f"target module {name!r}")  # a quantised kind delora_ext cannot read: refused here
             to_wrap.append((name, key, mod))
         else:  # as PEFT, for a list and for a regex alike
             raise TypeError(f"target module {key!r} is a {type(mod).__name__}; DeLoRA supports nn.Linear "
@@ -271,31 +273,61 @@ def _check_unshared(model: nn.Module, layers: list[tuple[str, DeLoRALinear]]) ->
                                  f"give {path}.base_layer.weight its own copy), or keep the adapter unmerged")
 
 
-def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None,
+          requantize=False) -> None:
     """Merge adapters (default: the active ones) into every DeLoRA layer's weight, in place.
 
     All-or-nothing: every layer is checked first (unknown or repeated adapter, non-float weight, a weight shared with
     another module, non-finite adapter parameters, and with ``safe_merge`` a non-finite merged weight), and only
     then are the weights written. Should writing itself fail (out of memory, ...), the weights written so far are
     restored bit for bit (from copies taken as each is written, on the CPU, dropped when the call returns).
+
+    Quantised base layers (``delora_ext.quant``) are refused, naming the first, unless ``requantize``: True (or,
+    for torchao, the config to requantise with) requantises W₀ + ΔW into them, with one warning giving the
+    measured rounding error, and cannot be unmerged. ``merge_and_unload(model, dtype=...)`` gives dense layers.
     """
     model = unwrap(model)
     state = require_state(model)
     if adapter_names is not None:
         adapter_names = adapter_list(adapter_names)
         check_known(adapter_names, state.configs, "the model")
+    _merge(model, safe_merge, adapter_names, requantize)
+
+
+def _merge(model: nn.Module, safe_merge: bool, adapter_names: list[str] | None, requantize,
+           skip: frozenset = frozenset()) -> None:
     plans: list[tuple[str, DeLoRALinear, list[str]]] = []
     for path, layer in delora_layers(model).items():
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
-        if names == []:
+        if names == [] or path in skip:
             continue
-        names = layer._merge_plan(safe_merge, names)[0]
+        try:
+            names = layer._merge_plan(safe_merge, names, requantize=requantize)[0]
+        except (TypeError, ValueError) as e:  # a quantised or non-float base, a broken adapter: say which layer
+            raise type(e)(f"layer {path!r}: {e}") from None
         if names:
             plans.append((path, layer, names))
     _check_unshared(model, [(path, layer) for path, layer, _ in plans])
-    with transaction(model):
-        for _, layer, names in plans:
-            layer._merge_commit(names)
+    done: list[tuple[DeLoRALinear, list[str]]] = []
+    stats, paths = [], []
+    with transaction(model):  # restores dense weights bit for bit should a later layer fail
+        try:
+            for path, layer, names in plans:
+                st = layer._merge_commit(names, requantize=requantize)
+                done.append((layer, names))
+                if st is not None:
+                    stats.append(st)
+                    paths.append(path)
+        except BaseException:
+            for layer, names in reversed(done):
+                if layer._requant_undo:  # a requantised weight: the quantised one it replaced goes back exactly
+                    layer._rollback_merge(names)
+            raise
+        finally:
+            for layer, _ in done:
+                layer._requant_undo = []  # the replaced quantised weights were kept only for that rollback
+    if stats:
+        warnings.warn(requantize_message(stats, paths), stacklevel=3)
 
 
 def unmerge(model: nn.Module, stale: str = "raise") -> None:
@@ -369,13 +401,42 @@ def _restore(model: nn.Module, state: PatchState, keep_saved_copies: bool) -> No
     delattr(model, STATE_ATTR)
 
 
-def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-    """Merge the adapters and put plain modules (with the merged weights) back; returns ``model``."""
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                     dtype: torch.dtype | None = None, requantize=False) -> nn.Module:
+    """Merge the adapters and put plain modules (with the merged weights) back; returns ``model``.
+
+    Quantised base layers need one of: ``dtype``, which replaces each by a plain ``nn.Linear`` of that dtype
+    holding the dequantised W₀ + ΔW (computed in fp32, cast once; dense layers keep their own dtype), or
+    ``requantize`` (see ``merge``), which keeps the quantised layers with W₀ + ΔW requantised into them.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"`dtype` must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if dtype is not None and requantize not in (None, False):
+        raise ValueError("pass either `dtype` (dense merged layers) or `requantize` (requantised ones), not both")
     outer, model = model, unwrap(model)
     state = require_state(model)
+    if adapter_names is not None:
+        adapter_names = adapter_list(adapter_names)
+        check_known(adapter_names, state.configs, "the model")
+    dense = {}
+    if dtype is not None:  # built (and checked) before anything changes; the model holds them once unloaded
+        for path, layer in delora_layers(model).items():
+            if layer.quant_kind is None:
+                continue
+            names = None if adapter_names is None else [n for n in adapter_names if n in layer.delora_A]
+            try:
+                dense[path] = (layer, layer._merged_dense(dtype, names, safe_merge))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"layer {path!r}: {e}") from None
     with transaction(model):
-        merge(model, safe_merge=safe_merge, adapter_names=adapter_names)
+        _merge(model, safe_merge, adapter_names, requantize, skip=frozenset(dense))
         _restore(model, state, keep_saved_copies=True)  # the trained modules_to_save stay, as PEFT's
+        for path, (layer, linear) in dense.items():
+            old = layer.base_layer
+            linear.weight.requires_grad_(old.weight.requires_grad)  # the flags _restore gave the original back
+            if linear.bias is not None:
+                linear.bias.requires_grad_(old.bias.requires_grad)
+            replace_module(model, path, linear)
     return outer
 
 

@@ -16,10 +16,10 @@ import delora_ext
 from delora_ext.io import CONFIG_NAME, WEIGHTS_NAME
 from delora_ext.patching import STATE_ATTR
 
-from conftest import assert_close, rel_err
+from helpers import assert_close, rel_err
 from tiny_models import one_thread  # noqa: F401  (autouse: the model tests run single-threaded)
 from tiny_models import (ARCHS, PEFT_ARCHS, all_linear, all_linear_paths, assert_state_equal, build, delora_paths,
-                         logits, module_types, snapshot, train)
+                         logits, module_types, outputs, snapshot, train)
 
 peft = pytest.importorskip("peft")
 
@@ -36,11 +36,6 @@ def _trained(arch, steps=2, **cfg):
     return model
 
 
-def _out(model, arch):
-    with torch.no_grad():
-        return logits(model, arch)
-
-
 def _peft_out(pm, arch):
     pm.eval()
     with torch.no_grad():
@@ -51,7 +46,7 @@ def _peft_out(pm, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(arch, tmp_path):
     model = _trained(arch, **all_linear(arch))
-    y = _out(model, arch)
+    y = outputs(model, arch)
     delora_ext.save_adapter(model, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
@@ -61,13 +56,13 @@ def test_save_load_round_trip(arch, tmp_path):
                          for k in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")}
     fresh = delora_ext.load_adapter(build(arch), str(tmp_path))
     assert delora_paths(fresh) == delora_paths(model)
-    assert torch.equal(_out(fresh, arch), y)
+    assert torch.equal(outputs(fresh, arch), y)
     sd, sd_fresh = model.state_dict(), fresh.state_dict()
     assert all(torch.equal(sd[k], sd_fresh[k]) for k in sd)
     # is_trainable=False loads a frozen adapter
     frozen = delora_ext.load_adapter(build(arch), str(tmp_path), is_trainable=False)
     assert not any(p.requires_grad for p in frozen.parameters())
-    assert torch.equal(_out(frozen, arch), y)
+    assert torch.equal(outputs(frozen, arch), y)
 
 
 @pytest.mark.parametrize("arch", PEFT_ARCHS)
@@ -75,7 +70,7 @@ def test_our_adapter_loads_in_peft(arch, tmp_path):
     model = _trained(arch)
     delora_ext.save_adapter(model, str(tmp_path))
     pm = peft.PeftModel.from_pretrained(build(arch), str(tmp_path))
-    assert_close(_peft_out(pm, arch), _out(model, arch), 1e-5, "PEFT loading our adapter")
+    assert_close(_peft_out(pm, arch), outputs(model, arch), 1e-5, "PEFT loading our adapter")
 
 
 @pytest.mark.parametrize("how", ["init_weights=False", "trained"])
@@ -89,7 +84,7 @@ def test_peft_adapter_loads_in_delora_ext(arch, how, tmp_path):
     ours = delora_ext.load_adapter(build(arch), str(tmp_path))
     assert delora_paths(ours)
     assert all(ours.get_submodule(p).delora_B["default"].abs().sum() > 0 for p in delora_paths(ours))
-    assert_close(_out(ours, arch), y_peft, 1e-5, "delora_ext loading PEFT's adapter")
+    assert_close(outputs(ours, arch), y_peft, 1e-5, "delora_ext loading PEFT's adapter")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -100,7 +95,7 @@ def test_export_lora_matches_delora(arch, tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"] == 4
     assert cfg["fan_in_fan_out"] == (arch == "gpt2")
     pm = peft.PeftModel.from_pretrained(build(arch), str(tmp_path))
-    assert_close(_peft_out(pm, arch), _out(model, arch), 1e-5, "LoRA export")
+    assert_close(_peft_out(pm, arch), outputs(model, arch), 1e-5, "LoRA export")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -120,7 +115,7 @@ def test_export_lora_with_mixed_ranks(arch, tmp_path):
     lora = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "lora_A")}
     assert {p: lora[p].r["default"] for p in paths} == ranks
     assert all(lora[p].scaling["default"] == 1.0 for p in paths)
-    assert_close(_peft_out(pm, arch), _out(model, arch), 1e-5, "mixed-rank LoRA export")
+    assert_close(_peft_out(pm, arch), outputs(model, arch), 1e-5, "mixed-rank LoRA export")
 
 
 def test_several_adapters_saved_in_subfolders_and_reloaded(tmp_path):
@@ -128,14 +123,14 @@ def test_several_adapters_saved_in_subfolders_and_reloaded(tmp_path):
     model = delora_ext.patch(build(arch), r=2, init_weights=False, **all_linear(arch))
     delora_ext.patch(model, adapter_name="b", target_modules=["q_proj"], r=3, init_weights=False)
     delora_ext.set_adapter(model, ["default", "b"])
-    y = _out(model, arch)
+    y = outputs(model, arch)
     delora_ext.save_adapter(model, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME, "b"]
     assert sorted(os.listdir(tmp_path / "b")) == [CONFIG_NAME, WEIGHTS_NAME]
     fresh = delora_ext.load_adapter(build(arch), str(tmp_path))
     delora_ext.load_adapter(fresh, str(tmp_path / "b"), adapter_name="b")
     delora_ext.set_adapter(fresh, ["default", "b"])
-    assert torch.equal(_out(fresh, arch), y)
+    assert torch.equal(outputs(fresh, arch), y)
     with pytest.raises(ValueError, match="unknown adapter 'c'"):
         delora_ext.save_adapter(model, str(tmp_path / "x"), adapter_names=["c"])
 
@@ -155,14 +150,14 @@ def test_modules_to_save_saved_and_restored(tmp_path):
     assert model.lm_head.weight.requires_grad
     train(model, arch, steps=2)
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
-    y = _out(model, arch)
+    y = outputs(model, arch)
     delora_ext.save_adapter(model, str(tmp_path))
     tensors = load_file(str(tmp_path / WEIGHTS_NAME))
     assert torch.equal(tensors[f"{PREFIX}lm_head.weight"], model.lm_head.weight)
     fresh = delora_ext.load_adapter(copy.deepcopy(base), str(tmp_path))
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
     assert fresh.lm_head.weight.requires_grad
-    assert torch.equal(_out(fresh, arch), y)
+    assert torch.equal(outputs(fresh, arch), y)
     # PEFT reads our modules_to_save too
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     assert_close(_peft_out(pm, arch), y, 1e-5, "PEFT loading modules_to_save")
@@ -176,7 +171,7 @@ def test_peft_modules_to_save_loads_in_delora_ext(tmp_path):
     pm.save_pretrained(str(tmp_path))
     ours = delora_ext.load_adapter(copy.deepcopy(base), str(tmp_path))
     assert not torch.equal(ours.lm_head.weight, base.lm_head.weight)
-    assert_close(_out(ours, arch), _peft_out(pm, arch), 1e-5, "PEFT modules_to_save in delora_ext")
+    assert_close(outputs(ours, arch), _peft_out(pm, arch), 1e-5, "PEFT modules_to_save in delora_ext")
 
 
 @pytest.mark.parametrize("direction", ["peft->ours", "ours->peft"])
@@ -196,7 +191,7 @@ def test_modules_to_save_with_tied_weights_matches_peft(direction, tmp_path):
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     assert torch.equal(ours.get_input_embeddings().weight, base.get_input_embeddings().weight), \
         "training/loading lm_head changed the (tied) input embedding"
-    assert_close(_out(ours, arch), _peft_out(pm, arch), 1e-5, f"tied modules_to_save, {direction}")
+    assert_close(outputs(ours, arch), _peft_out(pm, arch), 1e-5, f"tied modules_to_save, {direction}")
 
 
 @pytest.mark.parametrize("bias", ["all", "delora_only"])
@@ -204,11 +199,11 @@ def test_modules_to_save_with_tied_weights_matches_peft(direction, tmp_path):
 def test_trained_biases_round_trip(arch, bias, tmp_path):
     base = build(arch)
     model = _trained(arch, bias=bias)
-    y = _out(model, arch)
-    assert rel_err(y, _out(base, arch)) > 1e-4
+    y = outputs(model, arch)
+    assert rel_err(y, outputs(base, arch)) > 1e-4
     delora_ext.save_adapter(model, str(tmp_path))
     fresh = delora_ext.load_adapter(build(arch), str(tmp_path))
-    assert_close(_out(fresh, arch), y, 1e-6, f"bias={bias} round trip")
+    assert_close(outputs(fresh, arch), y, 1e-6, f"bias={bias} round trip")
     if arch in PEFT_ARCHS:
         pm = peft.PeftModel.from_pretrained(build(arch), str(tmp_path))
         assert_close(_peft_out(pm, arch), y, 1e-5, f"PEFT loading bias={bias}")
@@ -232,7 +227,7 @@ def test_peft_adapter_with_trained_biases_loads(bias, modules_to_save, tmp_path)
     train(pm, arch, steps=2)
     pm.save_pretrained(str(tmp_path))
     ours = delora_ext.load_adapter(build(arch), str(tmp_path))
-    assert_close(_out(ours, arch), _peft_out(pm, arch), 1e-5, f"PEFT bias={bias} in delora_ext")
+    assert_close(outputs(ours, arch), _peft_out(pm, arch), 1e-5, f"PEFT bias={bias} in delora_ext")
     if modules_to_save:  # PEFT also wrote its wrapper's inner copies; ours are trained in place
         assert any(".original_module." in k for k in load_file(str(tmp_path / WEIGHTS_NAME)))
         trained_bias = ours.cls.predictions.transform.dense.bias
@@ -244,7 +239,7 @@ def test_peft_adapter_with_trained_biases_loads(bias, modules_to_save, tmp_path)
 def test_paper_init_files(arch, tmp_path):
     model = delora_ext.patch(build(arch), r=2, init_weights="paper", **all_linear(arch))
     train(model, arch, steps=2)
-    y = _out(model, arch)
+    y = outputs(model, arch)
     peft_dir = tmp_path / "peft"
     with pytest.raises(ValueError, match="paper's init .* PEFT cannot represent; save with for_peft=False"):
         delora_ext.save_adapter(model, str(peft_dir))
@@ -255,7 +250,7 @@ def test_paper_init_files(arch, tmp_path):
     assert json.loads((ours_dir / CONFIG_NAME).read_text())["init_weights"] == "paper"
     assert any(k.endswith(".delora_A0") for k in load_file(str(ours_dir / WEIGHTS_NAME)))
     fresh = delora_ext.load_adapter(build(arch), str(ours_dir))
-    assert torch.equal(_out(fresh, arch), y)
+    assert torch.equal(outputs(fresh, arch), y)
 
     lora_dir = tmp_path / "lora"
     delora_ext.export_lora(model, str(lora_dir))
@@ -328,7 +323,7 @@ def test_bad_file_is_refused_and_model_unchanged(kind, into, good_adapter, tmp_p
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     state = delora_ext.patching.get_state(model)
     configs = dict(state.configs) if state else None
-    y = _out(model, "llama")
+    y = outputs(model, "llama")
     name = "default" if into == "plain model" else "other"
     with pytest.raises(ValueError, match=BAD[kind].format(key=key.replace(".", r"\."))):
         delora_ext.load_adapter(model, str(d), adapter_name=name)
@@ -338,6 +333,6 @@ def test_bad_file_is_refused_and_model_unchanged(kind, into, good_adapter, tmp_p
     assert hasattr(model, STATE_ATTR) == (into == "patched model")
     if state:
         assert delora_ext.patching.get_state(model).configs == configs
-    assert torch.equal(_out(model, "llama"), y)
+    assert torch.equal(outputs(model, "llama"), y)
     # and the good file still loads into the same model afterwards
     delora_ext.load_adapter(model, str(good_adapter), adapter_name=name)

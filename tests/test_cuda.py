@@ -14,7 +14,7 @@ import delora_ext
 from delora_ext import ops
 from delora_ext import reference as ref
 
-from conftest import TOL, assert_close, low_precision_budget, make_adapter, make_base, make_x, rel_err, tuned
+from helpers import TOL, assert_close, low_precision_budget, make_adapter, make_base, make_x, rel_err, tuned
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible"),

@@ -8,7 +8,7 @@ import torch
 import delora_ext
 from delora_ext import ops
 
-from conftest import make_adapter, make_base, make_x, requires_native
+from helpers import make_adapter, make_base, make_x, requires_native
 from tiny_models import all_linear, batch, build, one_thread, train  # noqa: F401  (one_thread: autouse fixture)
 
 pytestmark = requires_native

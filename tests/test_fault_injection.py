@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import delora_ext
-from delora_ext import config as cfg_mod, core, io, layer as layer_mod, model as model_mod, ops, patching
+from delora_ext import config as cfg_mod, core, io, layer as layer_mod, model as model_mod, ops, patching, quant
 
 from model_state import capture, differences, files
 
@@ -35,7 +35,7 @@ class InjectedFault(Exception):
 
 
 # ---- the steps ------------------------------------------------------------------------------------------------
-MODULES = [patching, model_mod, io, cfg_mod, core, ops, layer_mod]
+MODULES = [patching, model_mod, io, cfg_mod, core, ops, layer_mod, quant]
 CLASSES = [layer_mod.DeLoRALayer, layer_mod.DeLoRALinear, layer_mod.BufferDict, cfg_mod.DeLoRAConfig]
 # the machinery that restores the model (failing it is not a step of the operation)
 RESTORE = {getattr(model_mod, n, None) for n in ("transaction", "note_write", "note_data", "_snap", "_unsnap")}

@@ -12,7 +12,7 @@ import delora_ext
 from delora_ext import DeLoRALinear, ops
 from delora_ext import reference as ref
 
-from conftest import TOL, assert_close, make_x, rel_err, requires_native, saved_activation_bytes
+from helpers import TOL, assert_close, make_x, rel_err, requires_native, saved_activation_bytes
 
 
 def _layer(in_f=32, out=24, r=4, init_weights=False, seed=0, **kw):

@@ -17,7 +17,7 @@ from delora_ext.model import delora_layers, get_state
 
 from model_state import capture, differences
 from tiny_models import one_thread  # noqa: F401
-from tiny_models import build, logits, tiny_config
+from tiny_models import build, tiny_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""The NaN/Inf policy (README: "Non-finite values"), tested.
+"""The NaN/Inf policy (docs/robustness.md, "Non-finite values"), tested.
 
 - Ops (forward, backward, delta_weight, the raw merge_ op) never check and never raise on values: non-finite
   inputs or parameters propagate as IEEE arithmetic does, and an output entry is non-finite exactly where the
@@ -23,7 +23,7 @@ import delora_ext
 from delora_ext import DeLoRALinear, ops
 from delora_ext import reference as ref
 
-from conftest import make_adapter, make_base, make_x, requires_native
+from helpers import make_adapter, make_base, make_x, requires_native
 
 NONFINITE = [math.nan, math.inf, -math.inf]
 WHERE = ["x", "W", "bias", "A", "B", "lam", "w"]

@@ -9,7 +9,7 @@ import torch
 
 import delora_ext
 
-from conftest import requires_native
+from helpers import requires_native
 
 
 def _lin():

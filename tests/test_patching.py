@@ -19,7 +19,7 @@ from delora_ext import DeLoRALinear
 from delora_ext.layer import is_conv1d
 from delora_ext.patching import STATE_ATTR
 
-from conftest import assert_close, rel_err
+from helpers import assert_close, rel_err
 from tiny_models import one_thread  # noqa: F401  (autouse: the model tests run single-threaded)
 from tiny_models import (ARCHS, LAYERS_PATTERN, OUTPUT_EMBEDDING, PEFT_ARCHS, all_linear, all_linear_paths,
                          assert_state_equal, base_key, build, build_meta, delora_paths, expected_by_regex,

@@ -18,7 +18,7 @@ import torch
 import delora_ext
 from delora_ext.model import delora_layers, get_state
 
-from conftest import assert_close
+from helpers import assert_close
 from tiny_models import one_thread  # noqa: F401
 from tiny_models import build, logits, peft_layers, tiny_config
 

@@ -9,25 +9,17 @@ from torch import nn
 
 from delora_ext import DeLoRALinear
 
-from conftest import assert_close, make_x, saved_activation_bytes
+from helpers import assert_close, make_x, saved_activation_bytes
+from tiny_models import Wrap
 
 peft = pytest.importorskip("peft")
-
-
-class _Wrap(nn.Module):
-    def __init__(self, lin):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
 
 
 def _pair(in_f, out, r, lam=15.0, init_weights=False, bias=True, seed=0):
     torch.manual_seed(seed)
     lin = nn.Linear(in_f, out, bias=bias)
     cfg = peft.DeloraConfig(r=r, delora_lambda=lam, target_modules=["lin"], init_weights=init_weights)
-    pm = peft.get_peft_model(_Wrap(copy.deepcopy(lin)), cfg)
+    pm = peft.get_peft_model(Wrap(copy.deepcopy(lin)), cfg)
     theirs = pm.base_model.model.lin
     ours = DeLoRALinear(copy.deepcopy(lin), r=r, delora_lambda=lam, init_weights=init_weights)
     ours.load_state_dict(theirs.state_dict())

@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from delora_ext import ops
 from delora_ext import reference as ref
 
-from conftest import TOL, requires_native
+from helpers import TOL, requires_native
 
 pytestmark = requires_native
 OPS = torch.ops.delora_ext if ops.NATIVE else None

@@ -14,7 +14,7 @@ import torch
 import delora_ext
 from delora_ext import DeLoRALinear
 
-from conftest import requires_native
+from helpers import requires_native
 from tiny_models import all_linear, build, build_meta, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 pytestmark = requires_native

@@ -27,7 +27,7 @@ from torch import nn
 import delora_ext
 from delora_ext import DeLoRALinear
 
-from conftest import CUDA, rel_err
+from helpers import CUDA, rel_err
 from tiny_models import one_thread  # noqa: F401  (autouse: the model tests run single-threaded)
 from tiny_models import build, snapshot
 

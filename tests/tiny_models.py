@@ -111,6 +111,23 @@ def logits(model: nn.Module, arch: str) -> torch.Tensor:
     return model(**batch(arch)).logits
 
 
+def outputs(model: nn.Module, arch: str) -> torch.Tensor:
+    """The model's logits on ``batch(arch)``, without autograd."""
+    with torch.no_grad():
+        return logits(model, arch)
+
+
+class Wrap(nn.Module):
+    """A one-layer model around ``lin`` (as ``.lin``), for PEFT's get_peft_model."""
+
+    def __init__(self, lin: nn.Module):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
 def train(model: nn.Module, arch: str, steps: int = 3, lr: float = 1e-2) -> tuple[float, float]:
     """A few AdamW steps on MSE(logits, fixed random target); returns (loss before, loss after)."""
     params = [p for p in model.parameters() if p.requires_grad]

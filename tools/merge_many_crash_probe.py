@@ -1,7 +1,7 @@
-"""Probe for the segfault seen on the lent H200 machine (torch 2.11.0+cu130, Python 3.12.3, gVisor) at
-tests/test_ops.py:172: torch.ops.delora_ext.merge_many_ with lists of different lengths, on CPU tensors.
-Not reproducible on the development machines. Each case runs in its own process, so one crash does not hide
-the others; c10's fatal-signal handler prints the C++ stack of a crash. Usage: python tools/merge_many_crash_probe.py
+"""Probe for a crash of torch.ops.delora_ext.merge_many_ called with lists of different lengths, on CPU tensors
+(tests/test_ops.py::test_merge_many_errors_name_the_argument), seen on one GPU machine (torch 2.11.0+cu130,
+Python 3.12.3, gVisor) and nowhere else. Each case runs in its own process, so one crash does not hide the
+others; c10's fatal-signal handler prints the C++ stack of a crash. Usage: python tools/merge_many_crash_probe.py
 """
 from __future__ import annotations
 

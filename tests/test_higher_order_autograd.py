@@ -1,4 +1,4 @@
-"""Regression tests from the C++ review: double backward of the autograd ops, and autograd of prep/delta_weight."""
+"""Double backward (create_graph) through the autograd ops, and autograd of prep and delta_weight."""
 from __future__ import annotations
 
 
@@ -8,7 +8,7 @@ import torch
 from delora_ext import ops
 from delora_ext import reference as ref
 
-from conftest import make_adapter, make_base, make_x, requires_cuda, requires_native
+from helpers import make_adapter, make_base, make_x, requires_cuda, requires_native
 
 pytestmark = requires_native
 OPS = torch.ops.delora_ext if ops.NATIVE else None

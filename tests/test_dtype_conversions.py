@@ -1,5 +1,5 @@
 """Model dtype/device conversions with modules_to_save, unpatch after parameters were replaced, fp16 at PEFT init
-with a large λ, merging adapters of different precision (each failed on the code before 2026-11-29)."""
+with a large λ, merging adapters of different precision."""
 from __future__ import annotations
 
 import pytest

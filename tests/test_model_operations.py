@@ -1,6 +1,6 @@
 """Model-level operations at their edges: all-or-nothing unmerge/delete/disable, adapter-name handling, loading
-into a merged adapter, integer buffers of modules_to_save, argument type errors, meta-device loading (each
-failed on the code before 2026-11-29)."""
+into a merged adapter, integer buffers of modules_to_save, argument type errors, meta-device loading. Each test
+names the way the operation would otherwise go wrong."""
 from __future__ import annotations
 
 import copy
@@ -31,7 +31,8 @@ def _merged_with_nan_in_second_layer():
     return m, merged_w
 
 
-# 1. model-level unmerge / delete_adapter / disable_adapters fail part-way
+# Model-level unmerge / delete_adapter / disable_adapters check every layer first: a refusal must not leave the
+# model half done.
 def test_model_unmerge_refused_leaves_every_layer_merged():
     m, merged_w = _merged_with_nan_in_second_layer()
     with pytest.raises(ValueError, match="non-finite"):
@@ -57,8 +58,8 @@ def test_disable_adapters_refused_leaves_every_layer_enabled_and_merged():
     assert torch.equal(m[0].base_layer.weight, merged_w[0])
 
 
-# 2. model-level merge silently ignores unknown adapter names (DESIGN: "adapter_names silently ignored" is a
-#    PEFT weakness not to copy; merge's docstring says unknown adapters are checked)
+# Model-level merge refuses unknown adapter names (PEFT ignores them silently, so a typo merges nothing); a bare
+# string is one name.
 @pytest.mark.parametrize("names", [["typo"], "default"])
 def test_model_merge_refuses_unknown_adapter_names(names):
     m = delora_ext.patch(_mlp(), target_modules=["0", "2"], r=2, init_weights=False)
@@ -70,7 +71,7 @@ def test_model_merge_refuses_unknown_adapter_names(names):
         delora_ext.merge(m, adapter_names=names)
 
 
-# 3. layer.unmerge(adapter_names=str) matches by substring; layer.merge(str) iterates characters
+# A string adapter name is one name: not matched as a substring by unmerge, not iterated as characters by merge.
 def test_layer_unmerge_with_a_string_unmerges_only_that_adapter():
     layer = DeLoRALinear(nn.Linear(8, 8), r=2, init_weights=False, adapter_name="a")
     layer.update_layer("ab", 2, init_weights=False)
@@ -85,7 +86,8 @@ def test_layer_merge_with_a_string():
     assert layer.merged_adapters == ["ab"]
 
 
-# 4. load_adapter into a merged adapter: the merged ΔW is the old one, unmerge subtracts the new one
+# load_adapter into a merged adapter is refused: the weight holds the old ΔW, so a later unmerge would subtract
+# the new one and corrupt the base weight.
 def test_load_adapter_into_merged_adapter_does_not_corrupt_base_weight(tmp_path):
     m = delora_ext.patch(_mlp(), target_modules=["0", "2"], r=2, init_weights=False)
     W0 = m[0].base_layer.weight.detach().clone()
@@ -103,7 +105,7 @@ def test_load_adapter_into_merged_adapter_does_not_corrupt_base_weight(tmp_path)
     assert torch.allclose(m[0].base_layer.weight, W0, atol=1e-5), "base weight corrupted"
 
 
-# 5. modules_to_save holding an integer buffer (BatchNorm's num_batches_tracked): files cannot be reloaded
+# modules_to_save holding an integer buffer (BatchNorm's num_batches_tracked): the saved file must reload.
 class _BN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -134,7 +136,7 @@ def test_modules_to_save_with_integer_buffer_round_trips(writer, tmp_path):
     assert int(fresh.bn.num_batches_tracked) == int(src_bn.num_batches_tracked) == 1
 
 
-# 6. disable_adapters keeps using the trained modules_to_save copy (PEFT uses the original module)
+# disable_adapters computes with the original modules_to_save module, as PEFT does, not the trained copy.
 def test_disable_adapters_uses_original_modules_to_save_as_peft():
     base = _mlp()
     x = torch.randn(3, 8)
@@ -153,7 +155,7 @@ def test_disable_adapters_uses_original_modules_to_save_as_peft():
         assert torch.allclose(pm(x), y0)
 
 
-# 7. config arguments of the wrong type crash without naming the argument
+# Config arguments of the wrong type raise an error that names the argument.
 @pytest.mark.parametrize("kw,field", [(dict(module_dropout=None), "module_dropout"),
                                       (dict(module_dropout="x"), "module_dropout"),
                                       (dict(target_modules=5), "target_modules"),
@@ -168,7 +170,7 @@ def test_layer_module_dropout_type_error_names_the_argument():
         DeLoRALinear(nn.Linear(4, 4), module_dropout="x")
 
 
-# 8. load_state_dict(assign=True) of the base weights into a model patched on the meta device raises part-way
+# load_state_dict(assign=True) of the base weights into a model patched on the meta device works completely.
 def test_meta_patched_model_loads_base_weights_with_assign_then_adapter():
     real = _mlp()
     ref = delora_ext.patch(copy.deepcopy(real), target_modules=["0", "2"], r=2, init_weights=False)
@@ -185,7 +187,7 @@ def test_meta_patched_model_loads_base_weights_with_assign_then_adapter():
         assert torch.allclose(m(x), ref(x), atol=1e-6)
 
 
-# 9. load_adapter into a model patched on the meta device: the file's values become the adapter parameters
+# load_adapter into a model patched on the meta device: the file's values become the adapter parameters.
 def test_load_adapter_into_meta_patched_model_then_base_weights(tmp_path):
     real = _mlp()
     ref = delora_ext.patch(copy.deepcopy(real), target_modules=["0", "2"], r=2, init_weights=False)
@@ -214,7 +216,7 @@ def test_load_adapter_with_modules_to_save_into_meta_model_refuses(tmp_path):
     assert not any(isinstance(mod, DeLoRALinear) for mod in meta.modules()), "refused before patching"
 
 
-# 10. one tensor on the meta device among CPU ones: the ops' fake kernel ran and returned uninitialised memory
+# One tensor on the meta device among CPU ones is refused (the fake kernel would return uninitialised memory).
 def test_ops_refuse_a_meta_tensor_among_real_ones():
     from delora_ext import ops
     if not ops.NATIVE:
@@ -235,7 +237,7 @@ def test_ops_refuse_a_meta_tensor_among_real_ones():
     assert torch.equal(W, W0)
 
 
-# 11. hooks on the base layer (user hooks, accelerate's replaced forward) run, as in PEFT, which calls base_layer(x)
+# Hooks on the base layer (user hooks, accelerate's replaced forward) run, as in PEFT, which calls base_layer(x).
 @pytest.mark.parametrize("how", ["forward_hook", "pre_hook", "instance_forward"])
 def test_hooked_base_layer_runs_its_hooks_as_peft(how):
     import functools
@@ -267,8 +269,8 @@ def test_hooked_base_layer_runs_its_hooks_as_peft(how):
     assert not torch.allclose(y_ours, y_unhooked), "the hook changes the output"
 
 
-# 12. parameters changed while merged (an optimizer step with zero gradients, weight decay): unmerge subtracted the
-#     new ΔW and left ΔW_old − ΔW_new in the base weight (PEFT does the same)
+# Parameters changed while merged (an optimizer step with zero gradients, weight decay): unmerge subtracts the ΔW
+# that merge added, so no ΔW_old − ΔW_new is left in the base weight (PEFT leaves it).
 @pytest.mark.parametrize("init", [False, "paper"])
 def test_unmerge_after_parameters_changed_while_merged_restores_the_base_weight(init):
     m = delora_ext.patch(_mlp(), target_modules=["0", "2"], r=2, init_weights=init)
@@ -290,7 +292,8 @@ def test_unmerge_after_parameters_changed_while_merged_restores_the_base_weight(
         torch.testing.assert_close(m(x), y)
 
 
-# 13. an adapter name is also a folder name in saved adapter directories: an absolute one escaped the folder
+# An adapter name is also a folder name in saved adapter directories: names that could act as paths (empty, or
+# containing '.', '/' or '\'; an absolute one would write outside the folder) are refused.
 @pytest.mark.parametrize("name", ["/tmp/elsewhere", "a/b", "a\\b", "..", "a.b", ""])
 def test_adapter_names_that_are_paths_are_refused(name, tmp_path):
     m = _mlp()
@@ -301,8 +304,8 @@ def test_adapter_names_that_are_paths_are_refused(name, tmp_path):
         delora_ext.load_adapter(_mlp(), str(tmp_path), adapter_name=name)
 
 
-# 14. layers_to_transform given as a tuple was saved as a JSON list; reloading into the same model then found
-#     "another config" for the same adapter
+# layers_to_transform given as a tuple is kept as a list, as it is saved in JSON, so reloading into the same model
+# finds the same config.
 def test_tuple_layers_to_transform_round_trips(tmp_path):
     from tiny_models import build
     model = build("llama")
@@ -313,7 +316,7 @@ def test_tuple_layers_to_transform_round_trips(tmp_path):
     assert get_state(model).configs["default"].layers_to_transform == [0]
 
 
-# 15. deleting the only active adapter: PEFT activates the first remaining one (with a warning); we left none active
+# Deleting the only active adapter activates the first remaining one, with a warning, as PEFT does.
 def test_deleting_the_active_adapter_activates_the_first_remaining_as_peft():
     base = _mlp()
     x = torch.randn(3, 8)

@@ -1,9 +1,8 @@
 """Target matching (PEFT's rules, property-tested against PEFT), default targets, per-adapter modules_to_save copies,
-bias adapters: each checked against PEFT (each failed on the code before 2026-11-29)."""
+bias adapters: each checked against PEFT."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ import delora_ext
 from delora_ext.config import DEFAULT_TARGET_MODULES
 from delora_ext.patching import STATE_ATTR
 
-from conftest import assert_close
+from helpers import assert_close
 from tiny_models import one_thread  # noqa: F401
-from tiny_models import assert_state_equal, build, delora_paths, logits, snapshot
+from tiny_models import assert_state_equal, build, delora_paths, logits, outputs, snapshot
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -26,11 +25,6 @@ def _peft_out(pm, arch):
         return logits(pm, arch)
 
 
-def _out(model, arch):
-    with torch.no_grad():
-        return logits(model, arch)
-
-
 def _bump_trainable(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -39,8 +33,8 @@ def _bump_trainable(model, seed):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-# 1. Each adapter has its own modules_to_save copy (PEFT's ModulesToSaveWrapper keeps one per adapter); delora_ext
-#    shared one copy between adapters, so loading/training a second adapter overwrote the first one's module.
+# Each adapter has its own modules_to_save copy (PEFT's ModulesToSaveWrapper keeps one per adapter): with one copy
+# shared between adapters, loading or training a second adapter would overwrite the first one's module.
 def test_two_adapters_with_the_same_modules_to_save_keep_their_own_copies(tmp_path):
     arch = "llama"
     base = build(arch)
@@ -63,7 +57,7 @@ def test_two_adapters_with_the_same_modules_to_save_keep_their_own_copies(tmp_pa
     delora_ext.load_adapter(ours, str(tmp_path / "peft" / "other"), adapter_name="other")
     for name in ["default", "other"]:
         delora_ext.set_adapter(ours, name)
-        assert_close(_out(ours, arch), want[name], 1e-5, f"adapter {name!r} after loading both")
+        assert_close(outputs(ours, arch), want[name], 1e-5, f"adapter {name!r} after loading both")
     # and each adapter saves its own copy: PEFT reads both back with the same outputs
     delora_ext.save_adapter(ours, str(tmp_path / "ours"))
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
@@ -73,8 +67,9 @@ def test_two_adapters_with_the_same_modules_to_save_keep_their_own_copies(tmp_pa
         assert_close(_peft_out(pm2, arch), want[name], 1e-5, f"PEFT reading our {name!r}")
 
 
-# 2. PEFT selects modules_to_save by a plain string suffix (`key.endswith(name)`, peft.utils.other._set_trainable),
-#    delora_ext by a '.'-suffix: files with e.g. modules_to_save=["head"] (PEFT: lm_head) did not load either way.
+# PEFT selects modules_to_save by a plain string suffix (`key.endswith(name)`, peft.utils.other._set_trainable), and
+# so does delora_ext: with a '.'-suffix, files with e.g. modules_to_save=["head"] (PEFT: lm_head) would not load
+# either way.
 @pytest.mark.parametrize("direction", ["peft_to_ours", "ours_to_peft"])
 def test_modules_to_save_name_is_a_plain_suffix_as_in_peft(direction, tmp_path):
     arch = "llama"
@@ -85,19 +80,19 @@ def test_modules_to_save_name_is_a_plain_suffix_as_in_peft(direction, tmp_path):
         _bump_trainable(src, 0)
         want = _peft_out(src, arch)
         src.save_pretrained(str(tmp_path))
-        got = _out(delora_ext.load_adapter(copy.deepcopy(base), str(tmp_path)), arch)
+        got = outputs(delora_ext.load_adapter(copy.deepcopy(base), str(tmp_path)), arch)
     else:
         src = delora_ext.patch(copy.deepcopy(base), **cfg)
         assert src.lm_head.weight.requires_grad
         _bump_trainable(src, 0)
-        want = _out(src, arch)
+        want = outputs(src, arch)
         delora_ext.save_adapter(src, str(tmp_path))
         got = _peft_out(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)), arch)
     assert_close(got, want, 1e-5, f"modules_to_save=['head'], {direction}")
 
 
-# 3. A regex target_modules matching a module DeLoRA cannot adapt: PEFT raises TypeError (for a list delora_ext does
-#    too); for a regex delora_ext silently skipped it, and the adapter it saved could not be loaded by PEFT.
+# A regex target_modules matching a module DeLoRA cannot adapt: PEFT raises TypeError, for a list and for a regex,
+# and so does delora_ext (skipping the module would save an adapter PEFT cannot load).
 def test_regex_target_matching_a_non_linear_module_is_refused_as_in_peft():
     base = build("llama")
     regex = r".*\.self_attn.*"  # matches model.layers.0.self_attn (LlamaAttention) and its projections
@@ -111,7 +106,7 @@ def test_regex_target_matching_a_non_linear_module_is_refused_as_in_peft():
     assert_state_equal(model, before, "refused regex")
 
 
-# 4. target_modules=None: PEFT's default for every model type it knows (15 were missing, e.g. deberta, codegen).
+# target_modules=None: PEFT's default for every model type it knows (deberta and codegen among them).
 def test_default_target_modules_are_peft_s():
     from peft.utils import TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING as peft_map
     norm = lambda v: v if isinstance(v, str) else sorted(v)  # noqa: E731
@@ -129,8 +124,8 @@ def test_default_target_modules_on_deberta_as_in_peft():
     assert delora_paths(delora_ext.patch(copy.deepcopy(base))) == want
 
 
-# 5. PEFT allows only one adapter with bias != "none" (BaseTuner._check_new_adapter_config): the biases are shared,
-#    so a second one (loading its file, or training it) overwrote the biases the first adapter's outputs use.
+# PEFT allows only one adapter with bias != "none" (BaseTuner._check_new_adapter_config): the biases are shared, so
+# a second one (loading its file, or training it) would overwrite the biases the first adapter's outputs use.
 @pytest.mark.parametrize("how", ["patch", "load"])
 def test_a_second_adapter_with_trained_biases_is_refused_as_in_peft(how, tmp_path):
     arch = "bert"
@@ -153,8 +148,8 @@ def test_a_second_adapter_with_trained_biases_is_refused_as_in_peft(how, tmp_pat
     assert list(getattr(model, STATE_ATTR).configs) == ["default"]
 
 
-# 1b. Loading an inactive adapter with modules_to_save must not change what the active adapter computes (PEFT keeps
-#     the original module for adapters without a copy); delora_ext swapped in the loaded adapter's copy.
+# Loading an inactive adapter with modules_to_save must not change what the active adapter computes (PEFT keeps
+# the original module for adapters without a copy), so the loaded adapter's copy is not swapped in.
 def test_loading_an_inactive_adapter_with_modules_to_save_keeps_the_active_outputs(tmp_path):
     arch = "llama"
     base = build(arch)
@@ -163,11 +158,11 @@ def test_loading_an_inactive_adapter_with_modules_to_save_keeps_the_active_outpu
     delora_ext.save_adapter(src, str(tmp_path))
     model = delora_ext.patch(copy.deepcopy(base), adapter_name="existing", target_modules=["v_proj"],
                              init_weights=False)
-    want = _out(model, arch)
+    want = outputs(model, arch)
     delora_ext.load_adapter(model, str(tmp_path))
-    assert_close(_out(model, arch), want, 0.0, "active adapter after loading an inactive one")
+    assert_close(outputs(model, arch), want, 0.0, "active adapter after loading an inactive one")
     delora_ext.set_adapter(model, "default")
-    assert_close(_out(model, arch), _out(src, arch), 1e-6, "the loaded adapter once active")
+    assert_close(outputs(model, arch), outputs(src, arch), 1e-6, "the loaded adapter once active")
     delora_ext.delete_adapter(model, "default")
     assert model.lm_head is base.lm_head or torch.equal(model.lm_head.weight, base.lm_head.weight)
     assert not getattr(model, STATE_ATTR).saved_originals
@@ -252,7 +247,7 @@ def test_switching_to_an_adapter_copy_after_a_dtype_conversion():
     model.double()
     delora_ext.set_adapter(model, "b")
     assert model.lm_head.weight.dtype == torch.float64
-    out = _out(model, "llama")
+    out = outputs(model, "llama")
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
     with pytest.warns(UserWarning, match="Setting active adapter to a"):  # as PEFT: a becomes active
         delora_ext.delete_adapter(model, "b")  # and its lm_head copy, kept outside the tree, is converted too
