@@ -17,6 +17,43 @@ from .core import is_conv1d, plain_forward
 
 STALE_CHOICES = ("raise", "discard", "subtract")
 
+
+class MergeRecord:
+    """Which weight (a weak reference) merged adapters were written into, and its version counter then.
+
+    A copy of the layer (``copy.deepcopy``) records the copied weight at its own version; an unpickled layer
+    (``torch.load`` of a whole model) adopts the weight it finds at the first check. A record that was stale stays
+    stale in both."""
+
+    __slots__ = ("_ref", "_version", "_stale")
+
+    def __init__(self, weight: torch.Tensor | None, stale: bool = False):
+        self._ref = weakref.ref(weight) if weight is not None else None
+        self._version = weight._version if weight is not None else None
+        self._stale = stale
+
+    def stale_for(self, weight: torch.Tensor) -> bool:
+        if self._stale:
+            return True
+        if self._ref is None:  # unpickled: the weight found now is the one loaded with it
+            self._ref, self._version = weakref.ref(weight), weight._version
+            return False
+        return self._ref() is not weight or weight._version != self._version
+
+    def _was_stale(self) -> bool:
+        w = self._ref() if self._ref is not None else None
+        return self._stale or (self._ref is not None and (w is None or w._version != self._version))
+
+    def __deepcopy__(self, memo):
+        import copy
+        w = self._ref() if self._ref is not None else None
+        if self._ref is None or self._was_stale():
+            return MergeRecord(None, stale=self._stale or self._ref is not None)
+        return MergeRecord(copy.deepcopy(w, memo))  # the copied layer's weight (the same object in the memo)
+
+    def __reduce__(self):
+        return MergeRecord, (None, self._was_stale())
+
 _RESOLVE_LOCK = threading.RLock()
 
 
@@ -100,7 +137,7 @@ class DeLoRALayer:
         # (weakref to the base weight, its version counter) when the merged adapters were last written into it: a
         # weight replaced (load_state_dict(assign=True), assignment) or rewritten (load_state_dict) since then may
         # not hold their ΔW, and unmerging would subtract it from a weight it was never added to.
-        self._merge_record: tuple | None = None
+        self._merge_record: MergeRecord | None = None
         self._w_pending: set[str] = set()  # adapters whose w waits for the base weight to leave the meta device
         self._load_w_keys: set[str] = set()
         self._requantized: set[str] = set()  # adapters merge(requantize=True) put into a quantised base weight
@@ -640,15 +677,13 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
     def _resync_merge_record(self) -> None:
         """Record the weight the merged adapters are now in (after a merge or unmerge wrote it, or a failed model
         operation restored it)."""
-        w = self.base_layer.weight
-        self._merge_record = (weakref.ref(w), w._version) if self.merged_adapters else None
+        self._merge_record = MergeRecord(self.base_layer.weight) if self.merged_adapters else None
 
     def _merge_record_stale(self) -> bool:
         rec = self._merge_record
         if not self.merged_adapters or rec is None:
             return False
-        w = self.base_layer.weight
-        return rec[0]() is not w or w._version != rec[1]
+        return rec.stale_for(self.base_layer.weight)
 
     def _check_merge_record(self, action: str) -> None:
         if self._merge_record_stale():

@@ -177,16 +177,21 @@ def require_state(model: nn.Module) -> PatchState:
 _TX: contextvars.ContextVar = contextvars.ContextVar("delora_ext_transaction", default=None)
 
 
-def _snap(value):
+def _snap(value, seen: set | None = None):
     """(value, a copy of its contents) for dicts, lists and sets (recursively), (value, None) for anything else:
-    what restoring needs to put the very same container objects back with their old contents."""
+    what restoring needs to put the very same container objects back with their old contents. A container met a
+    second time (shared, or holding itself) is copied once."""
+    if not isinstance(value, (dict, list, set)):
+        return value, None
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return value, None
+    seen.add(id(value))
     if isinstance(value, dict):
-        return value, [(k, _snap(v)) for k, v in value.items()]
+        return value, [(k, _snap(v, seen)) for k, v in value.items()]
     if isinstance(value, list):
-        return value, [_snap(v) for v in value]
-    if isinstance(value, set):
-        return value, set(value)
-    return value, None
+        return value, [_snap(v, seen) for v in value]
+    return value, set(value)
 
 
 def _unsnap(snap):
@@ -221,8 +226,9 @@ class Undo:
             outside += [c for copies in state.saved_copies.values() for c in copies.values()]
             for top in outside:
                 mods.update({id(m): m for m in top.modules()})
-        self._vars = [(m, _snap(vars(m))) for m in mods.values()]
-        self._state = (state, _snap(vars(state))) if state is not None else None
+        seen: set = set()
+        self._vars = [(m, _snap(vars(m), seen)) for m in mods.values()]
+        self._state = (state, _snap(vars(state), seen)) if state is not None else None
         tensors = {}
         for m in mods.values():
             for t in list(m._parameters.values()) + list(m._buffers.values()):

@@ -372,3 +372,56 @@ def test_save_adapter_takes_a_bare_adapter_name(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
     with pytest.raises(ValueError, match=r"`adapter_names`: unknown adapter 'typo'"):
         delora_ext.save_adapter(m, str(tmp_path), adapter_names=["typo"])
+
+
+def test_a_failed_patch_restores_a_model_whose_modules_hold_self_referencing_containers(monkeypatch):
+    m = _mlp()
+    m.notes = {"layers": [1, 2]}
+    m.notes["self"] = m.notes  # a dict holding itself, and a list shared with a second module
+    m[2].shared = m.notes["layers"]
+    before = capture(m)
+    with pytest.raises(ValueError):
+        delora_ext.patch(m, target_modules=["0", "2"], r=2, rank_pattern={"2": 2}, lambda_pattern={"2": 1e39})
+    _no_change(m, before, "a refused patch")
+    calls = []
+    real = DeLoRALinear.update_layer
+
+    def fail_second(self, *args, **kwargs):  # the second layer fails after the first was swapped in
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(DeLoRALinear, "update_layer", fail_second)
+    with pytest.raises(MemoryError):
+        delora_ext.patch(m, target_modules=["0", "2"], r=2)
+    monkeypatch.undo()
+    _no_change(m, before, "a failed patch")
+    assert m.notes["self"] is m.notes and m[2].shared is m.notes["layers"]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_merged_model_copied_or_saved_whole_still_unmerges_and_still_detects_a_replaced_weight(how, tmp_path):
+    import io as _io
+    m = delora_ext.patch(_mlp(), target_modules=["0", "2"], r=2, init_weights=False)
+    want = m[0].base_layer.weight.detach().clone()
+    delora_ext.merge(m)
+
+    def copied(model):
+        if how == "deepcopy":
+            return copy.deepcopy(model)
+        buf = _io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    c = copied(m)
+    delora_ext.unmerge(c)  # the copy's record is of the copy's own weight
+    torch.testing.assert_close(c[0].base_layer.weight, want, rtol=0, atol=1e-6)
+    assert m[0].merged, "the original is still merged"
+    with torch.no_grad():
+        m[2].base_layer.weight.add_(1.0)  # rewritten while merged: stale, and a copy is stale too
+    c = copied(m)
+    with pytest.raises(ValueError, match="replaced or rewritten"):
+        delora_ext.unmerge(c)
+    with pytest.raises(ValueError, match="replaced or rewritten"):
+        delora_ext.unmerge(m)
