@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import gc
 
 import torch
 from torch import nn
@@ -177,27 +178,40 @@ def require_state(model: nn.Module) -> PatchState:
 _TX: contextvars.ContextVar = contextvars.ContextVar("delora_ext_transaction", default=None)
 
 
-def _snap(value, seen: set | None = None):
-    """(value, a copy of its contents) for dicts, lists and sets (recursively), (value, None) for anything else:
-    what restoring needs to put the very same container objects back with their old contents. A container met a
-    second time (shared, or holding itself) is copied once."""
-    if not isinstance(value, (dict, list, set)):
-        return value, None
-    seen = set() if seen is None else seen
-    if id(value) in seen:
-        return value, None
+class _Box:
+    """A container in a snapshot: the very object and a copy of its contents (snapshots of its items)."""
+
+    __slots__ = ("value", "contents")
+
+    def __init__(self, value, contents):
+        self.value, self.contents = value, contents
+
+
+def _snap(value, seen: set):
+    """A snapshot of ``value``: dicts, lists and sets as ``_Box`` (recursively), anything else as itself. Restoring
+    puts the very same container objects back with their old contents. A container met a second time (shared, or
+    holding itself) is copied once."""
+    if not isinstance(value, (dict, list, set)) or id(value) in seen:
+        return value
     seen.add(id(value))
     if isinstance(value, dict):
-        return value, [(k, _snap(v, seen)) for k, v in value.items()]
+        return _Box(value, [(k, _snap(v, seen)) for k, v in value.items()])
     if isinstance(value, list):
-        return value, [_snap(v, seen) for v in value]
-    return value, set(value)
+        return _Box(value, [_snap(v, seen) for v in value])
+    return _Box(value, set(value))
+
+
+def _snap_vars(module: nn.Module, seen: set) -> _Box:
+    """``_snap`` of a module's attributes, but its hook dicts by reference only: no model operation adds or removes
+    hooks, and copying a dozen of them per module made a snapshot of a large model slow."""
+    d = vars(module)
+    return _Box(d, [(k, v if "hook" in k else _snap(v, seen)) for k, v in d.items()])
 
 
 def _unsnap(snap):
-    value, contents = snap
-    if contents is None:
-        return value
+    if not isinstance(snap, _Box):
+        return snap
+    value, contents = snap.value, snap.contents
     if isinstance(value, dict):
         items = [(k, _unsnap(s)) for k, s in contents]
         value.clear()
@@ -211,24 +225,43 @@ def _unsnap(snap):
 
 
 class Undo:
-    """Everything a model operation may change, to put back exactly when it fails part-way: every module's
-    attributes (its parameter/buffer/submodule dicts, adapter dicts and lists, flags), the patch state, every
-    parameter's requires_grad, and, noted before they happen, in-place writes to existing tensors (their values are
-    copied first; to the CPU for accelerator tensors, so that a merge does not need twice the device memory) and
-    ``.data`` swaps."""
+    """Everything a model operation may change, to put back exactly when it fails part-way: which module sits where
+    (every module's submodule dict) and every module's train/eval mode; all attributes of the model itself, of the
+    DeLoRA layers (and everything inside them) and of the modules_to_save originals and copies (parameter, buffer
+    and adapter dicts and lists, flags); the patch state; every parameter's requires_grad; and, noted before they
+    happen, in-place writes to existing tensors (their values are copied first; to the CPU for accelerator tensors,
+    so that a merge does not need twice the device memory) and ``.data`` swaps."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layers_only: bool = False):
         self.model = model
         state = get_state(model)
         mods = {id(m): m for m in model.modules()}
+        deep = {id(model): model}  # the modules whose every attribute an operation may change
+        for m in mods.values():
+            if isinstance(m, DeLoRALinear):
+                # layers_only: an operation that adds or removes no adapter (set_adapter, merge, unmerge) changes the
+                # layers' own state but not their containers, unless a pending w is settled on the way
+                inner = [m] if layers_only and not m._w_pending else m.modules()
+                deep.update((id(sub), sub) for sub in inner)
         if state is not None:
             outside = list(state.saved_originals.values())
             outside += [c for copies in state.saved_copies.values() for c in copies.values()]
             for top in outside:
-                mods.update({id(m): m for m in top.modules()})
+                subs = {id(sub): sub for sub in top.modules()}
+                mods.update(subs)
+                deep.update(subs)
         seen: set = set()
-        self._vars = [(m, _snap(vars(m), seen)) for m in mods.values()]
-        self._state = (state, _snap(vars(state), seen)) if state is not None else None
+        gc_was_on = gc.isenabled()
+        gc.disable()  # tens of thousands of small objects: a collection over a large model's heap would dominate
+        try:
+            self._vars = [_snap_vars(m, seen) for m in deep.values()]
+            # elsewhere an operation only puts other modules in place (a parent's submodule dict) and sets modes
+            self._children = [(m._modules, list(m._modules.items())) for i, m in mods.items() if i not in deep]
+            self._modes = [(m, m.training) for m in mods.values()]
+            self._state = _snap(vars(state), seen) if state is not None else None
+        finally:
+            if gc_was_on:
+                gc.enable()
         tensors = {}
         for m in mods.values():
             for t in list(m._parameters.values()) + list(m._buffers.values()):
@@ -258,14 +291,15 @@ class Undo:
 
     def rollback(self) -> list[BaseException]:
         errors = []
-        for m, snap in self._vars:
-            d, keep = vars(m), {k for k, _ in snap[1]}
-            for k in [k for k in d if k not in keep]:
-                del d[k]
-            for k, s in snap[1]:
-                d[k] = _unsnap(s)
+        for snap in self._vars:  # a module's attribute dict: attributes added since go, the others come back
+            _unsnap(snap)
+        for children, items in self._children:
+            children.clear()
+            children.update(items)
+        for m, mode in self._modes:
+            m.training = mode
         if self._state is not None:
-            _unsnap(self._state[1])
+            _unsnap(self._state)
         for kind, t, old in reversed(self._log):
             try:
                 if kind == "data":
@@ -286,14 +320,15 @@ class Undo:
 
 
 @contextlib.contextmanager
-def transaction(model: nn.Module):
+def transaction(model: nn.Module, layers_only: bool = False):
     """Run a model operation all-or-nothing: on any exception (also KeyboardInterrupt) the model is put back as
-    it was. Nested operations on the same model join the outer one."""
+    it was. Nested operations on the same model join the outer one. ``layers_only``: the operation adds or removes
+    no adapter (a cheaper snapshot, see ``Undo``)."""
     outer = _TX.get()
     if outer is not None and outer.model is model:
         yield outer
         return
-    undo = Undo(model)
+    undo = Undo(model, layers_only)
     token = _TX.set(undo)
     try:
         yield undo

@@ -154,7 +154,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
                              f"active at a time")
         installs[path] = copies[have[0]] if have else state.saved_originals[path]
     layers = delora_layers(model).values()
-    with transaction(model):
+    with transaction(model, layers_only=True):
         if any(layer.merged for layer in layers):
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
             unmerge(model)
@@ -217,7 +217,7 @@ def disable_adapters(model: nn.Module):
         if bias != "none":
             warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce "
                           f"the same output as the base model would without adaption.")
-    with transaction(model):
+    with transaction(model, layers_only=True):
         unmerge(model)
         layers = list(delora_layers(model).values())
         before = [(layer, layer.disable_adapters) for layer in layers]
@@ -230,7 +230,7 @@ def disable_adapters(model: nn.Module):
     try:
         yield outer
     finally:
-        with transaction(model):
+        with transaction(model, layers_only=True):
             for path, twin in twins.items():
                 _install(model, path, twin)
             for layer, was_disabled in before:
@@ -310,7 +310,7 @@ def _merge(model: nn.Module, safe_merge: bool, adapter_names: list[str] | None, 
     _check_unshared(model, [(path, layer) for path, layer, _ in plans])
     done: list[tuple[DeLoRALinear, list[str]]] = []
     stats, paths = [], []
-    with transaction(model):  # restores dense weights bit for bit should a later layer fail
+    with transaction(model, layers_only=True):  # restores dense weights bit for bit should a later layer fail
         try:
             for path, layer, names in plans:
                 st = layer._merge_commit(names, requantize=requantize)
@@ -351,7 +351,7 @@ def unmerge(model: nn.Module, stale: str = "raise") -> None:
                 layer._check_finite(list(layer.merged_adapters), "unmerge")
         except ValueError as e:
             raise ValueError(f"{path!r}: {e}") from None
-    with transaction(model):
+    with transaction(model, layers_only=True):
         for _, layer in layers:
             layer.unmerge(stale=stale)
 
