@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import numbers
+import os
 import re
 from typing import Iterable, Optional, Union
+
+from torch import nn
 
 # transformers model_type -> default target modules (PEFT's TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING,
 # which is its LoRA mapping), for target_modules=None.
@@ -50,11 +55,14 @@ class DeLoRAConfig:
     modules_to_save: Optional[list] = None
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
+        # Types are settled here, once: whatever a config holds is what its adapter_config.json holds, so a config
+        # that patch() accepts also saves and loads (a string λ or a numpy scalar would not).
+        self.r = _positive_int(self.r, "r")
+        self.delora_lambda = _lambda_value(self.delora_lambda, "delora_lambda")
+        self.module_dropout = _real(self.module_dropout, "module_dropout", "a number in [0, 1)")
         if self.bias not in ("none", "all", "delora_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'delora_only', got {self.bias!r}")
-        if self.init_weights not in (True, False, "paper"):
+        if self.init_weights not in (True, False, "paper") or type(self.init_weights) not in (bool, str):
             raise ValueError(f"`init_weights` must be True, False or 'paper', got {self.init_weights!r}")
         check_module_dropout(self.module_dropout)
         for name in ("target_modules", "exclude_modules"):
@@ -65,18 +73,56 @@ class DeLoRAConfig:
                 raise TypeError(f"`{name}` must be None, a regex string or a list of module names, got {v!r}")
             if isinstance(v, (set, tuple)):
                 setattr(self, name, sorted(v))
-        for name in ("layers_to_transform", "layers_pattern"):  # a tuple is saved as a JSON list: compare as one
+        for name in ("layers_to_transform", "layers_pattern", "modules_to_save"):  # saved as JSON lists
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
+        if isinstance(self.layers_to_transform, numbers.Integral) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = int(self.layers_to_transform)
+        elif isinstance(self.layers_to_transform, list):
+            self.layers_to_transform = [int(i) if isinstance(i, numbers.Integral) and not isinstance(i, bool) else i
+                                        for i in self.layers_to_transform]
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             # as PEFT: a regex (or "all-linear") is matched as is, so layers_to_transform would be silently ignored
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str "
                              f"({self.target_modules!r}); list the module names instead")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` only makes sense with `layers_to_transform`")
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         for name in ("rank_pattern", "lambda_pattern"):
-            if getattr(self, name) is None:
+            v = getattr(self, name)
+            if v is None:
                 setattr(self, name, {})
+            elif not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+                raise TypeError(f"`{name}` must be a dict mapping module name patterns (str) to values, got {v!r}")
+        self.rank_pattern = {k: _positive_int(v, f"rank_pattern[{k!r}]") for k, v in self.rank_pattern.items()}
+        self.lambda_pattern = {k: _lambda_value(v, f"lambda_pattern[{k!r}]") for k, v in self.lambda_pattern.items()}
+        d = self.to_peft_dict()
+        check_peft_dict_types(d)  # the checks load_adapter applies to the file
+        try:
+            json.dumps(d)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"DeLoRAConfig cannot be written as adapter_config.json ({e})") from None
+
+    def __eq__(self, other) -> bool:
+        """Equal configs adapt the same modules the same way. ``target_modules`` and ``exclude_modules`` lists are
+        sets (PEFT stores them as sets and writes them in hash order, which changes between processes), and so is
+        ``modules_to_save``; 15 equals 15.0."""
+        if not isinstance(other, DeLoRAConfig):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None
+
+    def _key(self) -> tuple:
+        def norm(name):
+            v = getattr(self, name)
+            if name in ("target_modules", "exclude_modules", "modules_to_save") and isinstance(v, list):
+                return frozenset(v)
+            if isinstance(v, dict):
+                return tuple(sorted(v.items()))
+            if isinstance(v, list):
+                return tuple(v)
+            return v
+        return tuple((f.name, norm(f.name)) for f in dataclasses.fields(self))
 
     # ---- PEFT's adapter_config.json -------------------------------------------------------------------
     PEFT_FIELDS = ("r", "delora_lambda", "module_dropout", "target_modules", "exclude_modules", "bias",
@@ -120,12 +166,29 @@ def _listed(spec, key: str) -> bool:
     return key in spec or any(key.endswith(f".{t}") for t in spec)
 
 
+def _real(value, name: str, what: str):
+    """A real number (numpy scalars become Python floats); not a bool, a string or a tensor."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be {what}, got {value!r} ({type(value).__name__})")
+    return value if type(value) in (int, float) else float(value)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")  # PEFT's DeloraConfig message
+    return int(value)
+
+
+def _lambda_value(value, name: str):
+    v = _real(value, name, "a real number")
+    if not math.isfinite(v) or abs(v) > FLOAT32_MAX:  # λ is an fp32 parameter
+        raise ValueError(f"`{name}` must be finite in float32 (|λ| <= {FLOAT32_MAX:.6g}), got {v!r}")
+    return v
+
+
 def check_module_dropout(value) -> float:
     """``module_dropout`` as a float in [0, 1), or an error naming it."""
-    try:
-        p = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`module_dropout` must be a number in [0, 1), got {value!r}") from None
+    p = float(_real(value, "module_dropout", "a number in [0, 1)"))
     if not 0.0 <= p < 1.0:
         raise ValueError(f"`module_dropout` must be in [0, 1), got {value!r}")
     return p
@@ -167,17 +230,43 @@ def matches(config: DeLoRAConfig, key: str, target_modules) -> bool:
 
 
 # ---- argument checks shared by the layer, the model operations and the file loader -------------------------
+MAX_NAME_BYTES = 255  # a folder name in saved adapter directories (NAME_MAX on Linux, macOS and Windows)
+
+
+# Attribute names of the containers an adapter name keys (nn.ParameterDict, the buffer dicts, nn.Module): such a
+# name would shadow a method or the module's own state (``training``: model.eval() then fails for good).
+_RESERVED = frozenset(dir(nn.ParameterDict())) | frozenset(dir(nn.Module()))
+
+
 def check_adapter_name(name) -> str:
-    """An adapter name: a non-empty string without '.', '/' or '\\' (it is a state_dict key part and a folder
-    name in saved adapter directories: a name with a separator wrote outside the directory)."""
-    if not isinstance(name, str) or not name or any(c in name for c in "./\\"):
-        raise ValueError(f"`adapter_name` must be a non-empty string without '.', '/' or '\\', got {name!r}")
+    """An adapter name: a non-empty string without '.', '/', '\\' or NUL, at most 255 bytes as a file name, and not
+    an attribute of the containers it keys (it is a state_dict key part, a ParameterDict key and a folder name in
+    saved adapter directories: a name with a separator wrote outside the directory)."""
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
+        raise ValueError(f"`adapter_name` must be a non-empty string without '.', '/' or '\\' (and without NUL), "
+                         f"got {name!r}")
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeError:
+        raise ValueError(f"`adapter_name` {name!r} cannot be a file name (not encodable in the file system's "
+                         f"encoding)") from None
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"`adapter_name` must be at most {MAX_NAME_BYTES} bytes as a file name, got {size} bytes "
+                         f"({name[:40]!r}...)")
+    if name in _RESERVED:
+        raise ValueError(f"`adapter_name` {name!r} is an attribute of torch's nn.Module / nn.ParameterDict, which "
+                         f"key adapters by name; pick another name")
     return name
 
 
-def adapter_list(adapter_names) -> list[str]:
-    """A bare string is one adapter name (not a sequence of one-letter names)."""
-    return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+def adapter_list(adapter_names, arg: str = "adapter_names") -> list[str]:
+    """A bare string is one adapter name (not a sequence of one-letter names). A name listed twice is refused:
+    merging or activating it twice would add its ΔW twice."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    dup = sorted({n for n in names if names.count(n) > 1}, key=str)
+    if dup:
+        raise ValueError(f"`{arg}` lists {', '.join(map(repr, dup))} more than once: {names!r}")
+    return names
 
 
 def check_known(names: Iterable[str], known, where: str, arg: str = "adapter_names") -> None:
@@ -188,14 +277,8 @@ def check_known(names: Iterable[str], known, where: str, arg: str = "adapter_nam
 
 
 def check_lambda(value, name: str = "delora_lambda") -> float:
-    """λ as a finite float, or an error naming it."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a real number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"`{name}` must be finite, got {v}")
-    return v
+    """λ as a float finite in float32 (it becomes an fp32 parameter), or an error naming it."""
+    return float(_lambda_value(value, name))
 
 
 # ---- the JSON types of a (possibly foreign) adapter_config.json -------------------------------------------

@@ -8,19 +8,24 @@ layers' biases, keyed as in the patched model (``<module path>.base_layer.bias``
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
+import time
+import warnings
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import DeLoRAConfig, check_adapter_name, check_known, check_peft_dict_types, matches
+from .config import DeLoRAConfig, adapter_list, check_adapter_name, check_known, check_peft_dict_types
 from .core import is_conv1d
 from .layer import DeLoRALinear, supported_base
-from .model import candidates, delora_layers, get_state, modules_to_save_paths, require_state, resolve_targets, unwrap
+from .model import (delora_layers, get_state, is_bias_name, modules_to_save_paths, note_write, require_state,
+                    targeted, transaction, unwrap)
 from .patching import patch
 
 CONFIG_NAME = "adapter_config.json"
@@ -77,8 +82,7 @@ def adapter_modules_to_save(model, cfg: DeLoRAConfig, adapter_name: str | None =
 
 def _is_bias_key(key: str) -> bool:
     """A state_dict key of a bias (``....bias``), not an adapter tensor of an adapter named "bias"."""
-    parent, _, last = key.rpartition(".")
-    return last == "bias" and parent.rpartition(".")[2] not in PARAM_KEYS + PAPER_KEYS
+    return is_bias_name(key)
 
 
 def bias_tensors(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -123,41 +127,202 @@ def adapter_state_dict(model, adapter_name: str = "default", for_peft: bool = Tr
     return out
 
 
+# safetensors metadata key: the fingerprint of the config the weights were saved with, so that a reader can tell a
+# matching pair of files from a mix (a reader between a writer's two renames; an interrupted save). PEFT ignores it.
+PAIR_KEY = "delora_ext.config_sha256"
+
+
+def config_fingerprint(cfg: DeLoRAConfig) -> str:
+    """sha256 of the fields that define the adapter, normalised (lists that are sets sorted, numbers as floats), so
+    that the same config read back from its file has the same fingerprint."""
+    d = {}
+    for k in DeLoRAConfig.PEFT_FIELDS:
+        v = getattr(cfg, k)
+        if k in ("target_modules", "exclude_modules", "modules_to_save") and isinstance(v, list):
+            v = sorted(set(v))
+        elif k in ("delora_lambda", "module_dropout"):
+            v = float(v)
+        elif k == "lambda_pattern":
+            v = {p: float(x) for p, x in v.items()}
+        d[k] = v
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _config_bytes(cfg: DeLoRAConfig) -> bytes:
+    d = cfg.to_peft_dict()
+    d["inference_mode"] = True
+    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _write_weights(tensors: dict, path: str, fingerprint: str) -> None:
+    save_file(tensors, path, metadata={"format": "pt", PAIR_KEY: fingerprint})
+    _fsync_file(path)
+
+
+def _write_config(data: bytes, path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs(d: str) -> list[str]:
+    """Create ``d`` and its missing parents; returns the ones created, outermost first."""
+    missing = []
+    p = os.path.abspath(d)
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    created = []
+    try:
+        for p in reversed(missing):
+            os.mkdir(p)
+            created.append(p)
+    except BaseException:
+        for p in reversed(created):
+            _quietly(os.rmdir, p)
+        raise
+    return created
+
+
+def _backup(path: str) -> str | None:
+    """A second name for the file at ``path`` (a hard link, or a copy where links are not supported), to put it
+    back should the save fail after ``path`` was replaced; None if there is no file."""
+    if not os.path.lexists(path):
+        return None
+    fd, bak = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".old-", suffix=os.path.basename(path))
+    os.close(fd)
+    os.unlink(bak)
+    try:
+        os.link(path, bak)
+    except OSError:
+        import shutil
+        shutil.copy2(path, bak)
+    return bak
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
+def _write_pairs(pairs: list[tuple[str, dict, bytes, str]]) -> None:
+    """Write (directory, tensors, config bytes, fingerprint) pairs: all or nothing.
+
+    Every file is first written in full under a temporary name beside its destination; then, per adapter, the
+    weights and then the config are renamed into place (each rename atomic). A reader (``load_adapter``) seeing
+    the new weights beside the old config notices from the fingerprint and reads again. If anything fails, the
+    files already replaced are put back from their backups and every temporary file and new folder is removed:
+    the directory is as before.
+    """
+    created: list[str] = []
+    staged: list[tuple[str, str]] = []  # (destination, temporary file), in commit order
+    backups: list[str] = []
+    replaced: list[tuple[str, str | None]] = []  # (destination, its backup)
+    try:
+        for d, tensors, cfg_bytes, fingerprint in pairs:
+            created += _makedirs(d)
+            for name, write in ((WEIGHTS_NAME, lambda p: _write_weights(tensors, p, fingerprint)),
+                                (CONFIG_NAME, lambda p: _write_config(cfg_bytes, p))):
+                dest = os.path.join(d, name)
+                if os.path.isdir(dest):
+                    raise IsADirectoryError(f"cannot save the adapter: {dest} is a directory")
+                fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=name)
+                os.close(fd)
+                staged.append((dest, tmp))
+                write(tmp)
+        for dest, tmp in staged:
+            bak = _backup(dest)
+            if bak is not None:
+                backups.append(bak)
+            os.replace(tmp, dest)
+            replaced.append((dest, bak))
+    except BaseException:
+        for dest, bak in reversed(replaced):
+            if bak is not None:
+                _quietly(os.replace, bak, dest)
+            else:
+                _quietly(os.unlink, dest)
+        for _, tmp in staged:
+            _quietly(os.unlink, tmp)
+        for bak in backups:
+            _quietly(os.unlink, bak)
+        for d in reversed(created):
+            _quietly(os.rmdir, d)
+        raise
+    for bak in backups:  # committed: the old files go (a failure here is not the save's)
+        try:
+            os.unlink(bak)
+        except OSError:
+            pass
+
+
 def save_adapter(model, directory: str, adapter_names: list[str] | None = None, for_peft: bool = True) -> None:
     """Save adapters in PEFT's format (loadable by ``peft.PeftModel.from_pretrained`` when ``for_peft``).
 
     ``for_peft=False`` also saves paper-init adapters, with their frozen initial update under extra keys
     (``.delora_A0``, ``.delora_B0``, ``.delora_lambda0``) that only delora_ext reads.
 
+    All or nothing: everything is computed and written under temporary names before any file is replaced, so a
+    failed save leaves the directory as it was, and a concurrent ``load_adapter`` reads either the old or the new
+    adapter, never one's weights with the other's config.
+
     ``model`` may be wrapped (torch.compile, DDP). On an FSDP2-sharded model call it on every rank: the shards are
     gathered (a collective) and every rank writes the same files (atomically).
     """
     model = unwrap(model)
     state = require_state(model)
-    names = list(state.configs) if adapter_names is None else list(adapter_names)
-    payloads = {n: (untied(adapter_state_dict(model, n, for_peft)), state.configs[n])
-                for n in names}  # fail before writing
-    for n, (tensors, cfg) in payloads.items():
-        d = _adapter_dir(directory, n)
-        os.makedirs(d, exist_ok=True)
-        cfg_dict = cfg.to_peft_dict()
-        cfg_dict["inference_mode"] = True
-        atomic_write(os.path.join(d, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        atomic_write(os.path.join(d, CONFIG_NAME),
-                     lambda p: open(p, "w").write(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n"))
+    names = list(state.configs) if adapter_names is None else adapter_list(adapter_names)
+    check_known(names, state.configs, "the model")
+    for n in names:
+        check_adapter_name(n)
+    pairs = []
+    for n in names:  # everything that can fail before a file is written
+        cfg = state.configs[n]
+        pairs.append((_adapter_dir(directory, n), untied(adapter_state_dict(model, n, for_peft)), _config_bytes(cfg),
+                      config_fingerprint(cfg)))
+    _write_pairs(pairs)
 
 
 MAX_CONFIG_BYTES = 16 * 2 ** 20  # a config is a few KB; a larger (or endless, e.g. /dev/zero) file is refused
 
 
+def _open_regular(path: str, what: str):
+    """``path`` opened for reading if it is a regular file: a FIFO would block forever, a device never end."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise ValueError(f"{path} is {kind}; {what} must be a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _read_config(d: str) -> DeLoRAConfig:
     path = os.path.join(d, CONFIG_NAME)
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path, "an adapter config") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {d}") from None
-    except OSError as e:  # a directory, a device, no permission, ...
+    except OSError as e:  # no permission, ...
         raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not an adapter config")
@@ -175,18 +340,57 @@ def _read_config(d: str) -> DeLoRAConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _read_tensors(d: str) -> dict[str, torch.Tensor]:
+def _read_tensors(d: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of ``<d>/adapter_model.safetensors`` and its metadata."""
     path = os.path.join(d, WEIGHTS_NAME)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         if os.path.exists(os.path.join(d, "adapter_model.bin")):
             raise ValueError(f"{d} holds adapter_model.bin (pickle); delora_ext loads safetensors only")
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d}")
     try:
+        _open_regular(path, "adapter weights").close()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d}") from None
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 (SafetensorError, OSError, and torch's errors on headers it cannot
         # represent, e.g. TypeError for a dimension >= 2**63: whatever the reader refuses, the file is invalid)
         raise ValueError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+
+
+PAIR_WAIT_S = 10.0  # the longest a save in progress (its temporary config beside the new weights) is waited for
+
+
+def _save_in_progress(d: str) -> bool:
+    """A save is between its renames: its temporary config (written before the weights are renamed into place,
+    renamed itself last) is in the directory."""
+    try:
+        return any(n.startswith(".tmp-") and n.endswith(CONFIG_NAME) for n in os.listdir(d))
+    except OSError:
+        return False
+
+
+def _read_pair(d: str) -> tuple[DeLoRAConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of the adapter in ``d``, from one save. Weights written by ``save_adapter`` carry their
+    config's fingerprint; a mismatch while a save is renaming its files is read again, so a reader gets the old pair
+    or the new one. A mismatch that stays (the config edited by hand since) is loaded as it is, with a warning, and
+    validated as any file."""
+    deadline, seen = time.monotonic() + PAIR_WAIT_S, 0
+    while True:
+        cfg = _read_config(d)
+        tensors, meta = _read_tensors(d)
+        saved_with = meta.get(PAIR_KEY)
+        if saved_with is None or saved_with == config_fingerprint(cfg):  # no fingerprint: PEFT's files
+            return cfg, tensors
+        seen += 1
+        if (seen >= 2 and not _save_in_progress(d)) or time.monotonic() > deadline:
+            warnings.warn(f"{os.path.join(d, WEIGHTS_NAME)} was saved with another {CONFIG_NAME} than the one in {d} "
+                          f"(the config was edited since, or a save was interrupted); loading the files as they are")
+            return cfg, tensors
+        time.sleep(0.001 * seen)
 
 
 REQUIRED, OPTIONAL = "required", "optional"
@@ -197,13 +401,9 @@ def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple[tu
 
     kind: REQUIRED (must be in the file) or OPTIONAL (loaded if present: biases beyond those ``cfg.bias`` trains).
     """
-    state = get_state(model)
-    targets = resolve_targets(model, cfg)
     exp: dict[str, tuple[tuple, str]] = {}
     wrap, adapted = set(), set()
-    for path, mod in candidates(model):
-        if not path or not matches(cfg, path, targets):
-            continue
+    for path, key, mod in targeted(model, cfg):
         if isinstance(mod, DeLoRALinear) or supported_base(mod):
             adapted.add(path)
             if not isinstance(mod, DeLoRALinear):
@@ -212,10 +412,10 @@ def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple[tu
             if adapter_name in mod.delora_A:
                 r = mod.r[adapter_name]
             else:
-                r = cfg.rank_for(path)
+                r = cfg.rank_for(key)
             in_f, out_f = mod.in_features, mod.out_features
         elif supported_base(mod):
-            r = cfg.rank_for(path)
+            r = cfg.rank_for(key)
             # in/out_features, not weight.shape: a bitsandbytes 4-bit weight is stored packed, (out·in/2, 1)
             out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else (mod.out_features,
                                                                                               mod.in_features)
@@ -276,32 +476,70 @@ def _dest_dtype(model, sd: dict, key: str, adapter_name: str) -> torch.dtype:
     return sd[k].dtype if k in sd else torch.float32
 
 
+def _check_fits_existing(model, cfg: DeLoRAConfig, adapter_name: str, cpath: str) -> None:
+    """Loading into an existing adapter (as PEFT's load_adapter does) needs the file's adapter to have the same
+    layout: the same layers, the paper-init term on the same ones, the same modules_to_save."""
+    state = get_state(model)
+    layers = delora_layers(model)
+    have = {p for p, layer in layers.items() if adapter_name in layer.delora_A}
+    found = targeted(model, cfg)
+    for _, key, m in found:  # a config patch() would refuse is refused here too
+        if not (isinstance(m, DeLoRALinear) or supported_base(m)):
+            raise ValueError(f"{cpath}: target module {key!r} is a {type(m).__name__}; DeLoRA supports nn.Linear "
+                             f"(and subclasses) and transformers' Conv1D")
+    want = {p for p, _, m in found}
+
+    def differ(what, a, b):
+        only_model, only_file = sorted(a - b), sorted(b - a)
+        return ValueError(f"{cpath}: adapter {adapter_name!r} exists on the model with {what} other than this file's "
+                          f"(only on the model: {only_model[:4]}, only in the file: {only_file[:4]}); "
+                          f"delete_adapter it first or load under another name")
+    if have != want:
+        raise differ("layers", have, want)
+    paper_have = {p for p in have if adapter_name in layers[p].delora_A0}
+    paper_want = want if cfg.init_weights == "paper" else set()
+    if paper_have != paper_want:
+        raise differ("paper-init layers", paper_have, paper_want)
+    saved_have = {p for p, c in state.saved_copies.items() if adapter_name in c}
+    saved_want = set(modules_to_save_paths(model, cfg.modules_to_save)) - want
+    if saved_have != saved_want:
+        raise differ("modules_to_save", saved_have, saved_want)
+
+
+def _tensor_at(module, dotted: str) -> torch.Tensor:
+    """The parameter or buffer object itself at ``dotted`` inside ``module`` (state_dict() gives detached aliases)."""
+    sub, _, name = dotted.rpartition(".")
+    owner = module.get_submodule(sub) if sub else module
+    t = owner._parameters.get(name)
+    return t if t is not None else owner._buffers[name]
+
+
 def load_adapter(model, directory: str, adapter_name: str = "default", is_trainable: bool = True,
                  allow_nonfinite: bool = False):
     """Load an adapter saved by ``save_adapter`` or by PEFT (``save_pretrained``) into ``model``; returns it.
 
-    ``is_trainable=False`` freezes every parameter (inference, as PEFT's ``inference_mode``).
-    ``directory`` holds ``adapter_config.json`` and ``adapter_model.safetensors``. The model is patched with the
-    file's config if it does not have ``adapter_name`` yet. Biases the config trains (``bias`` "all" or
+    ``directory`` holds ``adapter_config.json`` and ``adapter_model.safetensors`` (regular files). The model is
+    patched with the file's config if it does not have ``adapter_name`` yet; if it has, the file's values are loaded
+    into that adapter, as PEFT's ``load_adapter`` does (its config is kept; the file must have the same layers and
+    shapes). ``is_trainable`` (as PEFT): True makes a newly added adapter's parameters require grad (also when it is
+    not the active one); False freezes every parameter of a model that gets a new adapter (inference, PEFT's
+    ``inference_mode``), and puts the model in eval mode. Biases the config trains (``bias`` "all" or
     "delora_only") are part of the adapter and loaded with it. Everything (config, every key, shape, dtype and
-    value) is checked before the model is touched: on any error (a ``ValueError``, or ``FileNotFoundError`` when a
-    file is absent) the model is exactly as before and the message names the file and the first offending key or
-    field. Floating tensors of another dtype are cast to the parameter's dtype; integer, bool and complex tensors
-    are refused. Non-finite values (NaN, ±Inf, also a finite value that overflows when cast, e.g. 1e300 in a
-    float64 file) are refused, naming the keys, since they would make every output NaN/Inf; ``allow_nonfinite=True``
-    loads them as they are. Nothing is ever unpickled (an ``adapter_model.bin`` is refused). ``model`` may be
-    wrapped (torch.compile, DDP; the wrapper is returned); loading into an FSDP2-sharded model is not supported
-    (load first, then shard).
+    value) is checked before the model is touched, and should the load fail later the model is put back: on any
+    error (a ``ValueError``, or ``FileNotFoundError`` when a file is absent) the model is exactly as before and the
+    message names the file and the first offending key or field. Floating tensors of another dtype are cast to the
+    parameter's dtype; integer, bool and complex tensors are refused. Non-finite values (NaN, ±Inf, also a finite
+    value that overflows when cast, e.g. 1e300 in a float64 file) are refused, naming the keys, since they would
+    make every output NaN/Inf; ``allow_nonfinite=True`` loads them as they are. Nothing is ever unpickled (an
+    ``adapter_model.bin`` is refused). ``model`` may be wrapped (torch.compile, DDP; the wrapper is returned);
+    loading into an FSDP2-sharded model is not supported (load first, then shard).
     """
     check_adapter_name(adapter_name)
     wrapper, model = model, unwrap(model)
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    cfg = _read_config(directory)
-    tensors = _read_tensors(directory)
+    cfg, tensors = _read_pair(directory)
     state = get_state(model)
-    if state is not None and adapter_name in state.configs and state.configs[adapter_name] != cfg:
-        raise ValueError(f"{cpath}: adapter {adapter_name!r} exists on the model with another config; "
-                         f"delete_adapter it first or load under another name")
+    existing = state is not None and adapter_name in state.configs
     merged = [p for p, layer in delora_layers(model).items() if adapter_name in layer.merged_adapters]
     if merged:  # new values under a merged ΔW: the weight would keep the old ΔW and unmerge subtract the new
         raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]!r}"
@@ -313,6 +551,8 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
         raise ValueError(f"{cpath}: this config cannot be applied to the model ({e})") from None
     if not any(k.endswith(".delora_A") for k in expected):
         raise ValueError(f"{cpath}: target_modules={cfg.target_modules!r} match no module of this model")
+    if existing:
+        _check_fits_existing(model, cfg, adapter_name, cpath)
     for k in sorted(expected):
         if k not in tensors and expected[k][1] == REQUIRED:
             raise ValueError(f"{wpath}: missing key {k!r}")
@@ -348,10 +588,32 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
         # modules_to_save copies of modules on the meta device could not take the file's values in place
         raise ValueError(f"{wpath}: key {others[0]!r} (modules_to_save) cannot load into a model with tensors on "
                          f"the meta device; materialize the model first (e.g. load_state_dict(..., assign=True))")
-    try:
-        patch(model, cfg, adapter_name=adapter_name)
-    except (TypeError, ValueError) as e:  # patch is all-or-nothing: the model is as it was
-        raise type(e)(f"{cpath}: this config cannot be applied to the model ({e})") from None
+    if existing and state.configs[adapter_name] != cfg:
+        ours = state.configs[adapter_name]
+        theirs_k, ours_k = dict(cfg._key()), dict(ours._key())
+        fields = [f for f in DeLoRAConfig.PEFT_FIELDS if theirs_k[f] != ours_k[f]]
+        warnings.warn(f"{cpath}: loading the file's values into the existing adapter {adapter_name!r}, whose config "
+                      f"is kept (as PEFT's load_adapter); the file's config differs in {fields}")
+    with transaction(model):
+        if not existing:
+            try:
+                patch(model, cfg, adapter_name=adapter_name)
+            except (TypeError, ValueError) as e:  # patch is all-or-nothing: the model is as it was
+                raise type(e)(f"{cpath}: this config cannot be applied to the model ({e})") from None
+        _copy_values(model, values, adapter_name)
+        if existing:
+            if not is_trainable:
+                model.eval()
+        elif is_trainable:  # as PEFT 0.21's load_adapter: the new adapter trains, active or not
+            _require_grad(model, adapter_name)
+        else:  # inference: nothing trains, as PEFT's inference_mode
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.eval()
+    return wrapper
+
+
+def _copy_values(model, values: dict[str, torch.Tensor], adapter_name: str) -> None:
     layers = delora_layers(model)
     copies = {p: c[adapter_name] for p, c in get_state(model).saved_copies.items() if adapter_name in c}
     with torch.no_grad():
@@ -367,6 +629,7 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
                 elif dst.is_meta:  # a model patched on the meta device: the file's values become the parameter
                     store[adapter_name] = torch.nn.Parameter(t.clone(), requires_grad=dst.requires_grad)
                 else:
+                    note_write(dst)
                     dst.copy_(t)
                 if attr == "delora_w_norm":
                     layer._w_pending.discard(adapter_name)
@@ -374,12 +637,20 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
                 rel = k[len(PREFIX):]
                 own = [p for p in copies if rel.startswith(p + ".")]
                 if own:  # this adapter's own modules_to_save copy (the model may hold another adapter's)
-                    dst = copies[own[0]].state_dict()[rel[len(own[0]) + 1:]]
+                    dst = _tensor_at(copies[own[0]], rel[len(own[0]) + 1:])
                 else:
-                    mpath, _, pname = rel.rpartition(".")
-                    dst = model.get_submodule(mpath).state_dict()[pname] if mpath else model.state_dict()[pname]
+                    dst = _tensor_at(model, rel)
+                note_write(dst)
                 dst.copy_(t)
-    if not is_trainable:  # inference: nothing trains, as PEFT's inference_mode
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return wrapper
+
+
+def _require_grad(model, adapter_name: str) -> None:
+    """PEFT's set_requires_grad(adapter_name): its DeLoRA parameters and its modules_to_save copies train."""
+    for layer in delora_layers(model).values():
+        for store in (layer.delora_A, layer.delora_B, layer.delora_lambda):
+            if adapter_name in store:
+                store[adapter_name].requires_grad_(True)
+    for copies in get_state(model).saved_copies.values():
+        if adapter_name in copies:
+            for p in copies[adapter_name].parameters():
+                p.requires_grad_(True)

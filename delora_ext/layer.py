@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import weakref
 from typing import Iterable
 
 import torch
@@ -14,7 +15,53 @@ from . import core, inference, quant
 from .config import adapter_list, check_adapter_name, check_known, check_lambda, check_module_dropout
 from .core import is_conv1d, plain_forward
 
+STALE_CHOICES = ("raise", "discard", "subtract")
+
+
+class MergeRecord:
+    """Which weight (a weak reference) merged adapters were written into, and its version counter then.
+
+    A copy of the layer (``copy.deepcopy``) records the copied weight at its own version; an unpickled layer
+    (``torch.load`` of a whole model) adopts the weight it finds at the first check. A record that was stale stays
+    stale in both."""
+
+    __slots__ = ("_ref", "_version", "_stale")
+
+    def __init__(self, weight: torch.Tensor | None, stale: bool = False):
+        self._ref = weakref.ref(weight) if weight is not None else None
+        self._version = weight._version if weight is not None else None
+        self._stale = stale
+
+    def stale_for(self, weight: torch.Tensor) -> bool:
+        if self._stale:
+            return True
+        if self._ref is None:  # unpickled: the weight found now is the one loaded with it
+            self._ref, self._version = weakref.ref(weight), weight._version
+            return False
+        return self._ref() is not weight or weight._version != self._version
+
+    def _was_stale(self) -> bool:
+        w = self._ref() if self._ref is not None else None
+        return self._stale or (self._ref is not None and (w is None or w._version != self._version))
+
+    def __deepcopy__(self, memo):
+        import copy
+        w = self._ref() if self._ref is not None else None
+        if self._ref is None or self._was_stale():
+            return MergeRecord(None, stale=self._stale or self._ref is not None)
+        return MergeRecord(copy.deepcopy(w, memo))  # the copied layer's weight (the same object in the memo)
+
+    def __reduce__(self):
+        return MergeRecord, (None, self._was_stale())
+
 _RESOLVE_LOCK = threading.RLock()
+
+
+def _note_write(t: torch.Tensor, after_restore=None) -> None:
+    """Tell a running model operation (``delora_ext.model.transaction``) that ``t`` is about to be written in place,
+    so that it can put the old values back should the operation fail later."""
+    from .model import note_write  # model imports this module
+    note_write(t, after_restore)
 
 
 class BufferDict(nn.Module):
@@ -87,6 +134,10 @@ class DeLoRALayer:
         # exactly that even if the parameters changed meanwhile (an optimizer step with zero gradients, weight
         # decay, a manual edit): subtracting the new ΔW would leave ΔW_old − ΔW_new in the base weight for good.
         self._merged_terms: dict[str, list[tuple]] = {}
+        # (weakref to the base weight, its version counter) when the merged adapters were last written into it: a
+        # weight replaced (load_state_dict(assign=True), assignment) or rewritten (load_state_dict) since then may
+        # not hold their ΔW, and unmerging would subtract it from a weight it was never added to.
+        self._merge_record: MergeRecord | None = None
         self._w_pending: set[str] = set()  # adapters whose w waits for the base weight to leave the meta device
         self._load_w_keys: set[str] = set()
         self._requantized: set[str] = set()  # adapters merge(requantize=True) put into a quantised base weight
@@ -142,6 +193,8 @@ class DeLoRALayer:
         p = check_module_dropout(module_dropout)
         if init_weights not in (True, False, "paper"):
             raise ValueError(f"`init_weights` must be True, False or 'paper', got {init_weights!r}")
+        if self.merged_adapters and w_norm is None:  # w is taken from the weight minus the merged ΔW
+            self._check_merge_record("add an adapter to")
         weight = self.base_layer.weight
         dev = weight.device
         quantized = self.quant_kind is not None
@@ -234,10 +287,22 @@ class DeLoRALayer:
         return [getattr(self, n) for n in names]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter (unmerging it first if it is merged)."""
+        """Remove an adapter. A merged adapter is refused (unmerge it first), as PEFT's model-level delete_adapter.
+        If it was the only active adapter, the first remaining one (sorted by name) becomes active, with a warning,
+        as PEFT's layer."""
         self._check_known([adapter_name], "adapter_name")
         if adapter_name in self.merged_adapters:
-            self.unmerge([adapter_name])
+            raise ValueError(f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. "
+                             f"Please unmerge them first.")
+        was_active = adapter_name in self.active_adapters
+        self._drop_adapter(adapter_name)
+        if was_active and not self.active_adapters and len(self.delora_A):
+            first = sorted(self.delora_A.keys())[0]
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{first}.")
+            self.set_adapter(first)
+
+    def _drop_adapter(self, adapter_name: str) -> None:
         for store in self._stores(self.adapter_layer_names + self.other_param_names):
             if adapter_name in store:
                 del store[adapter_name]
@@ -245,14 +310,23 @@ class DeLoRALayer:
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make ``adapter_names`` the active adapters (several are summed)."""
+        """Make ``adapter_names`` the active adapters (several are summed); as PEFT's layer, their parameters then
+        require grad and every other adapter's do not."""
         names = adapter_list(adapter_names)
         self._check_known(names)
+        for store in self._stores(self.adapter_layer_names):
+            for n in store.keys():
+                store[n].requires_grad_(n in names)
         self.active_adapters = names
 
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """As PEFT's: a DeLoRA adapter is exactly a LoRA adapter (rank r, or 2r for the paper's init); see
+        ``delora_ext.export_lora``."""
+        return True
 
     @property
     def disable_adapters(self) -> bool:
@@ -378,7 +452,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         # ParameterDict lookups were most of the host time of a small-batch forward.
         m = self._modules
         base = m["base_layer"]
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"DeLoRALinear: `x` must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
         fused = False
@@ -465,8 +539,13 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         With ``safe_merge`` it merges into a temporary copy and checks that; ``keep_checked`` returns the copy for
         ``_merge_commit`` to write. A model-wide merge drops it (one temporary per layer at a time) and the commit
         recomputes the same deterministic result in place."""
-        names = list(self.active_adapters) if adapter_names is None else adapter_list(adapter_names)
-        self._check_known(names)
+        if adapter_names is None:  # the model's active adapters, which this layer may not all have (as PEFT)
+            names = [n for n in self.active_adapters if n in self.delora_A]
+        else:
+            names = adapter_list(adapter_names)
+            self._check_known(names)
+        if self.merged_adapters:
+            self._check_merge_record("merge more adapters into")
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already following adapters were merged {','.join(already)}. "
@@ -482,7 +561,13 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                             f"point weight")
         if self._w_pending:
             self.resolve_w()
-        self._check_finite(names, "merge")
+        try:
+            self._check_finite(names, "merge")
+        except ValueError as e:
+            if not safe_merge:
+                raise
+            raise ValueError(f"NaNs detected in the merged weights ({e}). The adapter(s) "
+                             f"{', '.join(map(repr, names))} seem to be broken") from None
         if safe_merge:
             with torch.no_grad():
                 new = self.weight_oi().detach().clone()
@@ -565,6 +650,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                 self._merged_terms.pop(n, None)
                 self._requantized.discard(n)
         self._requant_undo = []
+        self._resync_merge_record()
 
     def _merge_commit(self, names: list[str], checked: torch.Tensor | None = None, requantize=False):
         """Write the merge ``_merge_plan`` checked; for a quantised base, the rounding error it measured."""
@@ -573,8 +659,10 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             for n in names:
                 self._merged_terms[n] = [tuple(t.detach().clone() for t in term) for term in self._terms(n)]
             self.merged_adapters.extend(names)
+            self._resync_merge_record()
             return stats
         if names:
+            _note_write(self.base_layer.weight, self._resync_merge_record)
             with torch.no_grad():
                 if checked is not None:
                     self.weight_oi().copy_(checked)
@@ -583,10 +671,38 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                 for n in names:  # what was added, for unmerge
                     self._merged_terms[n] = [tuple(t.detach().clone() for t in term) for term in self._terms(n)]
         self.merged_adapters.extend(names)
+        self._resync_merge_record()
         return None
 
-    def unmerge(self, adapter_names: list[str] | None = None) -> None:
-        """Subtract merged adapters' ΔW from the base weight (default: all, in reverse merge order)."""
+    def _resync_merge_record(self) -> None:
+        """Record the weight the merged adapters are now in (after a merge or unmerge wrote it, or a failed model
+        operation restored it)."""
+        self._merge_record = MergeRecord(self.base_layer.weight) if self.merged_adapters else None
+
+    def _merge_record_stale(self) -> bool:
+        rec = self._merge_record
+        if not self.merged_adapters or rec is None:
+            return False
+        return rec.stale_for(self.base_layer.weight)
+
+    def _check_merge_record(self, action: str) -> None:
+        if self._merge_record_stale():
+            raise ValueError(
+                f"cannot {action} this layer: its base weight was replaced or rewritten (load_state_dict, assignment, "
+                f"an in-place edit) after adapters {self.merged_adapters} were merged into it, so it is unknown "
+                f"whether it still holds their ΔW. unmerge(stale='discard') forgets the merge and keeps the weight as "
+                f"it is (it holds the pretrained values); unmerge(stale='subtract') subtracts the merged ΔW from it "
+                f"(it holds merged values, e.g. a state_dict saved while merged)")
+
+    def unmerge(self, adapter_names: list[str] | None = None, stale: str = "raise") -> None:
+        """Subtract merged adapters' ΔW from the base weight (default: all, in reverse merge order).
+
+        ``stale``: what to do when the base weight was replaced or rewritten since the merge (load_state_dict,
+        assignment): "raise" (default) refuses; "discard" forgets the merge and leaves the weight as it is;
+        "subtract" subtracts the merged ΔW from it anyway.
+        """
+        if stale not in STALE_CHOICES:
+            raise ValueError(f"`stale` must be one of {STALE_CHOICES}, got {stale!r}")
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
@@ -596,21 +712,38 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             wanted = adapter_list(adapter_names)
             self._check_known(wanted)
             names = [n for n in reversed(self.merged_adapters) if n in wanted]
+        was_stale = self._merge_record_stale()
+        if stale == "raise":
+            self._check_merge_record("unmerge")
+        elif stale == "discard" and was_stale:
+            names_left = [n for n in self.merged_adapters if n not in names]
+            if names_left:
+                raise ValueError(f"`stale`='discard' forgets every merged adapter of a layer at once; "
+                                 f"{names_left} would stay merged")
+            self.merged_adapters.clear()
+            self._merged_terms.clear()
+            self._merge_record = None
+            return
         self._check_finite(names, "unmerge")
-        if names:
+        if names:  # a failed model operation that restores a stale weight leaves it stale
+            _note_write(self.base_layer.weight, None if was_stale else self._resync_merge_record)
             with torch.no_grad():
                 self._apply_delta(self.weight_oi(), names, -1.0, merged=True)
         for n in names:
             self.merged_adapters.remove(n)
             self._merged_terms.pop(n, None)
+        self._resync_merge_record()
 
     def _merged_dense(self, dtype: torch.dtype, adapter_names: list[str] | None = None,
                       safe_merge: bool = False) -> nn.Linear:
         """A plain ``nn.Linear`` of ``dtype`` holding the dequantised base weight plus ΔW of the adapters to merge
         (default: the active ones; those merged already are in the weight), for ``merge_and_unload(dtype=...)``.
         Built a block of rows at a time in fp32 and cast once; this layer is not changed."""
-        names = list(self.active_adapters) if adapter_names is None else adapter_list(adapter_names)
-        self._check_known(names)
+        if adapter_names is None:  # the model's active adapters, which this layer may not all have
+            names = [n for n in self.active_adapters if n in self.delora_A]
+        else:
+            names = adapter_list(adapter_names)
+            self._check_known(names)
         names = [n for n in names if n not in self.merged_adapters]
         if names and self._w_pending:
             self.resolve_w()

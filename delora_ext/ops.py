@@ -170,9 +170,56 @@ if NATIVE:
             torch._check(t.device == ref_t.device, lambda: f"delora_ext::{op}: `{n}` is on {t.device} but "
                                                            f"`{ref_name}` is on {ref_t.device}")
 
+    # The fake kernels check what the real ones check (csrc/delora_ops.cpp: check_adapter, check_input, ...), with
+    # the same messages: a shape the real kernel refuses must not trace (or run on meta) into a wrong output shape.
+    def _sizes(t) -> str:
+        return f"[{', '.join(str(n) for n in t.shape)}]"
+
+    def _check_float(op, name, t):
+        torch._check(t.is_floating_point(), lambda: f"delora_ext::{op}: `{name}` must be a floating-point tensor, "
+                                                    f"got dtype {t.dtype}")
+
+    def _check_adapter(op, A, B, lam, w):
+        for name, t in (("A", A), ("B", B), ("lam", lam), ("w", w)):
+            _check_float(op, name, t)
+        torch._check(A.dim() == 2, lambda: f"delora_ext::{op}: `A` must be 2-D (r, in_features), got shape "
+                                           f"{_sizes(A)}")
+        r, in_f = A.shape
+        torch._check(r > 0, lambda: f"delora_ext::{op}: `A` must have r > 0 rows, got shape {_sizes(A)}")
+        torch._check(B.dim() == 2 and B.shape[1] == r, lambda: f"delora_ext::{op}: `B` must be 2-D (out_features, r) "
+                                                               f"with r = {r}, got shape {_sizes(B)}")
+        torch._check(lam.numel() == 1, lambda: f"delora_ext::{op}: `lam` must hold exactly one element, got shape "
+                                               f"{_sizes(lam)}")
+        torch._check(w.dim() == 1 and w.shape[0] == in_f, lambda: f"delora_ext::{op}: `w` must have shape ({in_f},), "
+                                                                  f"got {_sizes(w)}")
+        return r, in_f, B.shape[0]
+
+    def _check_input(op, x, in_f):
+        _check_float(op, "x", x)
+        torch._check(x.dim() >= 1 and x.shape[-1] == in_f, lambda: f"delora_ext::{op}: `x` must have last dimension "
+                                                                   f"in_features = {in_f}, got shape {_sizes(x)}")
+
+    def _check_dropout(op, p, seed):
+        torch._check(0.0 <= p < 1.0, lambda: f"delora_ext::{op}: `dropout_p` must be in [0, 1), got {p}")
+        if p > 0.0:
+            torch._check(seed is not None, lambda: f"delora_ext::{op}: `seed` is required when dropout_p > 0")
+            torch._check(seed.dtype == torch.int64 and seed.numel() == 1,
+                         lambda: f"delora_ext::{op}: `seed` must be an int64 tensor with one element, got dtype "
+                                 f"{seed.dtype} and shape {_sizes(seed)}")
+
+    def _check_weight(op, weight, out_f, in_f, x=None):
+        if x is None:
+            _check_float(op, "weight", weight)
+        torch._check(weight.dim() == 2 and weight.shape[0] == out_f and weight.shape[1] == in_f,
+                     lambda: f"delora_ext::{op}: `weight` must have shape ({out_f}, {in_f}), got {_sizes(weight)}")
+        if x is not None:
+            torch._check(weight.dtype == x.dtype, lambda: f"delora_ext::{op}: `x` has dtype {x.dtype} but `weight` "
+                                                          f"has dtype {weight.dtype} (they must match, as for nn.Linear)")
+
     @torch.library.register_fake("delora_ext::prep")
     def _prep_fake(A, B, lam, w):
         _one_device("prep", A=A, B=B, lam=lam, w=w)
+        _check_adapter("prep", A, B, lam, w)
         r = A.shape[0]
         om = _opmath(A)
         return A.new_empty(A.shape, dtype=om), A.new_empty(r, dtype=om), A.new_empty(r, dtype=om), A.new_empty(r, dtype=om)
@@ -186,19 +233,52 @@ if NATIVE:
 
     @torch.library.register_fake("delora_ext::linear_fwd")
     def _linear_fwd_fake(x, weight, bias, A, B, lam, w, dropout_p, seed):
-        _one_device("linear_fwd", x=x, weight=weight, bias=bias, A=A, B=B, lam=lam, w=w, seed=seed)
-        torch._check(x.dtype == weight.dtype, lambda: "delora_ext::linear_fwd: `x` and `weight` dtypes differ")
+        op = "linear_fwd"
+        _one_device(op, x=x, weight=weight, bias=bias, A=A, B=B, lam=lam, w=w, seed=seed)
+        r, in_f, out_f = _check_adapter(op, A, B, lam, w)
+        _check_input(op, x, in_f)
+        _check_weight(op, weight, out_f, in_f, x)
+        if bias is not None:
+            torch._check(bias.dim() == 1 and bias.shape[0] == out_f,
+                         lambda: f"delora_ext::{op}: `bias` must have shape ({out_f},), got {_sizes(bias)}")
+            torch._check(bias.dtype == x.dtype, lambda: f"delora_ext::{op}: `bias` has dtype {bias.dtype} but `x` "
+                                                        f"has dtype {x.dtype}")
+        _check_dropout(op, dropout_p, seed)
         return _fwd_fake(x, weight.shape[0], A)
 
     @torch.library.register_fake("delora_ext::adapter_fwd")
     def _adapter_fwd_fake(x, A, B, lam, w, dropout_p, seed):
-        _one_device("adapter_fwd", x=x, A=A, B=B, lam=lam, w=w, seed=seed)
+        op = "adapter_fwd"
+        _one_device(op, x=x, A=A, B=B, lam=lam, w=w, seed=seed)
+        r, in_f, out_f = _check_adapter(op, A, B, lam, w)
+        _check_input(op, x, in_f)
+        _check_dropout(op, dropout_p, seed)
         return _fwd_fake(x, B.shape[0], A)
 
     @torch.library.register_fake("delora_ext::linear_bwd")
     def _linear_bwd_fake(grad_y, x, weight, A, B, lam, w, u, s, a_norm, b_norm, dropout_p, seed, output_mask):
-        _one_device("linear_bwd", x=x, grad_y=grad_y, weight=weight, A=A, B=B, lam=lam, w=w, u=u, s=s,
+        op = "linear_bwd"
+        _one_device(op, x=x, grad_y=grad_y, weight=weight, A=A, B=B, lam=lam, w=w, u=u, s=s,
                     a_norm=a_norm, b_norm=b_norm, seed=seed)
+        r, in_f, out_f = _check_adapter(op, A, B, lam, w)
+        _check_input(op, x, in_f)
+        n = _rows(x, in_f)
+        torch._check(grad_y.dim() >= 1 and grad_y.shape[-1] == out_f and _rows(grad_y, out_f) == n,
+                     lambda: f"delora_ext::{op}: `grad_y` must have shape (..., {out_f}) with as many rows as `x`, "
+                             f"got {_sizes(grad_y)} for x of shape {_sizes(x)}")
+        torch._check(grad_y.dtype == x.dtype, lambda: f"delora_ext::{op}: `grad_y` has dtype {grad_y.dtype} but `x` "
+                                                      f"has dtype {x.dtype}")
+        torch._check(u.dim() == 2 and u.shape[0] == n and u.shape[1] == r,
+                     lambda: f"delora_ext::{op}: `u` must have shape ({n}, {r}), got {_sizes(u)}")
+        _check_float(op, "u", u)
+        for name, t in (("s", s), ("a_norm", a_norm), ("b_norm", b_norm)):
+            torch._check(t.dim() == 1 and t.shape[0] == r,
+                         lambda name=name, t=t: f"delora_ext::{op}: `{name}` must have shape ({r},), got {_sizes(t)}")
+            _check_float(op, name, t)
+        if weight is not None:
+            _check_weight(op, weight, out_f, in_f, x)
+        _check_dropout(op, dropout_p, seed)
+
         def pick(flag, like):
             return torch.empty_like(like, memory_format=torch.contiguous_format) if flag else like.new_empty(0)
 
@@ -207,16 +287,34 @@ if NATIVE:
     @torch.library.register_fake("delora_ext::merge_")
     def _merge_fake(weight, A, B, lam, w, alpha):
         _one_device("merge_", weight=weight, A=A, B=B, lam=lam, w=w)
+        r, in_f, out_f = _check_adapter("merge_", A, B, lam, w)
+        _check_weight("merge_", weight, out_f, in_f)
         return None
 
     @torch.library.register_fake("delora_ext::merge_many_")
     def _merge_many_fake(weight, A, B, lam, w, alpha):
-        _one_device("merge_many_", weight=weight, A=A, B=B, lam=lam, w=w)
+        op = "merge_many_"
+        _one_device(op, weight=weight, A=A, B=B, lam=lam, w=w)
+        n = len(A)
+        torch._check(n >= 1, lambda: f"delora_ext::{op}: `A` must hold at least one adapter, got an empty list")
+        torch._check(len(B) == n and len(lam) == n and len(w) == n and len(alpha) == n,
+                     lambda: f"delora_ext::{op}: `A`, `B`, `lam`, `w` and `alpha` must have the same length, got "
+                             f"{n}, {len(B)}, {len(lam)}, {len(w)}, {len(alpha)}")
+        dims = [_check_adapter(op, A[i], B[i], lam[i], w[i]) for i in range(n)]
+        for i, d in enumerate(dims):
+            torch._check(d[1] == dims[0][1] and d[2] == dims[0][2],
+                         lambda i=i, d=d: f"delora_ext::{op}: adapter {i} is (out, in) = ({d[2]}, {d[1]}) but adapter 0 "
+                                          f"is ({dims[0][2]}, {dims[0][1]})")
+            torch._check(_opmath(A[i]) == _opmath(A[0]),
+                         lambda i=i: f"delora_ext::{op}: `A[{i}]` has dtype {A[i].dtype} but `A[0]` has dtype "
+                                     f"{A[0].dtype} (all adapters must compute in the same precision)")
+        _check_weight(op, weight, dims[0][2], dims[0][1])
         return None
 
     @torch.library.register_fake("delora_ext::delta_weight")
     def _delta_weight_fake(A, B, lam, w):
         _one_device("delta_weight", A=A, B=B, lam=lam, w=w)
+        _check_adapter("delta_weight", A, B, lam, w)
         return A.new_empty((B.shape[0], A.shape[1]), dtype=_opmath(A))
 
     # Autograd: C++ autograd.Functions at the Autograd key (csrc/autograd.cpp), not register_autograd
@@ -279,8 +377,17 @@ def adapter(x, A, B, lam, w, dropout_p: float = 0.0):
     return _adapter_fwd(x, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
 
 
+def _check_writable(op: str, weight) -> None:
+    """A weight whose elements share memory (an expanded view: stride 0) cannot be written element by element."""
+    if isinstance(weight, torch.Tensor) and torch._debug_has_internal_overlap(weight) == 1:
+        raise ValueError(f"delora_ext::{op}: `weight` has elements that share memory (an expanded or otherwise "
+                         f"self-overlapping view, strides {tuple(weight.stride())}); merging writes every element, so "
+                         f"it needs a weight of its own (e.g. weight.clone())")
+
+
 def merge_(weight, A, B, lam, w, alpha: float = 1.0) -> None:
     """weight += alpha · ΔW in place (no out×in temporary); alpha = -1 unmerges."""
+    _check_writable("merge_", weight)
     with torch.no_grad():
         if has_kernel(weight.device):
             _ops.merge_(weight, A, B, lam, w, float(alpha))
@@ -301,6 +408,7 @@ def merge_many_(weight, adapters, alphas) -> None:
         raise ValueError("`adapters` must be a list of (A, B, lam, w) tuples")
     if not adapters:
         return
+    _check_writable("merge_many_", weight)
     with torch.no_grad():
         if has_kernel(weight.device):
             A, B, lam, w = (list(t) for t in zip(*adapters))

@@ -15,19 +15,23 @@ import torch
 from torch import nn
 
 from . import quant
-from .config import DeLoRAConfig, adapter_list, check_known, matches
-from .layer import DeLoRALinear, requantize_message, supported_base
-from .model import (STATE_ATTR, PatchState, candidates, delora_layers, get_state, modules_to_save_paths,
-                    require_state, resolve_targets, unwrap)
+from .config import DeLoRAConfig, adapter_list, check_adapter_name, check_known
+from .layer import STALE_CHOICES, DeLoRALinear, requantize_message, supported_base
+from .model import (STATE_ATTR, PatchState, candidates, delora_layers, get_state, is_bias_name,
+                    modules_to_save_paths, note_data, parents, replace_module, require_state, targeted, transaction,
+                    unwrap)
 
 __all__ = ["patch", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge", "merge_and_unload",
            "unpatch", "trainable_parameters", "STATE_ATTR", "get_state", "delora_layers", "unwrap"]
 
 def _set_trainable(model: nn.Module, state: PatchState) -> None:
     """Only the active adapters' parameters train (plus biases per each config's `bias`, and modules_to_save)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in delora_layers(model).values():
+    outside = list(state.saved_originals.values()) + [c for cs in state.saved_copies.values() for c in cs.values()]
+    for mod in outside + [model]:  # the originals and the inactive copies are frozen, as in PEFT's wrapper
+        for p in mod.parameters():
+            p.requires_grad_(False)
+    layers = delora_layers(model).values()
+    for layer in layers:
         for n in layer.active_adapters:
             for store in (layer.delora_A, layer.delora_B, layer.delora_lambda):
                 if n in store:
@@ -36,12 +40,12 @@ def _set_trainable(model: nn.Module, state: PatchState) -> None:
         cfg = state.configs.get(name)
         if cfg is None:
             continue
-        if cfg.bias == "all":
+        if cfg.bias == "all":  # as PEFT: parameters named `bias` exactly (not DeBERTa's q_bias / v_bias)
             for pname, p in model.named_parameters():
-                if pname.endswith("bias"):
+                if is_bias_name(pname):
                     p.requires_grad_(True)
         elif cfg.bias == "delora_only":
-            for layer in delora_layers(model).values():
+            for layer in layers:
                 if getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(True)
         for mname, mod in modules_to_save_paths(model, cfg.modules_to_save).items():
@@ -56,8 +60,10 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
     ``config`` is a ``DeLoRAConfig`` (or its fields as keyword arguments). On a patched model this adds adapter
     ``adapter_name`` (the same name with the same config is a no-op; with another config, an error); an added
     adapter is not active until ``set_adapter``. Everything but the active adapters' parameters is frozen (biases
-    per ``bias``). All-or-nothing: if any module cannot be adapted, the model is left as it was.
+    per ``bias``). A module reachable at several paths is adapted at all of them (one layer). All-or-nothing: if
+    anything fails, the model is left as it was.
     """
+    check_adapter_name(adapter_name)
     if config is None:
         config = DeLoRAConfig(**kwargs)
     elif kwargs:
@@ -76,82 +82,66 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
         if with_bias:
             raise ValueError(f"only one adapter may train biases (bias != 'none'): adapter {with_bias[0]!r} has "
                              f"bias={state.configs[with_bias[0]].bias!r}, so {adapter_name!r} needs bias='none'")
-    targets = resolve_targets(model, config)
-    adaptable, to_wrap, to_extend = [], [], []
-    for name, mod in candidates(model):
-        if not name:
-            continue
-        if isinstance(mod, DeLoRALinear) or supported_base(mod):
-            adaptable.append(name)
-        if not matches(config, name, targets):
-            continue
+    found = targeted(model, config)
+    to_wrap, to_extend = [], []
+    for name, key, mod in found:
         if isinstance(mod, DeLoRALinear):
-            to_extend.append((name, mod))
+            to_extend.append((name, key, mod))
         elif supported_base(mod):
             quant.check(mod, f"target module {name!r}")  # a quantised kind delora_ext cannot read: refused here
-            to_wrap.append((name, mod))
+            to_wrap.append((name, key, mod))
         else:  # as PEFT, for a list and for a regex alike
-            raise TypeError(f"target module {name!r} is a {type(mod).__name__}; DeLoRA supports nn.Linear "
+            raise TypeError(f"target module {key!r} is a {type(mod).__name__}; DeLoRA supports nn.Linear "
                             f"(and subclasses) and transformers' Conv1D")
     if not to_wrap and not to_extend:
+        adaptable = [n for n, m in candidates(model) if n and (isinstance(m, DeLoRALinear) or supported_base(m))]
         more = f" ... ({len(adaptable)} in all)" if len(adaptable) > 12 else ""
         raise ValueError(f"no module matched target_modules={config.target_modules!r} "
                          f"(exclude_modules={config.exclude_modules!r}); the model's adaptable modules "
                          f"(nn.Linear, Conv1D) are: {adaptable[:12]}{more}")
-
-    first = state is None
-    if first:
-        state = PatchState(configs={}, requires_grad=[(n, p.requires_grad) for n, p in model.named_parameters()],
-                           active=[adapter_name])
-    activate = first or adapter_name in state.active
-    new_layers, extended = {}, []
-    try:
-        for name, mod in to_wrap:
+    with transaction(model):
+        first = state is None
+        if first:
+            state = PatchState(configs={}, requires_grad=[(n, p.requires_grad) for n, p in model.named_parameters()],
+                               active=[adapter_name])
+        activate = first or adapter_name in state.active
+        where = parents(model)
+        for name, key, mod in to_wrap:
             layer = DeLoRALinear.__new__(DeLoRALinear)
             rg = [(p, p.requires_grad) for p in mod.parameters()]
             try:
-                DeLoRALinear.__init__(layer, mod, r=config.rank_for(name), delora_lambda=config.lambda_for(name),
+                DeLoRALinear.__init__(layer, mod, r=config.rank_for(key), delora_lambda=config.lambda_for(key),
                                       module_dropout=config.module_dropout, init_weights=config.init_weights,
                                       adapter_name=adapter_name)
             finally:
-                for p, flag in rg:  # the constructor freezes the base; restore until the patch commits
+                for p, flag in rg:  # the constructor freezes the base; _set_trainable decides below
                     p.requires_grad_(flag)
             layer.train(mod.training)  # an eval() model stays in eval: no adapter dropout at inference
-            if not activate:
-                layer.active_adapters = []
-            new_layers[name] = layer
-        for name, layer in to_extend:
-            layer.update_layer(adapter_name, r=config.rank_for(name), delora_lambda=config.lambda_for(name),
+            if not activate:  # as PEFT, a layer reports the model's active adapters, also ones it lacks
+                layer.active_adapters = list(state.active)
+            replace_module(model, name, layer, where)
+        for name, key, layer in to_extend:
+            layer.update_layer(adapter_name, r=config.rank_for(key), delora_lambda=config.lambda_for(key),
                                module_dropout=config.module_dropout, init_weights=config.init_weights,
                                activate=activate)
-            extended.append(layer)
-    except Exception:
-        for layer in extended:
-            layer.delete_adapter(adapter_name)
-        raise
-    for name, layer in new_layers.items():
-        _set_module(model, name, layer)
-    for mname, mod in modules_to_save_paths(model, config.modules_to_save).items():
-        original = state.saved_originals.setdefault(mname, mod)
-        twin = copy.deepcopy(original)  # from the original, as PEFT's wrapper (not another adapter's trained copy)
-        state.saved_copies.setdefault(mname, {})[adapter_name] = twin
-        if activate:
-            _set_module(model, mname, twin)
-    state.configs[adapter_name] = config
-    if first:
-        setattr(model, STATE_ATTR, state)
-    _set_trainable(model, state)
+        for mname, mod in modules_to_save_paths(model, config.modules_to_save).items():
+            original = state.saved_originals.setdefault(mname, mod)
+            twin = copy.deepcopy(original)  # from the original, as PEFT's wrapper (not another adapter's copy)
+            state.saved_copies.setdefault(mname, {})[adapter_name] = twin
+            if activate:
+                _install(model, mname, twin)
+        state.configs[adapter_name] = config
+        if first:
+            setattr(model, STATE_ATTR, state)
+        _set_trainable(model, state)
     return model
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_name, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
-    """Make ``adapter_names`` the active adapters (several are summed) and the only trainable ones."""
+    """Make ``adapter_names`` the active adapters (several are summed) and the only trainable ones.
+
+    On a merged model this warns and unmerges first, as PEFT (the merged weights are of the old adapters).
+    """
     model = unwrap(model)
     state = require_state(model)
     names = adapter_list(adapter_names)
@@ -163,74 +153,134 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
             raise ValueError(f"adapters {have} all have a modules_to_save copy of {path!r}; only one of them can be "
                              f"active at a time")
         installs[path] = copies[have[0]] if have else state.saved_originals[path]
-    for layer in delora_layers(model).values():
-        layer.active_adapters = [n for n in names if n in layer.delora_A]
-    for path, mod in installs.items():
-        _install(model, path, mod)
-    state.active = names
-    _set_trainable(model, state)
+    layers = delora_layers(model).values()
+    with transaction(model, layers_only=True):
+        if any(layer.merged for layer in layers):
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            unmerge(model)
+        for layer in layers:  # as PEFT, every layer reports the model's active adapters (also ones it lacks)
+            layer.active_adapters = list(names)
+        for path, mod in installs.items():
+            _install(model, path, mod)
+        state.active = names
+        _set_trainable(model, state)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove an adapter from every layer (unmerging it where it is merged)."""
+    """Remove an adapter from every layer. A merged adapter is refused (unmerge it first), as PEFT.
+
+    Deleting the only active adapter activates the first remaining one (sorted by name), with a warning, as PEFT.
+    """
     model = unwrap(model)
     state = require_state(model)
     check_known([adapter_name], state.configs, "the model", "adapter_name")
     layers = [layer for layer in delora_layers(model).values() if adapter_name in layer.delora_A]
-    for layer in layers:  # all-or-nothing: every unmerge this needs is checked before any layer changes
-        if adapter_name in layer.merged_adapters:
-            layer._check_finite([adapter_name], "unmerge")
-    for layer in layers:
-        layer.delete_adapter(adapter_name)
-    for path, copies in list(state.saved_copies.items()):
-        if copies.pop(adapter_name, None) is None:
-            continue
-        active = [n for n in state.active if n != adapter_name and n in copies]
-        _install(model, path, copies[active[0]] if active else state.saved_originals[path])
-        if not copies:
-            del state.saved_copies[path], state.saved_originals[path]
-    del state.configs[adapter_name]
-    was_active = adapter_name in state.active
-    state.active = [n for n in state.active if n != adapter_name]
-    if was_active and not state.active and state.configs:
-        # as PEFT (BaseTunerLayer.delete_adapter): the first remaining adapter becomes active, with a warning
-        first = next(iter(state.configs))
-        warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {first}.")
-        set_adapter(model, first)
-        return
-    _set_trainable(model, state)
+    if any(adapter_name in layer.merged_adapters for layer in layers):
+        raise ValueError(f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. "
+                         f"Please unmerge them first.")
+    with transaction(model):
+        for layer in layers:
+            layer._drop_adapter(adapter_name)
+        for path, copies in list(state.saved_copies.items()):
+            if copies.pop(adapter_name, None) is None:
+                continue
+            active = [n for n in state.active if n != adapter_name and n in copies]
+            _install(model, path, copies[active[0]] if active else state.saved_originals[path])
+            if not copies:
+                del state.saved_copies[path], state.saved_originals[path]
+        del state.configs[adapter_name]
+        was_active = adapter_name in state.active
+        state.active = [n for n in state.active if n != adapter_name]
+        if was_active and not state.active and state.configs:
+            # as PEFT (BaseTunerLayer.delete_adapter): the first remaining adapter becomes active, with a warning
+            first = sorted(state.configs)[0]
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{first}.")
+            set_adapter(model, first)
+        else:
+            for layer in delora_layers(model).values():
+                layer.active_adapters = list(state.active)
+            _set_trainable(model, state)
+        for layer in layers:  # as PEFT, a layer left without adapters reports none active
+            if not len(layer.delora_A):
+                layer.active_adapters = []
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes as its base model (merged adapters are unmerged first)."""
+    """Within the block the model computes as its base model (merged adapters are unmerged first). Leaving it puts
+    every layer back as it was (a layer disabled before stays disabled), and the modules_to_save copies back."""
     outer, model = model, unwrap(model)
     state = require_state(model)
-    unmerge(model)  # all-or-nothing; afterwards disabling a layer cannot fail
-    layers = list(delora_layers(model).values())
-    # modules_to_save: the original modules compute while disabled (as PEFT's ModulesToSaveWrapper)
-    twins = {path: model.get_submodule(path) for path in state.saved_originals}
-    for layer in layers:
-        layer.enable_adapters(False)
-    for path, original in state.saved_originals.items():
-        _install(model, path, original)
+    for name in state.active:  # as PEFT: trained biases are the model's own, disabling does not undo them
+        bias = state.configs[name].bias
+        if bias != "none":
+            warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce "
+                          f"the same output as the base model would without adaption.")
+    with transaction(model, layers_only=True):
+        unmerge(model)
+        layers = list(delora_layers(model).values())
+        before = [(layer, layer.disable_adapters) for layer in layers]
+        # modules_to_save: the original modules compute while disabled (as PEFT's ModulesToSaveWrapper)
+        twins = {path: model.get_submodule(path) for path in state.saved_originals}
+        for layer in layers:
+            layer.enable_adapters(False)
+        for path, original in state.saved_originals.items():
+            _install(model, path, original)
     try:
         yield outer
     finally:
-        for path, twin in twins.items():
-            _set_module(model, path, twin)
-        for layer in layers:
-            layer.enable_adapters(True)
+        with transaction(model, layers_only=True):
+            for path, twin in twins.items():
+                _install(model, path, twin)
+            for layer, was_disabled in before:
+                layer.enable_adapters(not was_disabled)
+
+
+def _span(t: torch.Tensor):
+    """(storage, first byte, end byte) of the memory ``t`` can touch, or None (no elements, no storage)."""
+    if t.numel() == 0 or t.is_meta:
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # e.g. a tensor subclass without a plain storage
+        return None
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    start = t.storage_offset() * t.element_size()
+    return (t.device, ptr), start, start + extent * t.element_size()
+
+
+def _check_unshared(model: nn.Module, layers: list[tuple[str, DeLoRALinear]]) -> None:
+    """Refuse to merge into a base weight whose memory another module of the model also uses (a tied output
+    embedding, two Linears sharing one weight): the merge would silently change that module too."""
+    if not layers:
+        return
+    owners: dict = {}
+    for mpath, mod in model.named_modules():
+        for pname, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            span = _span(t) if isinstance(t, torch.Tensor) else None
+            if span is not None:
+                owners.setdefault(span[0], []).append((span[1], span[2], f"{mpath}.{pname}" if mpath else pname,
+                                                        mod))
+    for path, layer in layers:
+        span = _span(layer.base_layer.weight)
+        if span is None:
+            continue
+        for lo, hi, name, mod in owners.get(span[0], []):
+            if mod is not layer.base_layer and lo < span[2] and span[1] < hi:
+                raise ValueError(f"cannot merge into {path!r}: its base weight shares memory with {name!r} (tied "
+                                 f"weights), so merging would change that module too; untie them first (e.g. "
+                                 f"give {path}.base_layer.weight its own copy), or keep the adapter unmerged")
 
 
 def merge(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None,
           requantize=False) -> None:
     """Merge adapters (default: the active ones) into every DeLoRA layer's weight, in place.
 
-    All-or-nothing: every layer is checked first (unknown adapter, non-float weight, non-finite adapter
-    parameters, and with ``safe_merge`` a non-finite merged weight), and only then are the weights written,
-    so a refused merge leaves every weight bit-identical. Should writing itself fail (out of memory, ...),
-    the layers merged so far are unmerged again before the error propagates.
+    All-or-nothing: every layer is checked first (unknown or repeated adapter, non-float weight, a weight shared with
+    another module, non-finite adapter parameters, and with ``safe_merge`` a non-finite merged weight), and only
+    then are the weights written. Should writing itself fail (out of memory, ...), the weights written so far are
+    restored bit for bit (from copies taken as each is written, on the CPU, dropped when the call returns).
 
     Quantised base layers (``delora_ext.quant``) are refused, naming the first, unless ``requantize``: True (or,
     for torchao, the config to requantise with) requantises W₀ + ΔW into them, with one warning giving the
@@ -252,54 +302,75 @@ def _merge(model: nn.Module, safe_merge: bool, adapter_names: list[str] | None, 
         if names == [] or path in skip:
             continue
         try:
-            plans.append((path, layer, layer._merge_plan(safe_merge, names, requantize=requantize)[0]))
+            names = layer._merge_plan(safe_merge, names, requantize=requantize)[0]
         except (TypeError, ValueError) as e:  # a quantised or non-float base, a broken adapter: say which layer
             raise type(e)(f"layer {path!r}: {e}") from None
+        if names:
+            plans.append((path, layer, names))
+    _check_unshared(model, [(path, layer) for path, layer, _ in plans])
     done: list[tuple[DeLoRALinear, list[str]]] = []
     stats, paths = [], []
-    try:
-        for path, layer, names in plans:
-            st = layer._merge_commit(names, requantize=requantize)
-            done.append((layer, names))
-            if st is not None:
-                stats.append(st)
-                paths.append(path)
-    except Exception:
-        for layer, names in reversed(done):
-            if names:
-                layer._rollback_merge(names)
-        raise
-    finally:
-        for layer, _ in done:
-            layer._requant_undo = []  # the replaced quantised weights were kept only for that rollback
+    with transaction(model, layers_only=True):  # restores dense weights bit for bit should a later layer fail
+        try:
+            for path, layer, names in plans:
+                st = layer._merge_commit(names, requantize=requantize)
+                done.append((layer, names))
+                if st is not None:
+                    stats.append(st)
+                    paths.append(path)
+        except BaseException:
+            for layer, names in reversed(done):
+                if layer._requant_undo:  # a requantised weight: the quantised one it replaced goes back exactly
+                    layer._rollback_merge(names)
+            raise
+        finally:
+            for layer, _ in done:
+                layer._requant_undo = []  # the replaced quantised weights were kept only for that rollback
     if stats:
         warnings.warn(requantize_message(stats, paths), stacklevel=3)
 
 
-def unmerge(model: nn.Module) -> None:
-    """Unmerge every merged adapter of every layer."""
+def unmerge(model: nn.Module, stale: str = "raise") -> None:
+    """Unmerge every merged adapter of every layer (all-or-nothing).
+
+    ``stale``: for a layer whose base weight was replaced or rewritten after the merge (load_state_dict,
+    assignment): "raise" (default) refuses before any weight is written; "discard" forgets the merge and keeps the
+    weight as it is (it holds the pretrained values); "subtract" subtracts the merged ΔW anyway (it holds merged
+    values, e.g. a state_dict saved while merged).
+    """
+    if stale not in STALE_CHOICES:
+        raise ValueError(f"`stale` must be one of {STALE_CHOICES}, got {stale!r}")
     model = unwrap(model)
     require_state(model)
-    layers = [layer for layer in delora_layers(model).values() if layer.merged]
-    for layer in layers:  # all-or-nothing: every layer is checked before any weight is written
-        layer._check_finite(list(layer.merged_adapters), "unmerge")
-    for layer in layers:
-        layer.unmerge()
+    layers = [(path, layer) for path, layer in delora_layers(model).items() if layer.merged]
+    for path, layer in layers:  # every layer is checked before any weight is written
+        try:
+            if stale == "raise":
+                layer._check_merge_record("unmerge")
+            if stale != "discard" or not layer._merge_record_stale():
+                layer._check_finite(list(layer.merged_adapters), "unmerge")
+        except ValueError as e:
+            raise ValueError(f"{path!r}: {e}") from None
+    with transaction(model, layers_only=True):
+        for _, layer in layers:
+            layer.unmerge(stale=stale)
 
 
 def _install(model: nn.Module, path: str, mod: nn.Module) -> None:
     """Put ``mod`` (a modules_to_save original or copy, kept outside the module tree) at ``path``, converted first
-    to the device/dtype of the module it replaces (the model's .to()/.half() since it was taken out)."""
+    to the device/dtype of the module it replaces (the model's .to()/.half() since it was taken out), and in its
+    train/eval mode (the model's .train()/.eval() since)."""
     current = model.get_submodule(path)
     if mod is not current:
         _follow(mod, current)
-        _set_module(model, path, mod)
+        replace_module(model, path, mod)
 
 
 def _follow(original: nn.Module, twin: nn.Module) -> None:
     """Give ``original``'s tensors the device and floating dtype of the same-named tensors of ``twin`` (its trained
-    copy in the model). PEFT keeps the original inside the model, so model.to()/.half()/.double() converts it too;
-    here it is outside the module tree, so it is converted when it goes back into the model."""
+    copy in the model), and each submodule the train/eval mode of ``twin``'s. PEFT keeps the original inside the
+    model, so model.to()/.half()/.eval() reaches it too; here it is outside the module tree, so it follows when it
+    goes back into the model."""
     theirs = dict(twin.named_parameters())
     theirs.update(twin.named_buffers())
     with torch.no_grad():
@@ -309,12 +380,17 @@ def _follow(original: nn.Module, twin: nn.Module) -> None:
                 continue
             dtype = o.dtype if t.is_floating_point() and o.is_floating_point() else t.dtype
             if t.device != o.device or t.dtype != dtype:
+                note_data(t)
                 t.data = t.data.to(device=o.device, dtype=dtype)
+    modes = {name: m.training for name, m in twin.named_modules()}
+    for name, m in original.named_modules():
+        m.training = modes.get(name, twin.training)
 
 
 def _restore(model: nn.Module, state: PatchState, keep_saved_copies: bool) -> None:
+    where = parents(model)
     for name, layer in delora_layers(model).items():
-        _set_module(model, name, layer.base_layer)
+        replace_module(model, name, layer.base_layer, where)
     if not keep_saved_copies:
         for name, original in state.saved_originals.items():
             _install(model, name, original)
@@ -352,23 +428,26 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
                 dense[path] = (layer, layer._merged_dense(dtype, names, safe_merge))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"layer {path!r}: {e}") from None
-    _merge(model, safe_merge, adapter_names, requantize, skip=frozenset(dense))
-    _restore(model, state, keep_saved_copies=True)  # the trained modules_to_save stay, as PEFT's
-    for path, (layer, linear) in dense.items():
-        old = layer.base_layer
-        linear.weight.requires_grad_(old.weight.requires_grad)  # the flags _restore gave the original back
-        if linear.bias is not None:
-            linear.bias.requires_grad_(old.bias.requires_grad)
-        _set_module(model, path, linear)
+    with transaction(model):
+        _merge(model, safe_merge, adapter_names, requantize, skip=frozenset(dense))
+        _restore(model, state, keep_saved_copies=True)  # the trained modules_to_save stay, as PEFT's
+        for path, (layer, linear) in dense.items():
+            old = layer.base_layer
+            linear.weight.requires_grad_(old.weight.requires_grad)  # the flags _restore gave the original back
+            if linear.bias is not None:
+                linear.bias.requires_grad_(old.bias.requires_grad)
+            replace_module(model, path, linear)
     return outer
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Put the original modules back (unmerging first); their weights are bit-identical if nothing was merged."""
+def unpatch(model: nn.Module, stale: str = "raise") -> nn.Module:
+    """Put the original modules back (unmerging first; ``stale`` as for ``unmerge``); their weights are
+    bit-identical if nothing was merged."""
     outer, model = model, unwrap(model)
     state = require_state(model)
-    unmerge(model)
-    _restore(model, state, keep_saved_copies=False)
+    with transaction(model):
+        unmerge(model, stale=stale)
+        _restore(model, state, keep_saved_copies=False)
     return outer
 
 

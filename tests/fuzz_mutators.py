@@ -450,7 +450,7 @@ NAN, INF = float("nan"), float("inf")
 CONFIG_TABLE = [
     *[("r", v, ERROR, r"has shape \(4, 32\), expected \(" + str(v)) for v in (1, 2, 3, 5, 8, 16)],
     ("r", 2 ** 40, ERROR, r"expected \(1099511627776, 32\)"), ("r", 10 ** 30, ERROR, r"expected \(10{30}, 32\)"),
-    *[("r", v, ERROR, r"`r` should be a positive integer") for v in
+    *[("r", v, ERROR, r"`r` must be a positive integer") for v in
       (0, -1, -4, "4", "8", 4.0, 4.5, True, False, None, [4], {"r": 4}, NAN, INF)],
     ("delora_lambda", 15.0, (SAME, False), None), ("delora_lambda", 3, (SAME, True), None),
     ("delora_lambda", -2.5, (SAME, True), None),

@@ -59,6 +59,20 @@ def tiny_config(arch: str):
         return t.T5ForConditionalGeneration, t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                         num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
                                                         decoder_start_token_id=0)
+    if arch == "deberta":  # DeBERTa v1: fused in_proj, and q_bias / v_bias parameters that are not named `bias`
+        return t.DebertaForMaskedLM, t.DebertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64,
+                                                     max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                                     attention_probs_dropout_prob=0.0)
+    if arch == "deberta-v2":
+        return t.DebertaV2ForMaskedLM, t.DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=64,
+                                                         max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                                         attention_probs_dropout_prob=0.0)
+    if arch == "roberta-cls":  # a sequence classifier: its head is the usual modules_to_save
+        return t.RobertaForSequenceClassification, t.RobertaConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=20, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     raise ValueError(arch)
 
 
