@@ -10,12 +10,11 @@ toolkit is found, whether or not a GPU is visible. Switches (environment):
 
 Install with `pip install --no-build-isolation .` so the extension is built against the torch you run.
 """
+import importlib.util
 import os
 import sys
 
 from setuptools import find_packages, setup
-
-import importlib.util
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Load the build planner by path: importing the delora_ext package itself would need the extension.

@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
-from variants import build_ours, build_peft_delora, build_peft_lora, build_peft_native, build_ref, frozen  # noqa: E402
 import host_overhead  # noqa: E402
+from variants import build_ours, build_peft_delora, build_peft_lora, build_peft_native, build_ref, frozen  # noqa: E402
 
 HEADLINE = {"N": 4096, "in": 1024, "out": 1024, "r": 16}
 FULL_NS = (512, 4096)
@@ -174,6 +174,7 @@ def _source_state() -> dict:
     """Commit of the checkout, whether csrc/ or delora_ext/ differ from it, and when the native library was built
     (the tree may be rebuilt between runs)."""
     import subprocess
+
     import delora_ext
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = {}
@@ -387,6 +388,7 @@ def _resident_bytes(model: nn.Module, opt=None) -> int:
 
 def _quant_llama(variant: str, seed: int):
     import transformers
+
     import delora_ext
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**QUANT_LLAMA)).train()
@@ -478,7 +480,7 @@ def bench_quantized(repeats: int, warmup: int, seed: int, log) -> dict:
         if len(r["times_s"]) < MIN_CLEAN:
             r["times_s"] = r["times_s"] + dirty[v]
             r["disturbed_used"] = True
-    for v, r in res["variants"].items():
+    for r in res["variants"].values():
         r["step_ms"] = _median(r["times_s"]) * 1e3
         r["step_iqr_ms"] = _iqr(r["times_s"]) * 1e3
         r["peak_ratio_to_fp32"] = r["peak_bytes"] / base["peak_bytes"]
@@ -890,9 +892,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import delora_ext  # noqa: F401  (fail early, before any timing)
-    import peft  # noqa: F401
     import warnings
+
+    import peft  # noqa: F401
+
+    import delora_ext  # noqa: F401  (fail early, before any timing)
     warnings.filterwarnings("ignore", message=".*Already unmerged.*")
 
     t_start = time.perf_counter()

@@ -66,8 +66,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
-from variants import (RefDeLoRA, build_ours, build_peft_delora, build_peft_lora, build_peft_native,  # noqa: E402
-                      build_ref, frozen)
+from variants import RefDeLoRA, build_ours, build_peft_delora, build_peft_lora, build_peft_native, build_ref, frozen  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("frozen", "ours", "peft_delora", "peft_native", "peft_lora", "ref")
@@ -600,7 +599,7 @@ def render_gemms(rows: list[dict] | None, N: int) -> list[str]:
     for o in rows:
         L.append(f"| {o['op']} | {o['us']:.1f} | {o['bytes'] / 2**20:.1f} | "
                  f"{o['gbs'] or 0:.0f} | {(o['of_copy'] or 0) * 100:.0f}% | "
-                 f"{'%.0f' % o['tflops'] if o['tflops'] else '–'} | {'; '.join(o['kernels'])} |")
+                 f"{format(o['tflops'], '.0f') if o['tflops'] else '–'} | {'; '.join(o['kernels'])} |")
     L.append("")
     return L
 
@@ -662,7 +661,7 @@ def section_graphs(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flus
     fns = {v: make_fn(c) for v, c in chains.items()}
     graphs, notes = {}, {}
     with torch.no_grad():
-        for v, fn in fns.items():
+        for fn in fns.values():
             fn()
         if clock.cuda:
             for v, fn in fns.items():
@@ -700,7 +699,7 @@ def section_graphs(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flus
             d = res["per_layer"][v][m]
             if d is not None and f is not None:
                 d["ratio_to_frozen"] = d["median_ms"] / f["median_ms"]
-    log("  graphs N=%d: " % N + ", ".join(
+    log(f"  graphs N={N}: " + ", ".join(
         f"{v} eager {res['per_layer'][v]['eager']['median_ms'] * 1e3:.1f} us"
         + (f" graph {res['per_layer'][v]['graph']['median_ms'] * 1e3:.1f} us" if res['per_layer'][v]['graph'] else "")
         for v in fns))
@@ -872,7 +871,7 @@ def graphs_small_n(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Flus
             clock.reset()
     per_layer = {k: (_summary(samples[k]) if k in samples else None) for k in graphs}
     f = per_layer.get("frozen")
-    for k, d in per_layer.items():
+    for d in per_layer.values():
         if d is not None and f is not None:
             d["ratio_to_frozen"] = d["median_ms"] / f["median_ms"]
     agree = overlap_same = None
@@ -923,7 +922,7 @@ def section_variants(cfg: Config, template: nn.Linear, clock: Clock, flush: L2Fl
         if clock.cuda:  # its own failure must not lose the merge A/B below
             try:
                 res["graphs"] = graphs_small_n(cfg, template, clock, flush, seed, default)
-                log("  variants: N=%d graphed forward per layer " % cfg.small_n + ", ".join(
+                log(f"  variants: N={cfg.small_n} graphed forward per layer " + ", ".join(
                     f"{k} {v['median_ms'] * 1e3:.1f} us" for k, v in res["graphs"]["per_layer"].items() if v))
             except Exception:
                 res["graphs_error"] = traceback.format_exc()
@@ -1365,8 +1364,9 @@ def main(argv=None) -> int:
     import warnings
     warnings.filterwarnings("ignore", message=".*Already unmerged.*")
     warnings.filterwarnings("ignore", message=".*no native kernel.*")
-    import delora_ext  # noqa: F401  (fail early, before any timing)
     import peft  # noqa: F401
+
+    import delora_ext  # noqa: F401  (fail early, before any timing)
 
     t_start = time.perf_counter()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731

@@ -7,8 +7,17 @@ from .io import adapter_state_dict, load_adapter, save_adapter
 from .layer import DeLoRALayer, DeLoRALinear
 from .lora_export import export_lora
 from .ops import build_info
-from .patching import (delete_adapter, disable_adapters, merge, merge_and_unload, patch, set_adapter,
-                       trainable_parameters, unmerge, unpatch)
+from .patching import (
+    delete_adapter,
+    disable_adapters,
+    merge,
+    merge_and_unload,
+    patch,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+    unpatch,
+)
 from .training import attach_callback, param_groups
 
 # PEFT's spellings, so a PEFT user's first guess works

@@ -39,7 +39,8 @@ def _toolkit_ok(path: str | None) -> bool:
 def _nvcc_top(nvcc: str) -> str | None:
     """Ask an nvcc (possibly a wrapper script) where its toolkit is: `--dryrun` prints `#$ TOP=...`."""
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)

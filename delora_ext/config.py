@@ -7,7 +7,7 @@ import math
 import numbers
 import os
 import re
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -44,15 +44,15 @@ class DeLoRAConfig:
     r: int = 8
     delora_lambda: float = 15
     module_dropout: float = 0.0
-    target_modules: Optional[Union[list, str]] = None
-    exclude_modules: Optional[Union[list, str]] = None
+    target_modules: list | str | None = None
+    exclude_modules: list | str | None = None
     bias: str = "none"
-    init_weights: Union[bool, str] = True
-    layers_to_transform: Optional[Union[list, int]] = None
-    layers_pattern: Optional[Union[list, str]] = None
+    init_weights: bool | str = True
+    layers_to_transform: list | int | None = None
+    layers_pattern: list | str | None = None
     rank_pattern: dict = dataclasses.field(default_factory=dict)
     lambda_pattern: dict = dataclasses.field(default_factory=dict)
-    modules_to_save: Optional[list] = None
+    modules_to_save: list | None = None
 
     def __post_init__(self):
         # Types are settled here, once: whatever a config holds is what its adapter_config.json holds, so a config
@@ -136,7 +136,7 @@ class DeLoRAConfig:
         return d
 
     @classmethod
-    def from_peft_dict(cls, d: dict) -> "DeLoRAConfig":
+    def from_peft_dict(cls, d: dict) -> DeLoRAConfig:
         if not isinstance(d, dict):
             raise ValueError(f"adapter config must be a JSON object, got {type(d).__name__}")
         pt = d.get("peft_type")

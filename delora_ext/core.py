@@ -10,7 +10,7 @@ the native ops (or the reference, where no kernel exists) are chosen by ``delora
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -59,8 +59,9 @@ def _loss(model, ids, labels):
 
 
 def main(argv=None) -> int:
-    import delora_ext
     from tqdm import tqdm
+
+    import delora_ext
 
     p = argparse.ArgumentParser(prog="delora-ext demo", description=__doc__)
     p.add_argument("--model", help="local transformers causal-LM checkpoint folder (default: a tiny Llama from a config)")

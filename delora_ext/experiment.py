@@ -407,8 +407,8 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     print(f"\nwrote {os.path.join(args.out, 'experiment.json')} and experiment.png ({time.perf_counter() - t0:.0f} s)")
-    excess = [(r["method"], r["lr_mult"], r["seed"], name) for r in rows for name, l in r.get("layers", {}).items()
-              if l["delta"] is not None and l["delta"] > l["bound"] * (1 + 1e-5)]
+    excess = [(r["method"], r["lr_mult"], r["seed"], name) for r in rows for name, layer in r.get("layers", {}).items()
+              if layer["delta"] is not None and layer["delta"] > layer["bound"] * (1 + 1e-5)]
     for e in excess:
         print("DeLoRA update above its bound |λ|·max w: {} lr x{:g} seed {} layer {}".format(*e))
     return 1 if excess else 0

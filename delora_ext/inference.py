@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

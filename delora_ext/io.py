@@ -24,8 +24,17 @@ from safetensors.torch import save_file
 from .config import DeLoRAConfig, adapter_list, check_adapter_name, check_known, check_peft_dict_types
 from .core import is_conv1d
 from .layer import DeLoRALinear, supported_base
-from .model import (delora_layers, get_state, is_bias_name, modules_to_save_paths, note_write, require_state,
-                    targeted, transaction, unwrap)
+from .model import (
+    delora_layers,
+    get_state,
+    is_bias_name,
+    modules_to_save_paths,
+    note_write,
+    require_state,
+    targeted,
+    transaction,
+    unwrap,
+)
 from .patching import patch
 
 CONFIG_NAME = "adapter_config.json"
@@ -235,8 +244,8 @@ def _write_pairs(pairs: list[tuple[str, dict, bytes, str]]) -> None:
     try:
         for d, tensors, cfg_bytes, fingerprint in pairs:
             created += _makedirs(d)
-            for name, write in ((WEIGHTS_NAME, lambda p: _write_weights(tensors, p, fingerprint)),
-                                (CONFIG_NAME, lambda p: _write_config(cfg_bytes, p))):
+            for name, write in ((WEIGHTS_NAME, lambda p, t=tensors, f=fingerprint: _write_weights(t, p, f)),
+                                (CONFIG_NAME, lambda p, c=cfg_bytes: _write_config(c, p))):
                 dest = os.path.join(d, name)
                 if os.path.isdir(dest):
                     raise IsADirectoryError(f"cannot save the adapter: {dest} is a directory")
@@ -388,7 +397,8 @@ def _read_pair(d: str) -> tuple[DeLoRAConfig, dict[str, torch.Tensor]]:
         seen += 1
         if (seen >= 2 and not _save_in_progress(d)) or time.monotonic() > deadline:
             warnings.warn(f"{os.path.join(d, WEIGHTS_NAME)} was saved with another {CONFIG_NAME} than the one in {d} "
-                          f"(the config was edited since, or a save was interrupted); loading the files as they are")
+                          f"(the config was edited since, or a save was interrupted); loading the files as they are",
+                          stacklevel=2)
             return cfg, tensors
         time.sleep(0.001 * seen)
 
@@ -593,7 +603,7 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
         theirs_k, ours_k = dict(cfg._key()), dict(ours._key())
         fields = [f for f in DeLoRAConfig.PEFT_FIELDS if theirs_k[f] != ours_k[f]]
         warnings.warn(f"{cpath}: loading the file's values into the existing adapter {adapter_name!r}, whose config "
-                      f"is kept (as PEFT's load_adapter); the file's config differs in {fields}")
+                      f"is kept (as PEFT's load_adapter); the file's config differs in {fields}", stacklevel=2)
     with transaction(model):
         if not existing:
             try:

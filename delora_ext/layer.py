@@ -6,7 +6,7 @@ import math
 import threading
 import warnings
 import weakref
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -266,7 +266,7 @@ class DeLoRALayer:
             self._w_pending.clear()
 
     @staticmethod
-    def _after_load(module: "DeLoRALayer", incompatible_keys) -> None:
+    def _after_load(module: DeLoRALayer, incompatible_keys) -> None:
         # A state_dict that carries delora_w_norm settles w; otherwise compute it once the real weight is here.
         module._w_pending -= module._load_w_keys
         module._load_w_keys = set()
@@ -299,7 +299,7 @@ class DeLoRALayer:
         if was_active and not self.active_adapters and len(self.delora_A):
             first = sorted(self.delora_A.keys())[0]
             warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                          f"{first}.")
+                          f"{first}.", stacklevel=2)
             self.set_adapter(first)
 
     def _drop_adapter(self, adapter_name: str) -> None:
@@ -549,7 +549,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already following adapters were merged {','.join(already)}. "
-                          f"You are now additionally merging {','.join(n for n in names if n not in already)}.")
+                          f"You are now additionally merging {','.join(n for n in names if n not in already)}.", stacklevel=2)
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return names, None
@@ -704,7 +704,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         if stale not in STALE_CHOICES:
             raise ValueError(f"`stale` must be one of {STALE_CHOICES}, got {stale!r}")
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         if adapter_names is None:
             names = list(reversed(self.merged_adapters))

@@ -14,8 +14,7 @@ from safetensors.torch import save_file
 from . import core
 from .config import check_known
 from .core import is_conv1d
-from .io import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_modules_to_save, atomic_write, bias_tensors,
-                 untied)
+from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_modules_to_save, atomic_write, bias_tensors, untied
 from .model import delora_layers, require_state, unwrap
 
 

@@ -167,8 +167,8 @@ if NATIVE:
                   for i, t in enumerate(ts) if isinstance(t, torch.Tensor)]
         ref_name, ref_t = named[0]
         for n, t in named[1:]:
-            torch._check(t.device == ref_t.device, lambda: f"delora_ext::{op}: `{n}` is on {t.device} but "
-                                                           f"`{ref_name}` is on {ref_t.device}")
+            torch._check(t.device == ref_t.device, lambda n=n, t=t: f"delora_ext::{op}: `{n}` is on {t.device} but "
+                                                                     f"`{ref_name}` is on {ref_t.device}")
 
     # The fake kernels check what the real ones check (csrc/delora_ops.cpp: check_adapter, check_input, ...), with
     # the same messages: a shape the real kernel refuses must not trace (or run on meta) into a wrong output shape.

@@ -9,7 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -17,9 +17,22 @@ from torch import nn
 from . import quant
 from .config import DeLoRAConfig, adapter_list, check_adapter_name, check_known
 from .layer import STALE_CHOICES, DeLoRALinear, requantize_message, supported_base
-from .model import (STATE_ATTR, PatchState, candidates, delora_layers, get_state, is_bias_name,
-                    modules_to_save_paths, note_data, parents, replace_module, require_state, targeted, transaction,
-                    unwrap)
+from .model import (
+    STATE_ATTR,
+    PatchState,
+    candidates,
+    delora_layers,
+    get_state,
+    is_bias_name,
+    modules_to_save_paths,
+    note_data,
+    parents,
+    replace_module,
+    require_state,
+    targeted,
+    transaction,
+    unwrap,
+)
 
 __all__ = ["patch", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge", "merge_and_unload",
            "unpatch", "trainable_parameters", "STATE_ATTR", "get_state", "delora_layers", "unwrap"]
@@ -120,7 +133,7 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
             if not activate:  # as PEFT, a layer reports the model's active adapters, also ones it lacks
                 layer.active_adapters = list(state.active)
             replace_module(model, name, layer, where)
-        for name, key, layer in to_extend:
+        for _name, key, layer in to_extend:
             layer.update_layer(adapter_name, r=config.rank_for(key), delora_lambda=config.lambda_for(key),
                                module_dropout=config.module_dropout, init_weights=config.init_weights,
                                activate=activate)
@@ -156,7 +169,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
     layers = delora_layers(model).values()
     with transaction(model, layers_only=True):
         if any(layer.merged for layer in layers):
-            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             unmerge(model)
         for layer in layers:  # as PEFT, every layer reports the model's active adapters (also ones it lacks)
             layer.active_adapters = list(names)
@@ -195,7 +208,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             # as PEFT (BaseTunerLayer.delete_adapter): the first remaining adapter becomes active, with a warning
             first = sorted(state.configs)[0]
             warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                          f"{first}.")
+                          f"{first}.", stacklevel=2)
             set_adapter(model, first)
         else:
             for layer in delora_layers(model).values():
@@ -216,7 +229,7 @@ def disable_adapters(model: nn.Module):
         bias = state.configs[name].bias
         if bias != "none":
             warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce "
-                          f"the same output as the base model would without adaption.")
+                          f"the same output as the base model would without adaption.", stacklevel=2)
     with transaction(model, layers_only=True):
         unmerge(model)
         layers = list(delora_layers(model).values())

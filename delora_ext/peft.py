@@ -332,7 +332,7 @@ class NativeDeloraLinear(PeftDeloraLinear):
     def unmerge(self) -> None:
         """PEFT's unmerge: W −= the current ΔW of every merged adapter, last merged first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         if self._merge_problem():
             return super().unmerge()

@@ -21,7 +21,7 @@ import copy
 import importlib
 import math
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -48,9 +48,9 @@ def main(argv=None) -> dict:
     import datasets
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from trl_sft_peft import load_texts
 
     import delora_ext
-    from trl_sft_peft import load_texts
 
     if args.tiny:
         import _tiny

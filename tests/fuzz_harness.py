@@ -22,9 +22,12 @@ import delora_ext
 from delora_ext.io import CONFIG_NAME, WEIGHTS_NAME
 from delora_ext.patching import delora_layers, get_state
 
-from tiny_models import one_thread  # noqa: F401  (autouse: the model tests run single-threaded)
-from tiny_models import build, outputs, train
-
+from tiny_models import (
+    build,
+    one_thread,  # noqa: F401  (autouse: the model tests run single-threaded)
+    outputs,
+    train,
+)
 
 SEED = int(os.environ.get("DELORA_FUZZ_SEED", "6"))
 SCALE = float(os.environ.get("DELORA_FUZZ_SCALE", "1"))

@@ -17,9 +17,21 @@ from safetensors.torch import save_file
 
 from delora_ext.io import CONFIG_NAME, WEIGHTS_NAME
 
+from fuzz_harness import (
+    BIN_NAME,
+    EITHER,
+    ERROR,
+    LOADS,
+    ORACLE,
+    PREFIX,
+    SAME,
+    join_st,
+    junk,
+    split_st,
+    tensor_keys,
+    write,
+)
 from tiny_models import one_thread  # noqa: F401  (autouse: the model tests run single-threaded)
-
-from fuzz_harness import BIN_NAME, EITHER, ERROR, LOADS, ORACLE, PREFIX, SAME, join_st, junk, split_st, tensor_keys, write
 
 
 # ---- mutations of the safetensors bytes ------------------------------------------------------------------------
@@ -119,7 +131,8 @@ def m_header_dtype(case, d, world):
     new = case.rng.choice(list(ST_DTYPES) + ["F128", "", "f32", "float32", 7, None, ["F32"]])
     e["dtype"] = new
     how = "shape kept"
-    if isinstance(new, str) and new in ST_DTYPES and case.rng.random() < 0.7:  # reinterpret the same bytes: last dim scaled to fit
+    # reinterpret the same bytes: last dim scaled to fit
+    if isinstance(new, str) and new in ST_DTYPES and case.rng.random() < 0.7:
         nbytes = e["data_offsets"][1] - e["data_offsets"][0]
         lead = math.prod(e["shape"][:-1])
         last = nbytes / ST_DTYPES[new] / lead
@@ -492,7 +505,8 @@ CONFIG_TABLE = [
        {"q_proj": None}, 5)],
     ("lambda_pattern", {"q_proj": 3.0}, (SAME, True), None),
     *[("lambda_pattern", v, ERROR, r"lambda_pattern") for v in
-      ({"q_proj": "3"}, {"q_proj": NAN}, {"q_proj": INF}, {"q_proj": 1e308}, {"q_proj": None}, {"(": 1.0}, [1], "q_proj", {"q_proj": True})],
+      ({"q_proj": "3"}, {"q_proj": NAN}, {"q_proj": INF}, {"q_proj": 1e308}, {"q_proj": None}, {"(": 1.0}, [1],
+       "q_proj", {"q_proj": True})],
     ("modules_to_save", None, ERROR, r"unexpected key 'base_model\.model\.lm_head\.weight'"),
     ("modules_to_save", [], ERROR, r"unexpected key 'base_model\.model\.lm_head\.weight'"),
     ("modules_to_save", ["lm_head", "embed_tokens"], ERROR, r"missing key '.*embed_tokens\.weight'"),

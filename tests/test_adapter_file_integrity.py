@@ -12,14 +12,17 @@ import time
 import numpy as np
 import pytest
 import torch
+from model_state import capture, differences, files
 from torch import nn
 
 import delora_ext
 from delora_ext.model import delora_layers, get_state
 
-from model_state import capture, differences, files
-from tiny_models import one_thread  # noqa: F401
-from tiny_models import build, logits
+from tiny_models import (
+    build,
+    logits,
+    one_thread,  # noqa: F401
+)
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 

@@ -17,9 +17,21 @@ from delora_ext.io import CONFIG_NAME, WEIGHTS_NAME
 from delora_ext.patching import STATE_ATTR
 
 from helpers import assert_close, rel_err
-from tiny_models import one_thread  # noqa: F401  (autouse: the model tests run single-threaded)
-from tiny_models import (ARCHS, PEFT_ARCHS, all_linear, all_linear_paths, assert_state_equal, build, delora_paths,
-                         logits, module_types, outputs, snapshot, train)
+from tiny_models import (
+    ARCHS,
+    PEFT_ARCHS,
+    all_linear,
+    all_linear_paths,
+    assert_state_equal,
+    build,
+    delora_paths,
+    logits,
+    module_types,
+    one_thread,  # noqa: F401  (autouse: the model tests run single-threaded)
+    outputs,
+    snapshot,
+    train,
+)
 
 peft = pytest.importorskip("peft")
 

@@ -34,7 +34,8 @@ and values. Nothing is ever unpickled: pickle/torch.load are replaced by tripwir
 
 Reproduce a failure: every failure names kind, case index, seed and the mutation (offset, byte, key, value);
 ``DELORA_FUZZ_SEED=<seed base> python -m pytest 'tests/test_adapter_fuzz.py::test_fuzz[<kind>]'`` reruns that
-kind (the case seed is seed base * 100000 + index), and ``DELORA_FUZZ_CASE=<index>`` limits it to one case. ``DELORA_FUZZ_SCALE=<float>`` scales the random case counts.
+kind (the case seed is seed base * 100000 + index), and ``DELORA_FUZZ_CASE=<index>`` limits it to one case.
+``DELORA_FUZZ_SCALE=<float>`` scales the random case counts.
 """
 from __future__ import annotations
 
@@ -54,18 +55,62 @@ import torch
 import delora_ext
 from delora_ext.io import WEIGHTS_NAME
 
+from fuzz_harness import (  # noqa: F401  (fixtures)
+    BIN_NAME,
+    LOADS_COUNT,
+    ONLY_CASE,
+    PREFIX,
+    UnpicklingAttempted,
+    file_tensor_targets,
+    fingerprint,
+    join_st,
+    n,
+    nan_equal,
+    no_unpickling,
+    run_kind,
+    split_st,
+    unchanged_problems,
+    world,
+    write,
+)
+from fuzz_mutators import (
+    CONFIG_TABLE,
+    Evil,
+    m_append,
+    m_config_extra_field,
+    m_config_field,
+    m_config_flip,
+    m_config_junk,
+    m_config_layers_pattern,
+    m_config_missing_field,
+    m_config_not_object,
+    m_config_peft_type,
+    m_config_truncate,
+    m_dtype_float,
+    m_dtype_nonfloat,
+    m_extra_key,
+    m_files,
+    m_flip_header,
+    m_flip_prefix,
+    m_float4,
+    m_garbage_file,
+    m_header_dtype,
+    m_header_entries,
+    m_header_metadata,
+    m_header_offsets,
+    m_header_shape,
+    m_header_whitespace,
+    m_missing_key,
+    m_nonfinite,
+    m_overflow_cast,
+    m_pickle,
+    m_prefix_value,
+    m_truncate,
+    m_values,
+    m_wrong_shape,
+    save_tensors,
+)
 from tiny_models import one_thread  # noqa: F401  (autouse: the model tests run single-threaded)
-
-from fuzz_harness import (BIN_NAME, LOADS_COUNT, ONLY_CASE, PREFIX, UnpicklingAttempted, file_tensor_targets,
-    nan_equal, fingerprint, join_st, n, run_kind, split_st, unchanged_problems, write)
-from fuzz_mutators import (CONFIG_TABLE, Evil, save_tensors, m_append, m_config_extra_field, m_config_field,
-    m_config_flip, m_config_junk, m_config_layers_pattern, m_config_missing_field, m_config_not_object,
-    m_config_peft_type, m_config_truncate, m_dtype_float, m_dtype_nonfloat, m_extra_key, m_files, m_flip_header,
-    m_flip_prefix, m_float4, m_garbage_file, m_header_dtype, m_header_entries, m_header_metadata, m_header_offsets,
-    m_header_shape, m_header_whitespace, m_missing_key, m_nonfinite, m_overflow_cast, m_pickle, m_prefix_value,
-    m_truncate, m_values, m_wrong_shape)
-
-from fuzz_harness import no_unpickling, world  # noqa: F401  (fixtures)
 
 
 def test_tripwires_are_armed(no_unpickling):

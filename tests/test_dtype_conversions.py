@@ -10,8 +10,10 @@ import delora_ext
 from delora_ext import DeLoRALinear
 from delora_ext import reference as ref
 
-from tiny_models import one_thread  # noqa: F401
-from tiny_models import build
+from tiny_models import (
+    build,
+    one_thread,  # noqa: F401
+)
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
 

@@ -22,12 +22,14 @@ import warnings
 
 import pytest
 import torch
+from model_state import capture, differences, files
 from torch import nn
 
 import delora_ext
-from delora_ext import config as cfg_mod, core, io, layer as layer_mod, model as model_mod, ops, patching, quant
-
-from model_state import capture, differences, files
+from delora_ext import config as cfg_mod
+from delora_ext import core, io, ops, patching, quant
+from delora_ext import layer as layer_mod
+from delora_ext import model as model_mod
 
 
 class InjectedFault(Exception):

@@ -1,7 +1,6 @@
 """Double backward (create_graph) through the autograd ops, and autograd of prep and delta_weight."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -15,7 +14,8 @@ OPS = torch.ops.delora_ext if ops.NATIVE else None
 
 
 @pytest.mark.parametrize("p", [0.0, 0.4])
-@pytest.mark.parametrize("kind", ["random", "tiny"])  # "clamped" has an all-zero A row: NaN second derivative in autograd of norm itself
+# not "clamped": its all-zero A row gives a NaN second derivative in autograd of the norm itself
+@pytest.mark.parametrize("kind", ["random", "tiny"])
 def test_gradgradcheck_linear(p, kind, gemm_order):
     A, B, lam, w = make_adapter(3, 6, 5, kind, torch.float64)
     W, b = make_base(6, 5, torch.float64)

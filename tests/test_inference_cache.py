@@ -15,8 +15,8 @@ import delora_ext
 from delora_ext import DeLoRALinear
 from delora_ext import reference as ref
 
-from tiny_models import one_thread  # noqa: F401  (fixture)
 from helpers import TOL, assert_close, requires_cuda, requires_native
+from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = requires_native
 CACHE = "_fold_cache"
@@ -363,7 +363,8 @@ def test_compiled_inference_follows_parameter_updates():
 
 
 # ---- threads -----------------------------------------------------------------------------------------------
-def test_threads_filling_and_reading_the_cache_agree_with_serial(one_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_threads_filling_and_reading_the_cache_agree_with_serial():
     """Threads race on a cold cache, then on one invalidated by an update between rounds: every result equals the
     op's for the parameters of its round."""
     layer = _layer(init="paper")
@@ -395,7 +396,7 @@ def test_threads_filling_and_reading_the_cache_agree_with_serial(one_thread):
     for th in threads:
         th.start()
     expected = []
-    for rnd in range(rounds):
+    for _ in range(rounds):
         expected.append([_uncached(layer, x) for x in xs])
         barrier.wait()  # the round runs
         barrier.wait()  # the round is done
@@ -438,7 +439,7 @@ def test_cuda_graph_capture_does_not_read_the_cache():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = layer(x)
-        for step in range(3):
+        for _step in range(3):
             layer.delora_B["default"].add_(0.5)
             graph.replay()
             torch.cuda.synchronize()

@@ -9,15 +9,18 @@ import warnings
 
 import pytest
 import torch
+from model_state import capture, differences
 from torch import nn
 
 import delora_ext
 from delora_ext import DeLoRALinear
 from delora_ext.model import delora_layers, get_state
 
-from model_state import capture, differences
-from tiny_models import one_thread  # noqa: F401
-from tiny_models import build, tiny_config
+from tiny_models import (
+    build,
+    one_thread,  # noqa: F401
+    tiny_config,
+)
 
 transformers = pytest.importorskip("transformers")
 

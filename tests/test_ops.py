@@ -7,8 +7,7 @@ import torch
 from delora_ext import ops
 from delora_ext import reference as ref
 
-from helpers import (TOL, assert_close, low_precision_budget, make_adapter, make_base, make_x, rel_err,
-                      requires_native)
+from helpers import TOL, assert_close, low_precision_budget, make_adapter, make_base, make_x, rel_err, requires_native
 
 pytestmark = requires_native
 OPS = torch.ops.delora_ext if ops.NATIVE else None

@@ -20,11 +20,29 @@ from delora_ext.layer import is_conv1d
 from delora_ext.patching import STATE_ATTR
 
 from helpers import assert_close, rel_err
-from tiny_models import one_thread  # noqa: F401  (autouse: the model tests run single-threaded)
-from tiny_models import (ARCHS, LAYERS_PATTERN, OUTPUT_EMBEDDING, PEFT_ARCHS, all_linear, all_linear_paths,
-                         assert_state_equal, base_key, build, build_meta, delora_paths, expected_by_regex,
-                         expected_by_suffix, linear_paths, logits, module_types, peft_layers, peft_model_for, snapshot,
-                         train)
+from tiny_models import (
+    ARCHS,
+    LAYERS_PATTERN,
+    OUTPUT_EMBEDDING,
+    PEFT_ARCHS,
+    all_linear,
+    all_linear_paths,
+    assert_state_equal,
+    base_key,
+    build,
+    build_meta,
+    delora_paths,
+    expected_by_regex,
+    expected_by_suffix,
+    linear_paths,
+    logits,
+    module_types,
+    one_thread,  # noqa: F401  (autouse: the model tests run single-threaded)
+    peft_layers,
+    peft_model_for,
+    snapshot,
+    train,
+)
 
 # The model-type defaults (PEFT's mapping), another list, and a regex, per architecture.
 DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "t5": ["q", "v"]}

@@ -15,7 +15,7 @@ dp = pytest.importorskip("delora_ext.peft", reason="delora_ext.peft needs PEFT w
 
 from delora_ext import reference as ref  # noqa: E402
 
-from helpers import assert_close, requires_native, rel_err  # noqa: E402
+from helpers import assert_close, rel_err, requires_native  # noqa: E402
 from tiny_models import build, one_thread  # noqa: E402,F401
 
 pytestmark = requires_native

@@ -19,8 +19,13 @@ import delora_ext
 from delora_ext.model import delora_layers, get_state
 
 from helpers import assert_close
-from tiny_models import one_thread  # noqa: F401
-from tiny_models import build, logits, peft_layers, tiny_config
+from tiny_models import (
+    build,
+    logits,
+    one_thread,  # noqa: F401
+    peft_layers,
+    tiny_config,
+)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -324,7 +324,7 @@ def test_model_matches_dense_twin(kind, device):
     # tiny value, where the base GEMMs' last-bit differences show up amplified
     for kind_re in ("delora_A", "delora_B", "delora_lambda"):
         names = [n for n in grads_q if f".{kind_re}." in n]
-        cat = lambda grads: torch.cat([grads[n].reshape(-1) for n in names])  # noqa: E731
+        cat = lambda grads, names=names: torch.cat([grads[n].reshape(-1) for n in names])  # noqa: E731
         assert rel_err(cat(grads_q), cat(grads_d)) <= max(1e-5, tol(kind, device)), kind_re
     assert all(p.grad is None for p in qmodel.parameters() if not p.requires_grad)
 

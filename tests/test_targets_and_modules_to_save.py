@@ -6,14 +6,23 @@ import copy
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import delora_ext
 from delora_ext.config import DEFAULT_TARGET_MODULES
 from delora_ext.patching import STATE_ATTR
 
 from helpers import assert_close
-from tiny_models import one_thread  # noqa: F401
-from tiny_models import assert_state_equal, build, delora_paths, logits, outputs, snapshot
+from tiny_models import (
+    assert_state_equal,
+    build,
+    delora_paths,
+    logits,
+    one_thread,  # noqa: F401
+    outputs,
+    snapshot,
+)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -171,7 +180,6 @@ def test_loading_an_inactive_adapter_with_modules_to_save_keeps_the_active_outpu
 # Property: the set of adapted modules equals PEFT's (check_target_module_exists after PEFT's "all-linear" expansion
 # and default targets), on llama / gpt2 (Conv1D, which PEFT's DeLoRA itself refuses) / bert / t5; where PEFT would
 # raise (a matched module that is not Linear/Conv1D) delora_ext raises too.
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 _MODELS = {}
 _NAMES = ["q_proj", "v_proj", "o_proj", "mlp", "lm_head", "c_attn", "c_proj", "c_fc", "attn", "query", "value",

@@ -28,8 +28,11 @@ import delora_ext
 from delora_ext import DeLoRALinear
 
 from helpers import CUDA, rel_err
-from tiny_models import one_thread  # noqa: F401  (autouse: the model tests run single-threaded)
-from tiny_models import build, snapshot
+from tiny_models import (
+    build,
+    one_thread,  # noqa: F401  (autouse: the model tests run single-threaded)
+    snapshot,
+)
 
 R = 4
 ADAPTER_KINDS = ("delora_A", "delora_B", "delora_lambda")
@@ -370,7 +373,7 @@ def _dist_worker(mode: str, rank: int, port: int, outdir: str) -> None:
                 run = _fsdp2(model, model.model.layers)
             params = [p for p in run.parameters() if p.requires_grad]
             # how the optimizer sees the trainable parameters: (DTensors?, local elements, global elements)
-            layout = (all(hasattr(p, "to_local") for p in params), sum(getattr(p, "to_local", lambda: p)().numel()
+            layout = (all(hasattr(p, "to_local") for p in params), sum(getattr(p, "to_local", lambda p=p: p)().numel()
                       for p in params), sum(p.numel() for p in params))
             opt = _optimizer(opt_name, params)
             losses = []
