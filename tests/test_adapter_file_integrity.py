@@ -149,9 +149,10 @@ def test_a_reader_concurrent_with_a_writer_gets_one_saves_config_with_its_weight
     t = threading.Thread(target=writer, daemon=True)
     t.start()
     loads, mixed = 0, []
-    deadline = time.monotonic() + 4.0
+    start = time.monotonic()
     try:
-        while time.monotonic() < deadline and loads < 300:
+        # 4 s of racing, or longer on a loaded machine until 20 loads have raced the writer (at most 60 s)
+        while loads < 300 and (time.monotonic() - start < 4.0 or (loads < 20 and time.monotonic() - start < 60.0)):
             m = delora_ext.load_adapter(_mlp(0), str(tmp_path))
             p = get_state(m).configs["default"].module_dropout
             lam = float(m[0].delora_lambda["default"])
