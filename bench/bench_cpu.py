@@ -41,7 +41,6 @@ Everything runs in one process. Measured, fp32, for N ∈ {512, 4096} tokens, (i
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import gc
 import json
@@ -57,6 +56,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
+import common  # noqa: E402
+
 import host_overhead  # noqa: E402
 from variants import build_ours, build_peft_delora, build_peft_lora, build_peft_native, build_ref, frozen  # noqa: E402
 
@@ -854,21 +855,10 @@ def render_quantized_only(res: dict) -> str:
         *render_quantized(res["quantized"])])
 
 
-def _strip_private(obj):
-    if isinstance(obj, dict):
-        return {k: _strip_private(v) for k, v in obj.items() if not (isinstance(k, str) and k.startswith("_"))}
-    if isinstance(obj, list):
-        return [_strip_private(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="bench_cpu.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("bench_cpu.py", __doc__)
     ap.add_argument("--quick", action="store_true",
                     help="only the headline configuration (N=4096, 1024x1024, r=16), fewer repeats (CI smoke)")
     ap.add_argument("--out", default=None,
@@ -1001,7 +991,7 @@ def main(argv=None) -> int:
     with open(base + ".md", "w") as f:
         f.write(md)
     with open(base + ".json", "w") as f:
-        json.dump(_strip_private({**res, "markdown": md}), f, indent=1, default=str)
+        json.dump(common.json_safe({**res, "markdown": md}, drop_private=True), f, indent=1, default=str)
     print(md)
     log(f"wrote {base}.md and {base}.json ({res['wall_s']:.0f} s)")
     flagged = sum({(r["N"], r["in"], r["out"]): r["rounds"]["flagged"] for r in rows}.values())

@@ -42,7 +42,6 @@ Writes FILE.md and FILE.json (``--out``; default bench/out/gpu/bench_gpu) and pr
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import gc
 import glob
@@ -66,6 +65,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/variants.py
+import common  # noqa: E402
+
 from variants import RefDeLoRA, build_ours, build_peft_delora, build_peft_lora, build_peft_native, build_ref, frozen  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1317,21 +1318,10 @@ def render_markdown(res: dict, cfg: Config) -> str:
     return "\n".join(L)
 
 
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {str(k): _strip(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strip(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="bench_gpu.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("bench_gpu.py", __doc__)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test of every code path)")
     ap.add_argument("--out", default=None, help="FILE.md and FILE.json are written (a .md/.json suffix is "
@@ -1404,7 +1394,7 @@ def main(argv=None) -> int:
         with open(base + ".md", "w") as f:
             f.write(md + "\n")
         with open(base + ".json", "w") as f:
-            json.dump(_strip({**res, "markdown": md, "complete": final}), f, indent=1, default=str)
+            json.dump(common.json_safe({**res, "markdown": md, "complete": final}), f, indent=1, default=str)
         return md
 
     runners = {

@@ -9,7 +9,8 @@ COMMANDS = {
     "demo": "fine-tune a small causal LM with DeLoRA end to end (demo --help for its options)",
     "experiment": "learning-rate robustness and forgetting: DeLoRA vs LoRA and DoRA (experiment --help)",
     "info": "print the build information (torch, compiled kernels, CUDA toolkit)",
-    "bench": "run the CPU benchmark and write its tables and plot (bench --help for its options)",
+    "bench": "run the CPU benchmark and write its tables and plot (needs a source checkout: the scripts live in "
+             "bench/; bench --help for its options)",
 }
 
 
