@@ -196,7 +196,12 @@ def _makedirs(d: str) -> list[str]:
     created = []
     try:
         for p in reversed(missing):
-            os.mkdir(p)
+            try:
+                os.mkdir(p)
+            except FileExistsError:  # another writer (every FSDP rank saves) made it meanwhile: not ours to remove
+                if not os.path.isdir(p):
+                    raise
+                continue
             created.append(p)
     except BaseException:
         for p in reversed(created):

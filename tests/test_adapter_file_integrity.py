@@ -244,3 +244,20 @@ def test_a_save_that_fails_for_a_later_adapter_writes_none_of_them(tmp_path, mon
         delora_ext.save_adapter(m, str(tmp_path / "out"))
     assert files(str(tmp_path / "out")) == before
     assert len(delora_layers(m)) == 2
+
+
+def test_a_folder_another_writer_creates_meanwhile_is_used_and_left_in_place(tmp_path, monkeypatch):
+    """Every FSDP rank calls save_adapter into the same folder: the other rank may create it between the check and
+    this rank's mkdir."""
+    m = delora_ext.patch(_mlp(), target_modules=["0"], r=2)
+    target = tmp_path / "shared"
+    real = os.mkdir
+
+    def racing_mkdir(path, *args, **kwargs):
+        if str(path) == str(target) and not os.path.exists(path):
+            real(path)  # the other rank wins the race
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(delora_ext.io.os, "mkdir", racing_mkdir)
+    delora_ext.save_adapter(m, str(target))
+    monkeypatch.undo()
+    assert sorted(os.listdir(target)) == [CONFIG, WEIGHTS]
