@@ -387,6 +387,18 @@ def _save_in_progress(d: str) -> bool:
         return False
 
 
+def _identities(d: str) -> tuple:
+    """(inode, size, mtime) of the config and weights files: a rename into place changes them."""
+    out = []
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            st = os.stat(os.path.join(d, name))
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def _read_pair(d: str) -> tuple[DeLoRAConfig, dict[str, torch.Tensor]]:
     """The config and tensors of the adapter in ``d``, from one save. Weights written by ``save_adapter`` carry their
     config's fingerprint; a mismatch while a save is renaming its files is read again, so a reader gets the old pair
@@ -394,13 +406,17 @@ def _read_pair(d: str) -> tuple[DeLoRAConfig, dict[str, torch.Tensor]]:
     validated as any file."""
     deadline, seen = time.monotonic() + PAIR_WAIT_S, 0
     while True:
+        before = _identities(d)
         cfg = _read_config(d)
         tensors, meta = _read_tensors(d)
         saved_with = meta.get(PAIR_KEY)
         if saved_with is None or saved_with == config_fingerprint(cfg):  # no fingerprint: PEFT's files
             return cfg, tensors
         seen += 1
-        if (seen >= 2 and not _save_in_progress(d)) or time.monotonic() > deadline:
+        # a mismatch is the files' own state only if neither file was replaced while they were read and no save is
+        # between its renames; otherwise it is a concurrent writer's, and the next read gets one of its pairs
+        settled = _identities(d) == before and not _save_in_progress(d)
+        if (seen >= 2 and settled) or time.monotonic() > deadline:
             warnings.warn(f"{os.path.join(d, WEIGHTS_NAME)} was saved with another {CONFIG_NAME} than the one in {d} "
                           f"(the config was edited since, or a save was interrupted); loading the files as they are",
                           stacklevel=2)
