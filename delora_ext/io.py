@@ -329,11 +329,17 @@ def _open_regular(path: str, what: str):
         raise
 
 
-def _read_config(d: str) -> DeLoRAConfig:
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _read_config(d: str) -> tuple[DeLoRAConfig, tuple]:
+    """The config in ``d`` and the identity of the file it was read from."""
     path = os.path.join(d, CONFIG_NAME)
     try:
         with _open_regular(path, "an adapter config") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
+            ident = _identity(os.fstat(f.fileno()))
     except FileNotFoundError:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {d}") from None
     except OSError as e:  # no permission, ...
@@ -349,30 +355,37 @@ def _read_config(d: str) -> DeLoRAConfig:
     try:
         if raw.get("peft_type") == "DELORA":
             check_peft_dict_types(raw)
-        return DeLoRAConfig.from_peft_dict(raw)
+        return DeLoRAConfig.from_peft_dict(raw), ident
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _read_tensors(d: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors of ``<d>/adapter_model.safetensors`` and its metadata."""
+def _read_tensors(d: str) -> tuple[dict[str, torch.Tensor], dict, tuple | None]:
+    """The tensors of ``<d>/adapter_model.safetensors``, its metadata and the identity of the file (None if the
+    file was replaced while it was read)."""
     path = os.path.join(d, WEIGHTS_NAME)
     if not os.path.lexists(path):
         if os.path.exists(os.path.join(d, "adapter_model.bin")):
             raise ValueError(f"{d} holds adapter_model.bin (pickle); delora_ext loads safetensors only")
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d}")
     try:
-        _open_regular(path, "adapter weights").close()
+        with _open_regular(path, "adapter weights") as f:
+            ident = _identity(os.fstat(f.fileno()))
     except FileNotFoundError:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d}") from None
     except OSError as e:
         raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 (SafetensorError, OSError, and torch's errors on headers it cannot
         # represent, e.g. TypeError for a dimension >= 2**63: whatever the reader refuses, the file is invalid)
         raise ValueError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        same = _identity(os.stat(path)) == ident
+    except OSError:
+        same = False
+    return tensors, meta, (ident if same else None)
 
 
 PAIR_WAIT_S = 10.0  # the longest a save in progress (its temporary config beside the new weights) is waited for
@@ -387,41 +400,28 @@ def _save_in_progress(d: str) -> bool:
         return False
 
 
-def _identities(d: str) -> tuple:
-    """(inode, size, mtime) of the config and weights files: a rename into place changes them."""
-    out = []
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        try:
-            st = os.stat(os.path.join(d, name))
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
 def _read_pair(d: str) -> tuple[DeLoRAConfig, dict[str, torch.Tensor]]:
     """The config and tensors of the adapter in ``d``, from one save. Weights written by ``save_adapter`` carry their
-    config's fingerprint; a mismatch while a save is renaming its files is read again, so a reader gets the old pair
-    or the new one. A mismatch that stays (the config edited by hand since) is loaded as it is, with a warning, and
-    validated as any file."""
-    deadline, seen = time.monotonic() + PAIR_WAIT_S, 0
+    config's fingerprint, and a mismatch is read again until it goes (a save renames its weights, then its config):
+    a reader gets the old pair or the new one. Only a mismatch that stays, the same two files read twice with no
+    save in progress in between (the config edited by hand since, or a save killed between its renames), is loaded
+    as it is, with a warning, and validated as any file."""
+    deadline, last, pause = time.monotonic() + PAIR_WAIT_S, None, 0.001
     while True:
-        before = _identities(d)
-        cfg = _read_config(d)
-        tensors, meta = _read_tensors(d)
+        cfg, cfg_id = _read_config(d)
+        tensors, meta, weights_id = _read_tensors(d)
         saved_with = meta.get(PAIR_KEY)
         if saved_with is None or saved_with == config_fingerprint(cfg):  # no fingerprint: PEFT's files
             return cfg, tensors
-        seen += 1
-        # a mismatch is the files' own state only if neither file was replaced while they were read and no save is
-        # between its renames; otherwise it is a concurrent writer's, and the next read gets one of its pairs
-        settled = _identities(d) == before and not _save_in_progress(d)
-        if (seen >= 2 and settled) or time.monotonic() > deadline:
+        files = None if weights_id is None or _save_in_progress(d) else (cfg_id, weights_id)
+        if (files is not None and files == last) or time.monotonic() > deadline:
             warnings.warn(f"{os.path.join(d, WEIGHTS_NAME)} was saved with another {CONFIG_NAME} than the one in {d} "
                           f"(the config was edited since, or a save was interrupted); loading the files as they are",
-                          stacklevel=2)
+                          stacklevel=3)
             return cfg, tensors
-        time.sleep(0.001 * seen)
+        last = files
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 REQUIRED, OPTIONAL = "required", "optional"
