@@ -246,15 +246,12 @@ class NativeDeloraLinear(PeftDeloraLinear):
         if bad is not None:
             _fallback(*bad)
             return None
+        adapters = self._adapters(self.active_adapters)
+        if adapters is None:
+            return None
         terms = []
         drops = self.delora_dropout
-        for name in self.active_adapters:
-            if name not in self.delora_A:
-                continue
-            got = self._adapter(name)
-            if isinstance(got[0], str):
-                _fallback(*got)
-                return None
+        for name, got in adapters:
             drop = drops[name] if name in drops else None
             if type(drop) is nn.Identity:
                 p = 0.0
@@ -292,7 +289,7 @@ class NativeDeloraLinear(PeftDeloraLinear):
             return True
         return False
 
-    def _merge_adapters(self, names: list[str]):
+    def _adapters(self, names: list[str]):
         """[(name, (A, B, λ, w))] for the names present, or None when PEFT's code must run (warned)."""
         out = []
         for name in names:
@@ -313,7 +310,7 @@ class NativeDeloraLinear(PeftDeloraLinear):
         names = _peft_layer.check_adapters_to_merge(self, adapter_names)
         if not names:
             return
-        plan = self._merge_adapters(names)
+        plan = self._adapters(names)
         if plan is None:
             return super().merge(safe_merge=safe_merge, adapter_names=names)
         W = self.get_base_layer().weight
@@ -336,7 +333,7 @@ class NativeDeloraLinear(PeftDeloraLinear):
             return
         if self._merge_problem():
             return super().unmerge()
-        plan = self._merge_adapters(list(self.merged_adapters))
+        plan = self._adapters(list(self.merged_adapters))
         if plan is None:
             return super().unmerge()
         adapters = dict(plan)
