@@ -8,6 +8,7 @@ layers' biases, keyed as in the patched model (``<module path>.base_layer.bias``
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import time
 import warnings
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from .config import DeLoRAConfig, adapter_list, check_adapter_name, check_known, check_peft_dict_types
@@ -233,12 +234,53 @@ def _quietly(fn, *args) -> None:
         pass
 
 
+FOLDER_LOCK_WAIT_S = 10.0  # the longest a save or a load waits for the other side's folder lock
+
+
+@contextlib.contextmanager
+def _folder_lock(d: str, exclusive: bool):
+    """An advisory lock of folder ``d`` (``flock`` on the folder itself, so no lock file is left in it): exclusive
+    while a save renames its files in, shared while a load reads a config and its weights. Yields whether the lock
+    is held: not where the platform or file system has no ``flock`` (Windows, some network file systems) or it was
+    not granted within ``FOLDER_LOCK_WAIT_S``; then the reader's fingerprint check is what pairs the files."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield False
+        return
+    try:
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield False
+        return
+    try:
+        held, deadline, pause = False, time.monotonic() + FOLDER_LOCK_WAIT_S, 0.0005
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 0.02)
+            except OSError:  # the file system does not support it
+                break
+        yield held
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _write_pairs(pairs: list[tuple[str, dict, bytes, str]]) -> None:
     """Write (directory, tensors, config bytes, fingerprint) pairs: all or nothing.
 
     Every file is first written in full under a temporary name beside its destination; then, per adapter, the
-    weights and then the config are renamed into place (each rename atomic). A reader (``load_adapter``) seeing
-    the new weights beside the old config notices from the fingerprint and reads again. If anything fails, the
+    weights and then the config are renamed into place (each rename atomic), under an exclusive lock of each folder
+    (``_folder_lock``) that ``load_adapter`` takes shared while it reads the two files; where locks are not
+    available, a reader seeing the new weights beside the old config notices from the fingerprint and reads again.
+    If anything fails, the
     files already replaced are put back from their backups and every temporary file and new folder is removed:
     the directory is as before.
     """
@@ -258,12 +300,15 @@ def _write_pairs(pairs: list[tuple[str, dict, bytes, str]]) -> None:
                 os.close(fd)
                 staged.append((dest, tmp))
                 write(tmp)
-        for dest, tmp in staged:
-            bak = _backup(dest)
-            if bak is not None:
-                backups.append(bak)
-            os.replace(tmp, dest)
-            replaced.append((dest, bak))
+        with contextlib.ExitStack() as locks:  # readers (load_adapter) of these folders wait while they are a mix
+            for d in sorted({os.path.dirname(dest) for dest, _ in staged}):
+                locks.enter_context(_folder_lock(d, exclusive=True))
+            for dest, tmp in staged:
+                bak = _backup(dest)
+                if bak is not None:
+                    backups.append(bak)
+                os.replace(tmp, dest)
+                replaced.append((dest, bak))
     except BaseException:
         for dest, bak in reversed(replaced):
             if bak is not None:
@@ -291,8 +336,8 @@ def save_adapter(model, directory: str, adapter_names: list[str] | None = None, 
     (``.delora_A0``, ``.delora_B0``, ``.delora_lambda0``) that only delora_ext reads.
 
     All or nothing: everything is computed and written under temporary names before any file is replaced, so a
-    failed save leaves the directory as it was, and a concurrent ``load_adapter`` reads the old or the new adapter
-    (a rare race remains: about 1 in 1,500 loads racing a writer in a tight loop mixes the two).
+    failed save leaves the directory as it was, and a concurrent ``load_adapter`` (another thread or process) reads
+    the old or the new adapter, never one's config with the other's weights.
 
     ``model`` may be wrapped (torch.compile, DDP). On an FSDP2-sharded model call it on every rank: the shards are
     gathered (a collective) and every rank writes the same files (atomically).
@@ -360,9 +405,20 @@ def _read_config(d: str) -> tuple[DeLoRAConfig, tuple]:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _read_tensors(d: str) -> tuple[dict[str, torch.Tensor], dict, tuple | None]:
-    """The tensors of ``<d>/adapter_model.safetensors``, its metadata and the identity of the file (None if the
-    file was replaced while it was read)."""
+def _safetensors_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file's bytes (already validated by the safetensors loader): an 8-byte
+    little-endian header length, then the JSON header."""
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n].decode("utf-8")).get("__metadata__") or {}
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def _read_tensors(d: str) -> tuple[dict[str, torch.Tensor], dict, tuple]:
+    """The tensors of ``<d>/adapter_model.safetensors``, its metadata and the identity of the file read.
+
+    The file is read once, through one descriptor, and parsed from those bytes: safetensors' ``safe_open`` opens the
+    path again for the tensor data, so a file replaced between its two opens gave the metadata (and with it the
+    config fingerprint) of one save and the tensors of another."""
     path = os.path.join(d, WEIGHTS_NAME)
     if not os.path.lexists(path):
         if os.path.exists(os.path.join(d, "adapter_model.bin")):
@@ -371,21 +427,18 @@ def _read_tensors(d: str) -> tuple[dict[str, torch.Tensor], dict, tuple | None]:
     try:
         with _open_regular(path, "adapter weights") as f:
             ident = _identity(os.fstat(f.fileno()))
+            data = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d}") from None
     except OSError as e:
         raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
     try:
-        with safe_open(path, framework="pt") as f:
-            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 (SafetensorError, OSError, and torch's errors on headers it cannot
-        # represent, e.g. TypeError for a dimension >= 2**63: whatever the reader refuses, the file is invalid)
+        tensors = load_safetensors(data)
+        meta = _safetensors_metadata(data)
+    except Exception as e:  # noqa: BLE001 (SafetensorError, and torch's errors on headers it cannot represent,
+        # e.g. TypeError for a dimension >= 2**63: whatever the reader refuses, the file is invalid)
         raise ValueError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
-    try:
-        same = _identity(os.stat(path)) == ident
-    except OSError:
-        same = False
-    return tensors, meta, (ident if same else None)
+    return tensors, meta, ident
 
 
 PAIR_WAIT_S = 10.0  # the longest a save in progress (its temporary config beside the new weights) is waited for
@@ -401,20 +454,22 @@ def _save_in_progress(d: str) -> bool:
 
 
 def _read_pair(d: str) -> tuple[DeLoRAConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of the adapter in ``d``, from one save. Weights written by ``save_adapter`` carry their
-    config's fingerprint, and a mismatch is read again until it goes (a save renames its weights, then its config):
-    a reader gets the old pair or the new one. Only a mismatch that stays, the same two files read twice with no
-    save in progress in between (the config edited by hand since, or a save killed between its renames), is loaded
-    as it is, with a warning, and validated as any file."""
+    """The config and tensors of the adapter in ``d``, from one save. The two files are read under a shared lock of
+    the folder, which ``save_adapter`` holds exclusively while it renames its files in, so they come from one save.
+    Weights written by ``save_adapter`` also carry their config's fingerprint: a mismatch read under the lock, or
+    one that stays (the same two files read twice with no save in progress in between) where there is no lock, is
+    the files' own state (the config edited by hand since, or a save killed between its renames) and is loaded as it
+    is, with a warning, and validated as any file; a mismatch without the lock is read again until it goes."""
     deadline, last, pause = time.monotonic() + PAIR_WAIT_S, None, 0.001
     while True:
-        cfg, cfg_id = _read_config(d)
-        tensors, meta, weights_id = _read_tensors(d)
+        with _folder_lock(d, exclusive=False) as locked:
+            cfg, cfg_id = _read_config(d)
+            tensors, meta, weights_id = _read_tensors(d)
         saved_with = meta.get(PAIR_KEY)
         if saved_with is None or saved_with == config_fingerprint(cfg):  # no fingerprint: PEFT's files
             return cfg, tensors
-        files = None if weights_id is None or _save_in_progress(d) else (cfg_id, weights_id)
-        if (files is not None and files == last) or time.monotonic() > deadline:
+        files = None if _save_in_progress(d) else (cfg_id, weights_id)
+        if locked or (files is not None and files == last) or time.monotonic() > deadline:
             warnings.warn(f"{os.path.join(d, WEIGHTS_NAME)} was saved with another {CONFIG_NAME} than the one in {d} "
                           f"(the config was edited since, or a save was interrupted); loading the files as they are",
                           stacklevel=3)

@@ -3,7 +3,7 @@
 For each of patch, merge, unmerge, delete_adapter, set_adapter, save_adapter and load_adapter, every internal
 step it runs is made to fail in turn: every function of delora_ext's modules and every method of its layer and
 config classes that the operation calls, and the library calls it makes (copy.deepcopy, os.replace, os.link,
-os.mkdir, os.fsync, tempfile.mkstemp, safetensors' save_file / safe_open, json.dumps / loads), each at its first,
+os.mkdir, os.fsync, tempfile.mkstemp, safetensors' save_file / load, json.dumps / loads), each at its first,
 second, middle and last call. The model (every parameter and buffer bit for bit, with dtype, device, requires_grad
 and identity; every module at every path with its train/eval mode; adapter and patch state, including the
 modules_to_save originals and copies held outside the module tree) and the adapter directory (every file's bytes)
@@ -43,7 +43,7 @@ CLASSES = [layer_mod.DeLoRALayer, layer_mod.DeLoRALinear, layer_mod.BufferDict, 
 RESTORE = {getattr(model_mod, n, None) for n in ("transaction", "note_write", "note_data", "_snap", "_unsnap")}
 RESTORE |= {f for f in vars(getattr(model_mod, "Undo", object)).values() if inspect.isfunction(f)}
 LIBRARY = [(copy_module, "deepcopy"), (os, "replace"), (os, "link"), (os, "mkdir"), (os, "fsync"),
-           (tempfile_module, "mkstemp"), (io, "save_file"), (io, "safe_open"), (json_module, "dumps"),
+           (tempfile_module, "mkstemp"), (io, "save_file"), (io, "load_safetensors"), (json_module, "dumps"),
            (json_module, "loads")]
 
 
