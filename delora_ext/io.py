@@ -49,18 +49,6 @@ def _adapter_dir(directory: str, name: str) -> str:
     return directory if name == "default" else os.path.join(directory, name)
 
 
-def atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     """``t``'s whole value as a plain CPU tensor. An FSDP2-sharded parameter (a DTensor) is all-gathered first:
     a collective, so on an FSDP2 model every rank must call save_adapter / adapter_state_dict."""

@@ -5,22 +5,21 @@ lora_alpha = r (scaling 1) give the same outputs (a paper-init adapter: rank 2r,
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
-
-from safetensors.torch import save_file
 
 from . import core
 from .config import check_known
 from .core import is_conv1d
-from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_modules_to_save, atomic_write, bias_tensors, untied
+from .io import PREFIX, _write_pairs, adapter_modules_to_save, bias_tensors, untied
 from .model import delora_layers, require_state, unwrap
 
 
 def export_lora(model, directory: str, adapter_name: str = "default") -> None:
     """Write a PEFT LoRA adapter whose outputs equal this DeLoRA adapter's: lora_A = A ⊙ w, lora_B = B ⊙ s,
-    lora_alpha = r (scaling 1). A paper-init adapter exports as rank 2r: [A' ; A₀'] and [B' | −B₀']."""
+    lora_alpha = r (scaling 1). A paper-init adapter exports as rank 2r: [A' ; A₀'] and [B' | −B₀']. All or
+    nothing, as ``save_adapter``: a failed export leaves ``directory`` as it was."""
     model = unwrap(model)
     state = require_state(model)
     check_known([adapter_name], state.configs, "the model", "adapter_name")
@@ -51,9 +50,7 @@ def export_lora(model, directory: str, adapter_name: str = "default") -> None:
         "modules_to_save": cfg.modules_to_save, "inference_mode": True, "base_model_name_or_path": None,
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
-    tensors = untied(tensors)
-    os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(directory, CONFIG_NAME),
-                 lambda p: open(p, "w").write(json.dumps(lora_cfg, indent=2, sort_keys=True) + "\n"))
+    cfg_bytes = (json.dumps(lora_cfg, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    # as save_adapter: all or nothing, the weights stamped with their config, renamed in under the folder lock
+    _write_pairs([(directory, untied(tensors), cfg_bytes, hashlib.sha256(cfg_bytes).hexdigest())])
 

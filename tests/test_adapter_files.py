@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import delora_ext
 from delora_ext.io import CONFIG_NAME, WEIGHTS_NAME
+from delora_ext.model import delora_layers
 from delora_ext.patching import STATE_ATTR
 
 from helpers import assert_close, rel_err
@@ -348,3 +349,27 @@ def test_bad_file_is_refused_and_model_unchanged(kind, into, good_adapter, tmp_p
     assert torch.equal(outputs(model, "llama"), y)
     # and the good file still loads into the same model afterwards
     delora_ext.load_adapter(model, str(good_adapter), adapter_name=name)
+
+
+def test_a_failed_lora_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    from model_state import files
+    model = delora_ext.patch(build("llama"), target_modules=["q_proj", "v_proj"], r=4, init_weights=False)
+    delora_ext.export_lora(model, str(tmp_path))
+    before = files(str(tmp_path))
+    with torch.no_grad():
+        for layer in delora_layers(model).values():
+            layer.delora_B["default"].add_(1.0)
+    real, seen = os.replace, []
+
+    def replace(src, dst):  # the config's rename, after the weights were renamed in
+        seen.append(dst)
+        if str(dst).endswith("adapter_config.json"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        delora_ext.export_lora(model, str(tmp_path))
+    monkeypatch.undo()
+    assert any(str(d).endswith("adapter_model.safetensors") for d in seen)
+    assert files(str(tmp_path)) == before
