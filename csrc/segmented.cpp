@@ -40,7 +40,7 @@ constexpr int64_t kTaskWork = int64_t(1) << 16;
 #endif
 
 // u[t, j] = Σ_i x_t[i] A[j, i] (⊙ sa[j]) for the NR rows x_t of a tile. Each dot runs in L lanes (two 512-bit
-// vectors' worth) summed in lane order, then the tail: the order is fixed at compile time.
+// vectors' worth) folded in halves, then the tail: the order is fixed at compile time.
 template <typename T, int NR>
 DELORA_SEG_INLINE void tile_u(const T* const* xr, const T* A, const T* sa, int64_t r, int64_t in, T* u) {
   constexpr int L = 128 / sizeof(T);
@@ -52,8 +52,10 @@ DELORA_SEG_INLINE void tile_u(const T* const* xr, const T* A, const T* sa, int64
       for (int t = 0; t < NR; ++t)
         for (int l = 0; l < L; ++l) acc[t][l] += xr[t][i + l] * a[i + l];
     for (int t = 0; t < NR; ++t) {
-      T s = 0;
-      for (int l = 0; l < L; ++l) s += acc[t][l];
+      // lanes folded in halves (a fixed tree, vectorised), then the tail in order
+      for (int w = L / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) acc[t][l] += acc[t][l + w];
+      T s = acc[t][0];
       for (int64_t ii = i; ii < in; ++ii) s += xr[t][ii] * a[ii];
       u[t * r + j] = sa != nullptr ? s * sa[j] : s;
     }

@@ -342,7 +342,7 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, a
     if not present:
         return y
     grad = torch.is_grad_enabled()
-    if not grad and _segmented_applies(plan, x, y, dt):
+    if not grad and _segmented_applies(plan, layer, x, y, present, dt):
         out = _segmented_forward(plan, layer, x, y, present, dt, fused)
         if out is not None:
             return out
@@ -394,9 +394,12 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, a
 # (r = 16, 32 rows) alike (bench_cpu.py, mixed-batch section). CUDA: not yet measured; a launch (~5 µs) there
 # buys far more FLOPs, so its bound is set two orders of magnitude higher.
 MASKED_MAX_WORK = {"cpu": 4_000_000, "cuda": 256_000_000}
-# Devices where "auto" uses the native segmented op (fp16 aside): CPU, where it beat both other strategies at every
-# measured size (bench_cpu.py, mixed-batch section). Not CUDA: its kernel is compiled but has not been measured.
+# Devices where "auto" uses the native segmented op (fp16 aside): CPU, where it beat grouped at every measured size
+# and masked at every size with two threads (64×64 r = 8 with 8..128 rows up to 1024×1024 r = 16 with 32 rows, 8
+# adapters); with one intra-op thread masked stayed 3-10 % faster up to about 1e6 masked multiply-adds (64×64,
+# 64 rows), so auto keeps masked there. Not CUDA: its kernel is compiled but has not been run or measured.
 SEGMENTED_AUTO_DEVICES = frozenset({"cpu"})
+MASKED_OVER_SEGMENTED_ONE_THREAD = 1_000_000
 
 
 def _masked_applies(plan: _Plan, layer: nn.Module, x: torch.Tensor, present: tuple, dt: torch.dtype) -> bool:
@@ -405,10 +408,14 @@ def _masked_applies(plan: _Plan, layer: nn.Module, x: torch.Tensor, present: tup
         return False
     if plan.strategy == "masked":
         return True
+    return _masked_work(layer, x, present) <= MASKED_MAX_WORK.get(x.device.type, MASKED_MAX_WORK["cpu"])
+
+
+def _masked_work(layer: nn.Module, x: torch.Tensor, present: tuple) -> int:
+    """rows × Σr × (in + out): the multiply-adds of the masked path's two GEMMs."""
     frozen = layer._modules["delora_A0"]._buffers
     total_r = sum(layer.r[n] * (2 if n in frozen else 1) for n in present)
-    work = math.prod(x.shape[:-1]) * total_r * (layer.in_features + layer.out_features)
-    return work <= MASKED_MAX_WORK.get(x.device.type, MASKED_MAX_WORK["cpu"])
+    return math.prod(x.shape[:-1]) * total_r * (layer.in_features + layer.out_features)
 
 
 def _masked_forward(plan, layer, x, y, present, factors, dt, fused) -> torch.Tensor:
@@ -434,7 +441,8 @@ def _masked_forward(plan, layer, x, y, present, factors, dt, fused) -> torch.Ten
     return y + torch.mm(u, BdT).view(y.shape).to(y.dtype)
 
 
-def _segmented_applies(plan: _Plan, x: torch.Tensor, y: torch.Tensor, dt: torch.dtype) -> bool:
+def _segmented_applies(plan: _Plan, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, present: tuple,
+                       dt: torch.dtype) -> bool:
     """Whether the native segmented op applies: asked for (or picked by "auto"), a native kernel for x's device, and
     a base output of x's rows in x's dtype (the op adds in place, in x's dtype; grouped casts the delta instead)."""
     if plan.strategy not in ("segmented", "auto"):
@@ -445,7 +453,10 @@ def _segmented_applies(plan: _Plan, x: torch.Tensor, y: torch.Tensor, dt: torch.
         return False
     if plan.strategy == "segmented":
         return True
-    return x.device.type in SEGMENTED_AUTO_DEVICES and dt != torch.float16
+    if x.device.type not in SEGMENTED_AUTO_DEVICES or dt == torch.float16:
+        return False
+    # one intra-op thread and little work: masked's three ATen calls cost a few µs less than the op's list arguments
+    return torch.get_num_threads() > 1 or _masked_work(layer, x, present) > MASKED_OVER_SEGMENTED_ONE_THREAD
 
 
 def _segmented_entry(layer: nn.Module, name: str, factors: list, dt: torch.dtype) -> tuple:
@@ -477,17 +488,23 @@ def _segmented_forward(plan, layer, x, y, present, dt, fused) -> torch.Tensor | 
     per adapter). A row reads only its own adapter's factors, so a non-finite factor stays in its rows. None when a
     factor cannot be cached (the grouped path then runs)."""
     factors = [folded(layer, name, dt) for name in present]  # all looked up first: a miss drops derived entries
-    if any(f is None for f in factors):
+    if None in factors:
         return None
-    A, Bt, sa = [], [], []
-    for name, f in zip(present, factors):
-        a, b, s = _segmented_entry(layer, name, f, dt)
-        A.append(a)
-        Bt.append(b)
-        sa.append(s)
+    # the op's three lists for this set of adapters, references to the per-adapter entries (no copies)
+    store = layer.__dict__[_CACHE_ATTR]
+    key = (BASE, "segmented", present, dt)
+    got = store.get(key)
+    if got is None or any(a is not b for a, b in zip(got[0], factors)):
+        entries = [_segmented_entry(layer, name, f, dt) for name, f in zip(present, factors)]
+        got = (factors, *(list(t) for t in zip(*entries)))
+        store[key] = got
+    _, A, Bt, sa = got
     if not fused or not y.is_contiguous():
         # the base layer's own output may be referenced elsewhere (a hook, a cache): update a copy, as index_add does
         y = y.clone(memory_format=torch.contiguous_format)
+    if x.dim() == 2:
+        ops.segmented_adapter_(y, x, plan.row_adapters(present, x.device, 1), A, Bt, sa)
+        return y
     idx = plan.row_adapters(present, x.device, math.prod(x.shape[1:-1]))
     ops.segmented_adapter_(y.view(-1, y.shape[-1]), _rows(x), idx, A, Bt, sa)
     return y
@@ -530,7 +547,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], strategy: str = 
     grows with the number of adapters in the batch. "masked": every row against all the batch's adapters in two
     GEMMs, each row's product masked to its own adapter's block: k-fold skinny-GEMM FLOPs, but three calls whatever
     k, so faster where calls dominate (decoding, small batches). "auto" (default): segmented on the devices in
-    ``SEGMENTED_AUTO_DEVICES`` (CPU, where it was measured faster than both others) except for fp16; otherwise
+    ``SEGMENTED_AUTO_DEVICES`` (CPU, where it was measured faster than both others) except for fp16 and, with one
+    intra-op thread, below ``MASKED_OVER_SEGMENTED_ONE_THREAD`` masked multiply-adds; otherwise
     masked while the extra work, rows × Σr × (in + out), is below ``MASKED_MAX_WORK`` for the device, grouped
     above; grouped for fp16 (a masked-out product could overflow fp16, and inf·0 is NaN) and whenever gradients
     are recorded.

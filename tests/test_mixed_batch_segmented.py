@@ -206,21 +206,28 @@ def test_gradients_recorded_fall_back_to_grouped():
     assert layer.delora_B["a1"].grad is not None and layer.delora_B["a0"].grad is None
 
 
+def _auto_picks(layer, names, x, threads):
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad(), delora_ext.mixed_batch(layer, names), _CountOps() as ops:
+            layer(x)
+    finally:
+        torch.set_num_threads(n)
+    c = ops.counts
+    return "segmented" if "segmented_adapter_" in c else "masked" if "masked_fill_" in c else "grouped"
+
+
 def test_auto_uses_segmented_on_cpu_except_fp16(monkeypatch):
     layer = _layer()
-    names = [f"a{i % 4}" for i in range(8)]
-    for rows in (1, 512):
-        with torch.no_grad(), delora_ext.mixed_batch(layer, names), _CountOps() as ops:
-            layer(torch.randn(8, rows, 70))
-        assert ops.counts.get("segmented_adapter_") == 1 and "index_select" not in ops.counts, (rows, ops.counts)
-    half = _layer(torch.float16)
-    with torch.no_grad(), delora_ext.mixed_batch(half, names), _CountOps() as ops:
-        half(torch.randn(8, 70).half())
-    assert "segmented_adapter_" not in ops.counts and ops.counts.get("index_select") == 1
+    names = [f"a{i % 4}" for i in range(8)]  # Σr = 14, in + out = 115: 1610 masked multiply-adds a row
+    assert _auto_picks(layer, names, torch.randn(8, 1, 70), threads=2) == "segmented"
+    assert _auto_picks(layer, names, torch.randn(8, 512, 70), threads=2) == "segmented"
+    assert _auto_picks(layer, names, torch.randn(8, 1, 70), threads=1) == "masked"  # 12880 ≤ 1e6
+    assert _auto_picks(layer, names, torch.randn(8, 100, 70), threads=1) == "segmented"  # 1.3e6
+    assert _auto_picks(_layer(torch.float16), names, torch.randn(8, 512, 70).half(), threads=2) == "grouped"
     monkeypatch.setattr(inference, "SEGMENTED_AUTO_DEVICES", frozenset())
-    with torch.no_grad(), delora_ext.mixed_batch(layer, names), _CountOps() as ops:
-        layer(torch.randn(8, 70))
-    assert "segmented_adapter_" not in ops.counts and ops.counts.get("masked_fill_") == 1
+    assert _auto_picks(layer, names, torch.randn(8, 70), threads=2) == "masked"
 
 
 # ---- the op itself ------------------------------------------------------------------------------------------------
