@@ -395,11 +395,12 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, a
 # buys far more FLOPs, so its bound is set two orders of magnitude higher.
 MASKED_MAX_WORK = {"cpu": 4_000_000, "cuda": 256_000_000}
 # Devices where "auto" uses the native segmented op (fp16 aside): CPU, where it beat grouped at every measured size
-# and masked at every size with two threads (64×64 r = 8 with 8..128 rows up to 1024×1024 r = 16 with 32 rows, 8
-# adapters); with one intra-op thread masked stayed 3-10 % faster up to about 1e6 masked multiply-adds (64×64,
-# 64 rows), so auto keeps masked there. Not CUDA: its kernel is compiled but has not been run or measured.
+# (8 adapters; 64×64 r = 8 with 8..1000 rows, 128², 256², 1024×1024 r = 16 with 8..256 rows) and masked wherever
+# masked's work, rows × Σr × (in + out), exceeds about 1e6 (1.2-1.8× less adapter time at 1024×1024); below it
+# the two are within ~10 % either way (a few µs of call overhead), and auto keeps masked. Not CUDA: its kernel is
+# compiled but has not been run or measured.
 SEGMENTED_AUTO_DEVICES = frozenset({"cpu"})
-MASKED_OVER_SEGMENTED_ONE_THREAD = 1_000_000
+MASKED_OVER_SEGMENTED_WORK = 1_000_000
 
 
 def _masked_applies(plan: _Plan, layer: nn.Module, x: torch.Tensor, present: tuple, dt: torch.dtype) -> bool:
@@ -455,8 +456,8 @@ def _segmented_applies(plan: _Plan, layer: nn.Module, x: torch.Tensor, y: torch.
         return True
     if x.device.type not in SEGMENTED_AUTO_DEVICES or dt == torch.float16:
         return False
-    # one intra-op thread and little work: masked's three ATen calls cost a few µs less than the op's list arguments
-    return torch.get_num_threads() > 1 or _masked_work(layer, x, present) > MASKED_OVER_SEGMENTED_ONE_THREAD
+    # little work: masked's three ATen calls cost about what the op's list arguments do (a few µs)
+    return _masked_work(layer, x, present) > MASKED_OVER_SEGMENTED_WORK
 
 
 def _segmented_entry(layer: nn.Module, name: str, factors: list, dt: torch.dtype) -> tuple:
@@ -547,8 +548,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], strategy: str = 
     grows with the number of adapters in the batch. "masked": every row against all the batch's adapters in two
     GEMMs, each row's product masked to its own adapter's block: k-fold skinny-GEMM FLOPs, but three calls whatever
     k, so faster where calls dominate (decoding, small batches). "auto" (default): segmented on the devices in
-    ``SEGMENTED_AUTO_DEVICES`` (CPU, where it was measured faster than both others) except for fp16 and, with one
-    intra-op thread, below ``MASKED_OVER_SEGMENTED_ONE_THREAD`` masked multiply-adds; otherwise
+    ``SEGMENTED_AUTO_DEVICES`` (CPU, where it was measured faster than both others) except for fp16 and at most
+    ``MASKED_OVER_SEGMENTED_WORK`` masked multiply-adds (rows × Σr × (in + out)), where masked is as fast; otherwise
     masked while the extra work, rows × Σr × (in + out), is below ``MASKED_MAX_WORK`` for the device, grouped
     above; grouped for fp16 (a masked-out product could overflow fp16, and inf·0 is NaN) and whenever gradients
     are recorded.

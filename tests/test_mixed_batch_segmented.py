@@ -221,10 +221,10 @@ def _auto_picks(layer, names, x, threads):
 def test_auto_uses_segmented_on_cpu_except_fp16(monkeypatch):
     layer = _layer()
     names = [f"a{i % 4}" for i in range(8)]  # Σr = 14, in + out = 115: 1610 masked multiply-adds a row
-    assert _auto_picks(layer, names, torch.randn(8, 1, 70), threads=2) == "segmented"
-    assert _auto_picks(layer, names, torch.randn(8, 512, 70), threads=2) == "segmented"
-    assert _auto_picks(layer, names, torch.randn(8, 1, 70), threads=1) == "masked"  # 12880 ≤ 1e6
-    assert _auto_picks(layer, names, torch.randn(8, 100, 70), threads=1) == "segmented"  # 1.3e6
+    for threads in (1, 2):
+        assert _auto_picks(layer, names, torch.randn(8, 1, 70), threads) == "masked"  # 12880 ≤ 1e6
+        assert _auto_picks(layer, names, torch.randn(8, 100, 70), threads) == "segmented"  # 1.3e6
+        assert _auto_picks(layer, names, torch.randn(8, 512, 70), threads) == "segmented"
     assert _auto_picks(_layer(torch.float16), names, torch.randn(8, 512, 70).half(), threads=2) == "grouped"
     monkeypatch.setattr(inference, "SEGMENTED_AUTO_DEVICES", frozenset())
     assert _auto_picks(layer, names, torch.randn(8, 70), threads=2) == "masked"
