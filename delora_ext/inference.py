@@ -284,7 +284,6 @@ class _Plan:
             self._masks[key] = m
         return m
 
-
     def row_adapters(self, present: tuple, device: torch.device, per: int) -> torch.Tensor:
         """(n·per,) int64 on ``device``: each row's index into ``present``, -1 where its adapter is not there
         ("__base__", or an adapter this layer lacks); ``per`` rows per batch element (sequence positions)."""
