@@ -36,7 +36,8 @@ with open(os.path.join(ROOT, "delora_ext", "_build_torch_version.txt"), "w") as 
 
 csrc = os.path.join("csrc")
 sources = [os.path.join(csrc, f)
-           for f in ("registration.cpp", "autograd.cpp", "autocast.cpp", "delora_ops.cpp", "delora_cpu.cpp")]
+           for f in ("registration.cpp", "autograd.cpp", "autocast.cpp", "delora_ops.cpp", "delora_cpu.cpp",
+                    "segmented.cpp")]
 define_macros = [
     ("DELORA_TORCH_VERSION", f'"{torch.__version__}"'),
     ("DELORA_CUDA_ARCHS", f'"{plan.arch_list}"'),
@@ -47,7 +48,7 @@ extra_compile_args = {"cxx": cxx_flags}
 include_dirs = [os.path.join(ROOT, "csrc")]
 
 if plan.cuda:
-    sources.append(os.path.join(csrc, "delora_cuda.cu"))
+    sources += [os.path.join(csrc, "delora_cuda.cu"), os.path.join(csrc, "segmented_cuda.cu")]
     define_macros.append(("DELORA_WITH_CUDA", None))
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     # Headers torch's CUDA headers include but some toolkits lack (cublas_v2.h, cusparse.h …) come from the

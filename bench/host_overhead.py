@@ -18,8 +18,8 @@ was descheduled by other processes on a shared machine. The targets are read off
 Mixed batch: ``delora_ext.mixed_batch`` with 8 adapters on one layer and a batch of 32 rows (4 per adapter,
 shuffled), against the loop a caller writes without it: for each adapter, ``set_adapter`` and a forward of that
 adapter's rows, the results scattered back into one output. Both under ``torch.no_grad()``, eval mode. Beside
-them, the parts that size a native segmented kernel: the forward inside an already open block, the base GEMM
-alone, and one adapter applied to every row.
+them, the layer's forward inside an already open block with each strategy (grouped, masked and the native
+segmented op), the base GEMM alone, and one adapter applied to every row (the floor of the adapter part).
 """
 from __future__ import annotations
 
@@ -164,9 +164,9 @@ def _mixed_layer(in_f: int, out_f: int, r: int, n_adapters: int, seed: int):
 
 
 def mixed_batch(rounds: int = 20, calls: int = 20, warmup: int = 2, seed: int = 0) -> dict:
-    """mixed_batch(layer, names) vs the loop of one set_adapter + forward per adapter, same rows, same output; and,
-    to size what a native segmented kernel would have to beat, the layer's forward inside an open block (no
-    per-block grouping), the base GEMM alone and one adapter on all rows."""
+    """mixed_batch(layer, names) vs the loop of one set_adapter + forward per adapter, same rows, same output; and
+    the layer's forward inside an open block (no per-block grouping) with each strategy, the base GEMM alone and
+    one adapter on all rows."""
     import delora_ext
     from delora_ext import inference
 
@@ -215,7 +215,8 @@ def mixed_batch(rounds: int = 20, calls: int = 20, warmup: int = 2, seed: int = 
 
         diff = (mixed() - loop()).abs().max().item() / loop().abs().max().item()
         items = {"loop of single-adapter calls": loop, "mixed_batch": mixed, "grouped, open block": in_block("grouped"),
-                 "masked, open block": in_block("masked"), "base GEMM alone": base_only,
+                 "masked, open block": in_block("masked"), "segmented, open block": in_block("segmented"),
+                 "base GEMM alone": base_only,
                  "one adapter, all rows": one_adapter}
         res = _time_interleaved(items, rounds, calls, warmup, seed)
         c = {key: v["cpu_us"] for key, v in res.items()}
@@ -225,6 +226,7 @@ def mixed_batch(rounds: int = 20, calls: int = 20, warmup: int = 2, seed: int = 
                      "ratio_wall": res["mixed_batch"]["wall_us"] / res["loop of single-adapter calls"]["wall_us"],
                      "grouped_adapter_part_cpu_us": c["grouped, open block"] - c["base GEMM alone"],
                      "masked_adapter_part_cpu_us": c["masked, open block"] - c["base GEMM alone"],
+                     "segmented_adapter_part_cpu_us": c["segmented, open block"] - c["base GEMM alone"],
                      "one_adapter_part_cpu_us": c["one adapter, all rows"] - c["base GEMM alone"]})
     return {"rounds": rounds, "calls": calls, "threads": torch.get_num_threads(), "rows": rows}
 
@@ -265,14 +267,17 @@ def render(host: dict | None, mixed: dict | None) -> list[str]:
                  f"CPU µs, over {mixed['rounds']} interleaved rounds of {mixed['calls']} calls.")
         L.append("")
         L.append("| in×out | r | loop | mixed_batch | mixed/loop (CPU, wall) | grouped, open block | "
-                 "masked, open block | base GEMM alone | adapter part: grouped / masked / one adapter | max |Δy|/max |y| |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+                 "masked, open block | segmented, open block | base GEMM alone | "
+                 "adapter part: grouped / masked / segmented / one adapter | max |Δy|/max |y| |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in mixed["rows"]:
             t = {k: v["cpu_us"] for k, v in r["timings"].items()}
             L.append(f"| {r['in']}×{r['out']} | {r['r']} | {t['loop of single-adapter calls']:.1f} | "
                      f"{t['mixed_batch']:.1f} | {r['ratio_cpu']:.2f}, {r['ratio_wall']:.2f} | "
-                     f"{t['grouped, open block']:.1f} | {t['masked, open block']:.1f} | {t['base GEMM alone']:.1f} | "
+                     f"{t['grouped, open block']:.1f} | {t['masked, open block']:.1f} | "
+                     f"{t['segmented, open block']:.1f} | {t['base GEMM alone']:.1f} | "
                      f"{r['grouped_adapter_part_cpu_us']:.1f} / {r['masked_adapter_part_cpu_us']:.1f} / "
+                     f"{r['segmented_adapter_part_cpu_us']:.1f} / "
                      f"{r['one_adapter_part_cpu_us']:.1f} | {r['rel_max_diff_mixed_vs_loop']:.1e} |")
         L.append("")
     return L

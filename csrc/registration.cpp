@@ -11,6 +11,7 @@
 #include "delora.h"
 #include "dispatch_keys.h"
 #include "kernels.h"
+#include "segmented.h"
 
 #ifndef DELORA_TORCH_VERSION
 #define DELORA_TORCH_VERSION "unknown"
@@ -50,6 +51,10 @@ TORCH_LIBRARY(delora_ext, m) {
   m.def("merge_many_(Tensor(a!) weight, Tensor[] A, Tensor[] B, Tensor[] lam, Tensor[] w, float[] alpha) -> ()");
   // ΔW = (B ⊙ s)(A ⊙ w), out×in, in fp32 (fp64 for fp64 adapters).
   m.def("delta_weight(Tensor A, Tensor B, Tensor lam, Tensor w) -> Tensor");
+  // Mixed batches (segmented.cpp): y[n] += ((x[n] A_kᵀ) ⊙ sa_k) Bt_k for k = rows_adapter[n] ≥ 0 (−1: nothing),
+  // A_k (r_k×in), Bt_k (r_k×out), sa_k (r_k) or None, all in opmath; one pass, one rounding into y.
+  m.def("segmented_adapter_(Tensor(a!) y, Tensor x, Tensor rows_adapter, Tensor[] A, Tensor[] Bt, Tensor?[] sa) "
+        "-> ()");
 }
 
 namespace delora_ext {
@@ -65,6 +70,7 @@ void impl_device(torch::Library& m, c10::DeviceType device, const DeviceKernels&
   m.impl("merge_", &merge_);
   m.impl("merge_many_", &merge_many_);
   m.impl("delta_weight", &delta_weight);
+  m.impl("segmented_adapter_", &segmented_adapter_);
 }
 
 }  // namespace

@@ -19,9 +19,11 @@ tensors the cache may later drop; the op recomputes the factors inside the graph
 
 **Mixed batches.** ``mixed_batch(model, adapter_names)`` runs one forward in which row i of the batch (dim 0) uses
 adapter ``adapter_names[i]`` (``"__base__"``: none), as PEFT LoRA's ``adapter_names`` argument. Each layer computes
-the base output for the whole batch, gathers the rows of every adapter into one sorted copy (one
-``index_select``), runs each adapter's two skinny GEMMs on its contiguous segment and adds all of them back with
-one ``index_add_``. The grouping is computed once per block, not per layer.
+the base output for the whole batch, then adds every row's own adapter term: on CPU by default in one call of the
+native segmented op (each row against its adapter's cached factors, no gathered copy, no call per adapter), else
+by gathering the rows of every adapter into one sorted copy (one ``index_select``), running each adapter's two
+skinny GEMMs on its contiguous segment and adding all of them back with one ``index_add_``, or by the masked
+two-GEMM form (see ``mixed_batch``). The grouping is computed once per block, not per layer.
 """
 from __future__ import annotations
 
@@ -257,6 +259,7 @@ class _Plan:
         self.strategy = strategy
         self._groups: dict[tuple, tuple] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._row_adapters: dict[tuple, torch.Tensor] = {}
 
     def groups(self, present: tuple, device: torch.device) -> tuple:
         """(perm, sizes) for the adapters in ``present``: perm (int64, on ``device``) lists their rows adapter by
@@ -280,6 +283,18 @@ class _Plan:
             m = row_block[:, None] != col_block[None, :]
             self._masks[key] = m
         return m
+
+    def row_adapters(self, present: tuple, device: torch.device, per: int) -> torch.Tensor:
+        """(n·per,) int64 on ``device``: each row's index into ``present``, -1 where its adapter is not there
+        ("__base__", or an adapter this layer lacks); ``per`` rows per batch element (sequence positions)."""
+        key = (present, device, per)
+        got = self._row_adapters.get(key)
+        if got is None:
+            pos = {name: i for i, name in enumerate(present)}
+            idx = torch.tensor([pos.get(name, -1) for name in self.names], dtype=torch.int64)
+            got = (idx.repeat_interleave(per) if per != 1 else idx).to(device)
+            self._row_adapters[key] = got
+        return got
 
 
 def _stacked(layer: nn.Module, present: tuple, factors: list, dt: torch.dtype) -> tuple:
@@ -326,6 +341,10 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, a
     if not present:
         return y
     grad = torch.is_grad_enabled()
+    if not grad and _segmented_applies(plan, layer, x, y, present, dt):
+        out = _segmented_forward(plan, layer, x, y, present, dt, fused)
+        if out is not None:
+            return out
     if not grad and _masked_applies(plan, layer, x, present, dt):
         factors = [folded(layer, name, dt) for name in present]
         if all(f is not None for f in factors):
@@ -374,17 +393,29 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, a
 # (r = 16, 32 rows) alike (bench_cpu.py, mixed-batch section). CUDA: not yet measured; a launch (~5 µs) there
 # buys far more FLOPs, so its bound is set two orders of magnitude higher.
 MASKED_MAX_WORK = {"cpu": 4_000_000, "cuda": 256_000_000}
+# Devices where "auto" uses the native segmented op (fp16 aside): CPU, where it beat grouped at every measured size
+# (8 adapters; 64×64 r = 8 with 8..1000 rows, 128², 256², 1024×1024 r = 16 with 8..256 rows) and masked wherever
+# masked's work, rows × Σr × (in + out), exceeds about 1e6 (1.2-1.8× less adapter time at 1024×1024); below it
+# the two are within ~10 % either way (a few µs of call overhead), and auto keeps masked. Not CUDA: its kernel is
+# compiled but has not been run or measured.
+SEGMENTED_AUTO_DEVICES = frozenset({"cpu"})
+MASKED_OVER_SEGMENTED_WORK = 1_000_000
 
 
 def _masked_applies(plan: _Plan, layer: nn.Module, x: torch.Tensor, present: tuple, dt: torch.dtype) -> bool:
-    if plan.strategy == "grouped" or dt == torch.float16:  # fp16: another adapter's u may overflow, and inf·0 = NaN
+    # fp16: another adapter's u may overflow, and inf·0 = NaN
+    if plan.strategy in ("grouped", "segmented") or dt == torch.float16:
         return False
     if plan.strategy == "masked":
         return True
+    return _masked_work(layer, x, present) <= MASKED_MAX_WORK.get(x.device.type, MASKED_MAX_WORK["cpu"])
+
+
+def _masked_work(layer: nn.Module, x: torch.Tensor, present: tuple) -> int:
+    """rows × Σr × (in + out): the multiply-adds of the masked path's two GEMMs."""
     frozen = layer._modules["delora_A0"]._buffers
     total_r = sum(layer.r[n] * (2 if n in frozen else 1) for n in present)
-    work = math.prod(x.shape[:-1]) * total_r * (layer.in_features + layer.out_features)
-    return work <= MASKED_MAX_WORK.get(x.device.type, MASKED_MAX_WORK["cpu"])
+    return math.prod(x.shape[:-1]) * total_r * (layer.in_features + layer.out_features)
 
 
 def _masked_forward(plan, layer, x, y, present, factors, dt, fused) -> torch.Tensor:
@@ -408,6 +439,75 @@ def _masked_forward(plan, layer, x, y, present, factors, dt, fused) -> torch.Ten
         y2.addmm_(u, BdT)
         return y
     return y + torch.mm(u, BdT).view(y.shape).to(y.dtype)
+
+
+def _segmented_applies(plan: _Plan, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, present: tuple,
+                       dt: torch.dtype) -> bool:
+    """Whether the native segmented op applies: asked for (or picked by "auto"), a native kernel for x's device, and
+    a base output of x's rows in x's dtype (the op adds in place, in x's dtype; grouped casts the delta instead)."""
+    if plan.strategy not in ("segmented", "auto"):
+        return False
+    if not ops.HAS_SEGMENTED or x.dim() < 2 or not ops.has_kernel(x.device):
+        return False
+    if y.dtype != dt or y.device != x.device or y.shape[:-1] != x.shape[:-1]:
+        return False
+    if plan.strategy == "segmented":
+        return True
+    if x.device.type not in SEGMENTED_AUTO_DEVICES or dt == torch.float16:
+        return False
+    # little work: masked's three ATen calls cost about what the op's list arguments do (a few µs)
+    return _masked_work(layer, x, present) > MASKED_OVER_SEGMENTED_WORK
+
+
+def _segmented_entry(layer: nn.Module, name: str, factors: list, dt: torch.dtype) -> tuple:
+    """(A', B'ᵀ, sa) of adapter ``name`` for the segmented op: its terms' factors (paper init: two) stacked along r,
+    contiguous, in opmath (exact: the GEMM-dtype values widened). Kept in the layer's cache beside the folded
+    factors and rebuilt when their entry was replaced (a tensor changed)."""
+    store = layer.__dict__.setdefault(_CACHE_ATTR, {})
+    key = (BASE, "segmented", name, dt)  # not an adapter name: dropped at the next miss, rebuilt on use
+    got = store.get(key)
+    if got is None or got[0] is not factors:
+        om = torch.float64 if dt == torch.float64 else torch.float32
+        if len(factors) == 1:
+            A, Bt, sa = factors[0][0].t(), factors[0][1], factors[0][2]
+        else:
+            A = torch.cat([t[0].t() for t in factors])  # (Σr, in)
+            Bt = torch.cat([t[1] for t in factors])  # (Σr, out)
+            sas = [t[2] for t in factors]
+            sa = None if all(v is None for v in sas) else torch.cat(
+                [v if v is not None else torch.ones(t[0].shape[1], dtype=om, device=A.device)
+                 for v, t in zip(sas, factors)])
+        got = (factors, A.to(om).contiguous(), Bt.to(om).contiguous(),
+               None if sa is None else sa.to(om).contiguous())
+        store[key] = got
+    return got[1:]
+
+
+def _segmented_forward(plan, layer, x, y, present, dt, fused) -> torch.Tensor | None:
+    """y plus each row's own adapter term in one native call over the whole batch (no gather, no scatter, no call
+    per adapter). A row reads only its own adapter's factors, so a non-finite factor stays in its rows. None when a
+    factor cannot be cached (the grouped path then runs)."""
+    factors = [folded(layer, name, dt) for name in present]  # all looked up first: a miss drops derived entries
+    if None in factors:
+        return None
+    # the op's three lists for this set of adapters, references to the per-adapter entries (no copies)
+    store = layer.__dict__[_CACHE_ATTR]
+    key = (BASE, "segmented", present, dt)
+    got = store.get(key)
+    if got is None or any(a is not b for a, b in zip(got[0], factors)):
+        entries = [_segmented_entry(layer, name, f, dt) for name, f in zip(present, factors)]
+        got = (factors, *(list(t) for t in zip(*entries)))
+        store[key] = got
+    _, A, Bt, sa = got
+    if not fused or not y.is_contiguous():
+        # the base layer's own output may be referenced elsewhere (a hook, a cache): update a copy, as index_add does
+        y = y.clone(memory_format=torch.contiguous_format)
+    if x.dim() == 2:
+        ops.segmented_adapter_(y, x, plan.row_adapters(present, x.device, 1), A, Bt, sa)
+        return y
+    idx = plan.row_adapters(present, x.device, math.prod(x.shape[1:-1]))
+    ops.segmented_adapter_(y.view(-1, y.shape[-1]), _rows(x), idx, A, Bt, sa)
+    return y
 
 
 def _adapter_names_list(adapter_names) -> list[str]:
@@ -437,20 +537,28 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], strategy: str = 
     The active adapters are not changed; the grouping applies to this thread only and ends with the block, also when
     it raises. Runs eagerly (not inside ``torch.compile``).
 
-    ``strategy``: how each layer applies the adapters. "grouped": the rows gathered adapter by adapter (one
+    ``strategy``: how each layer applies the adapters. "segmented": one call of the native op
+    ``delora_ext::segmented_adapter_`` over the whole batch, each row multiplied by its own adapter's cached factors
+    and added into the base output (fp32 accumulation, fp64 for fp64, one rounding): no gather, no scatter, no
+    call per adapter. It needs the native kernels and runs where no gradient is recorded and the base output is in
+    x's dtype; elsewhere grouped runs. For fp16 its intermediates are fp32, so it stays finite where a
+    single-adapter fp16 forward's ``x·A'ᵀ`` overflows. "grouped": the rows gathered adapter by adapter (one
     ``index_select``), each adapter's two skinny GEMMs on its segment, added back with one ``index_add_``; its cost
     grows with the number of adapters in the batch. "masked": every row against all the batch's adapters in two
     GEMMs, each row's product masked to its own adapter's block: k-fold skinny-GEMM FLOPs, but three calls whatever
-    k, so faster where calls dominate (decoding, small batches). "auto" (default): masked while the extra work,
-    rows × Σr × (in + out), is below ``MASKED_MAX_WORK`` for the device, grouped above; grouped for fp16 (a
-    masked-out product could overflow fp16, and inf·0 is NaN) and whenever gradients are recorded.
+    k, so faster where calls dominate (decoding, small batches). "auto" (default): segmented on the devices in
+    ``SEGMENTED_AUTO_DEVICES`` (CPU, where it was measured faster than both others) except for fp16 and at most
+    ``MASKED_OVER_SEGMENTED_WORK`` masked multiply-adds (rows × Σr × (in + out)), where masked is as fast; otherwise
+    masked while the extra work, rows × Σr × (in + out), is below ``MASKED_MAX_WORK`` for the device, grouped
+    above; grouped for fp16 (a masked-out product could overflow fp16, and inf·0 is NaN) and whenever gradients
+    are recorded.
     """
     from .layer import DeLoRALinear
     from .model import get_state, unwrap
 
     names = _adapter_names_list(adapter_names)
-    if strategy not in ("auto", "grouped", "masked"):
-        raise ValueError(f"`strategy` must be 'auto', 'grouped' or 'masked', got {strategy!r}")
+    if strategy not in ("auto", "grouped", "masked", "segmented"):
+        raise ValueError(f"`strategy` must be 'auto', 'grouped', 'masked' or 'segmented', got {strategy!r}")
     inner = unwrap(model)
     layers, known, compiled = [], set(), inner is not model
     for m in inner.modules():

@@ -26,6 +26,7 @@ __all__ = [
     "merge_many_",
     "delta_weight",
     "prep",
+    "segmented_adapter_",
     "set_tuning",
     "tuning",
 ]
@@ -432,3 +433,69 @@ def prep(A, B, lam, w):
         return _ops.prep(A, B, lam, w)
     om = torch.float64 if A.dtype == torch.float64 else torch.float32
     return ref.prep_ref(A.to(om), B.to(om), lam.to(om), w.to(om))
+
+
+# ---- mixed batches: the segmented op (csrc/segmented.cpp) ------------------------------------------------------
+# False for a build that predates the op (the mixed-batch code then keeps to its other strategies).
+HAS_SEGMENTED = NATIVE and hasattr(torch.ops.delora_ext, "segmented_adapter_")
+
+if HAS_SEGMENTED:
+    @torch.library.register_fake("delora_ext::segmented_adapter_")
+    def _segmented_fake(y, x, rows_adapter, A, Bt, sa):
+        op = "segmented_adapter_"
+        _one_device(op, y=y, x=x, rows_adapter=rows_adapter, A=A, Bt=Bt, sa=[s for s in sa if s is not None])
+        _check_float(op, "x", x)
+        torch._check(x.dim() == 2, lambda: f"delora_ext::{op}: `x` must be 2-D (N, in_features), got shape "
+                                           f"{_sizes(x)}")
+        n, in_f = x.shape
+        om = torch.float64 if x.dtype == torch.float64 else torch.float32
+        k = len(A)
+        torch._check(k >= 1, lambda: f"delora_ext::{op}: `A` must hold at least one adapter, got an empty list")
+        torch._check(len(Bt) == k and len(sa) == k, lambda: f"delora_ext::{op}: `A`, `Bt` and `sa` must have the "
+                                                            f"same length, got {k}, {len(Bt)}, {len(sa)}")
+        torch._check(y.dim() == 2, lambda: f"delora_ext::{op}: `y` must be 2-D (N, out_features), got shape "
+                                           f"{_sizes(y)}")
+        out_f = y.shape[1]
+        torch._check(y.shape[0] == n, lambda: f"delora_ext::{op}: `y` must have as many rows as `x` ({n}), got "
+                                              f"shape {_sizes(y)}")
+        torch._check(y.dtype == x.dtype, lambda: f"delora_ext::{op}: `y` has dtype {y.dtype} but `x` has dtype "
+                                                 f"{x.dtype} (they must match)")
+        torch._check(y.is_contiguous(), lambda: f"delora_ext::{op}: `y` must be contiguous (it is updated in place), "
+                                                f"got strides {tuple(y.stride())}")
+        torch._check(rows_adapter.dtype == torch.int64 and rows_adapter.dim() == 1 and rows_adapter.shape[0] == n,
+                     lambda: f"delora_ext::{op}: `rows_adapter` must be an int64 tensor of shape ({n},) (one adapter "
+                             f"index per row of `x`), got dtype {rows_adapter.dtype} and shape {_sizes(rows_adapter)}")
+        for i, (a, b, s) in enumerate(zip(A, Bt, sa)):
+            torch._check(a.dtype == om, lambda i=i, a=a: f"delora_ext::{op}: `A[{i}]` must have dtype {om} (the "
+                                                         f"opmath dtype of x's {x.dtype}), got {a.dtype}")
+            torch._check(a.dim() == 2 and a.shape[0] >= 1 and a.shape[1] == in_f,
+                         lambda i=i, a=a: f"delora_ext::{op}: `A[{i}]` must be 2-D (r, in_features) with r > 0 and "
+                                          f"in_features = {in_f}, got shape {_sizes(a)}")
+            r = a.shape[0]
+            torch._check(b.dtype == om, lambda i=i, b=b: f"delora_ext::{op}: `Bt[{i}]` must have dtype {om}, got "
+                                                         f"{b.dtype}")
+            torch._check(b.dim() == 2 and b.shape[0] == r and b.shape[1] == out_f,
+                         lambda i=i, b=b, r=r: f"delora_ext::{op}: `Bt[{i}]` must have shape ({r}, {out_f}) (r of "
+                                               f"A[{i}], out_features of y), got {_sizes(b)}")
+            if s is not None:
+                torch._check(s.dtype == om and s.dim() == 1 and s.shape[0] == r,
+                             lambda i=i, s=s, r=r: f"delora_ext::{op}: `sa[{i}]` must be a {om} tensor of shape "
+                                                   f"({r},), got dtype {s.dtype} and shape {_sizes(s)}")
+        return None
+
+    _segmented = torch.ops.delora_ext.segmented_adapter_.default
+
+
+def segmented_adapter_(y, x, rows_adapter, A, Bt, sa) -> None:
+    """y += each row's own adapter term, in place: for row n with k = rows_adapter[n] (int64; -1: none),
+    y[n] += ((x[n] A[k]ᵀ) ⊙ sa[k]) Bt[k], in one pass over the batch, accumulated in fp32 (fp64 for fp64 x) and
+    rounded once into y.
+
+    y: (N, out) contiguous, x's dtype; x: (N, in); A[k]: (r_k, in), Bt[k]: (r_k, out), sa[k]: (r_k,) or None, all
+    in the opmath dtype (float32; float64 for fp64 x). No autograd. On CUDA an index outside [-1, K) is a
+    device-side assertion; on CPU a RuntimeError naming ``rows_adapter``."""
+    if not HAS_SEGMENTED:
+        why = native_error or "built before it existed"
+        raise RuntimeError(f"segmented_adapter_: the native build has no segmented op ({why}); rebuild with: "
+                           f"{REBUILD_CMD}")
+    _segmented(y, x, rows_adapter, A, Bt, sa)
