@@ -65,10 +65,16 @@ Tensor dropout_scale(const Tensor& x2, const Tensor& seed, double p, at::ScalarT
 //                2 overlap: as on, with the u launch on a side stream, concurrent with linear_fwd's base GEMM
 //                  (joined before the update launch; the fork and join are events, so graph capture records
 //                  them as two parallel branches).
+//   cpu_fused    1 on (default): CPU calls of small shapes (kernels.h: cpu_fused_fits) compute the adapter part
+//                  of a forward or a backward in one fused pass after the base GEMM, instead of prep, two or four
+//                  skinny GEMMs and finalize, each a dispatcher call costing more than its arithmetic there.
+//                0 off.
+//                2 always: the fused pass at any size (tests; benchmarks of the crossover).
 struct Tuning {
   std::atomic<int> gemm_order{0};
   std::atomic<int> merge_kernel{0};
   std::atomic<int> small_n{0};
+  std::atomic<int> cpu_fused{1};
 };
 constexpr int kSmallN = 16;
 Tuning& tuning();

@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -168,9 +169,145 @@ void dropout_cpu(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
   });
 }
 
+// ---- the fused small-shape path (kernels.h: FusedFwdParams, FusedBwdParams) --------------------------------------
+// Single-threaded (cpu_fused_fits keeps the work to a few thousand multiply-adds, below a thread hand-off), every
+// sum in a fixed order. Dot products run in 8 independent lanes (vectorisable without reassociating a sum), lane
+// totals added in lane order; outer products accumulate into a row and are added to the output once, as a GEMM
+// with beta = 1 does.
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  T lane[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += a[j + l] * b[j + l];
+  for (int l = 0; j < n; ++j, ++l) lane[l] += a[j] * b[j];
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+template <typename T>
+void axpy(T a, const T* x, T* y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+// The raw norms and s (as prep: sums of squares in double) and the folded rows Af = A⊙w (r×in), Bt = (B⊙s)ᵀ (r×out).
+template <typename T>
+void fold_rows(const T* A, const T* B, const T* w, T lam, int64_t r, int64_t in, int64_t out, T* a_raw, T* b_raw,
+               T* s, T* Af, T* Bt) {
+  for (int64_t k = 0; k < r; ++k) {
+    double sq = 0;
+    for (int64_t j = 0; j < in; ++j) sq += double(A[k * in + j]) * A[k * in + j];
+    a_raw[k] = static_cast<T>(std::sqrt(sq));
+    sq = 0;
+    for (int64_t o = 0; o < out; ++o) sq += double(B[o * r + k]) * B[o * r + k];
+    b_raw[k] = static_cast<T>(std::sqrt(sq));
+    s[k] = scale_of<T>(lam, a_raw[k], b_raw[k], r);
+    for (int64_t j = 0; j < in; ++j) Af[k * in + j] = A[k * in + j] * w[j];
+    for (int64_t o = 0; o < out; ++o) Bt[k * out + o] = B[o * r + k] * s[k];
+  }
+}
+
+void fused_forward_cpu(const FusedFwdParams& p) {
+  const int64_t N = p.x_d.size(0), r = p.A.size(0), in = p.A.size(1), out = p.B.size(0);
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "delora_fused_forward_cpu", [&] {
+    using T = scalar_t;
+    std::vector<T> Af(static_cast<size_t>(r * in)), Bt(static_cast<size_t>(r * out)), acc(static_cast<size_t>(out));
+    fold_rows<T>(p.A.const_data_ptr<T>(), p.B.const_data_ptr<T>(), p.w.const_data_ptr<T>(),
+                 p.lam.const_data_ptr<T>()[0], r, in, out, p.a_raw.mutable_data_ptr<T>(),
+                 p.b_raw.mutable_data_ptr<T>(), p.s.mutable_data_ptr<T>(), Af.data(), Bt.data());
+    const T* x = p.x_d.const_data_ptr<T>();
+    T* u = p.u.mutable_data_ptr<T>();
+    T* y = p.y.mutable_data_ptr<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t k = 0; k < r; ++k) {
+        u[n * r + k] = dot(x + n * in, Af.data() + k * in, in);
+        axpy(u[n * r + k], Bt.data() + k * out, acc.data(), out);
+      }
+      for (int64_t o = 0; o < out; ++o) y[n * out + o] += acc[o];
+    }
+  });
+}
+
+void fused_backward_cpu(const FusedBwdParams& p) {
+  const int64_t N = p.g.size(0), r = p.A.size(0), in = p.A.size(1), out = p.B.size(0);
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "delora_fused_backward_cpu", [&] {
+    using T = scalar_t;
+    const T *A = p.A.const_data_ptr<T>(), *B = p.B.const_data_ptr<T>(), *w = p.w.const_data_ptr<T>();
+    const T *s = p.s.const_data_ptr<T>(), *a_raw = p.a_raw.const_data_ptr<T>(), *b_raw = p.b_raw.const_data_ptr<T>();
+    const T *g = p.g.const_data_ptr<T>(), *u = p.u.const_data_ptr<T>();
+    const bool want_A = p.dA.defined(), want_x = p.dx.defined();
+    std::vector<T> Bt(static_cast<size_t>(r * out)), G(static_cast<size_t>(N * r));
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t o = 0; o < out; ++o) Bt[k * out + o] = B[o * r + k] * s[k];
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < r; ++k) G[n * r + k] = dot(g + n * out, Bt.data() + k * out, out);
+    std::vector<T> Af;
+    if (want_x || want_A) {
+      Af.resize(static_cast<size_t>(r * in));
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t j = 0; j < in; ++j) Af[k * in + j] = A[k * in + j] * w[j];
+    }
+    if (want_x) {
+      T* dx = p.dx.mutable_data_ptr<T>();
+      std::vector<T> acc(static_cast<size_t>(in));
+      const uint32_t threshold = dropout_threshold(p.dropout_p);
+      const T keep_scale = T(1.0 / (1.0 - p.dropout_p));
+      for (int64_t n = 0; n < N; ++n) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t k = 0; k < r; ++k) axpy(G[n * r + k], Af.data() + k * in, acc.data(), in);
+        if (p.dropout_p > 0.0) {
+          for (int64_t j = 0; j < in; ++j) {
+            const uint64_t idx = static_cast<uint64_t>(n * in + j);
+            dx[n * in + j] += dropout_keep(p.seed, idx, threshold) ? acc[j] * keep_scale : T(0);
+          }
+        } else {
+          for (int64_t j = 0; j < in; ++j) dx[n * in + j] += acc[j];
+        }
+      }
+    }
+    if (!(want_A || p.dB.defined() || p.dlam.defined())) return;
+    // Mt = (gᵀu)ᵀ (r×out) and gs_k = Σ_o M[o,k] B[o,k], as finalize's column sums (opmath, o in order)
+    std::vector<T> Mt(static_cast<size_t>(r * out), T(0)), gs(static_cast<size_t>(r), T(0));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < r; ++k) axpy(u[n * r + k], g + n * out, Mt.data() + k * out, out);
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t k = 0; k < r; ++k) gs[k] += Mt[k * out + o] * B[o * r + k];
+    if (p.dlam.defined()) {
+      T acc = 0;
+      for (int64_t k = 0; k < r; ++k) acc += gs[k] / (T(r) * clamp_norm(a_raw[k]) * clamp_norm(b_raw[k]));
+      p.dlam.mutable_data_ptr<T>()[0] = acc;
+    }
+    if (p.dB.defined()) {
+      T* dB = p.dB.mutable_data_ptr<T>();
+      for (int64_t k = 0; k < r; ++k) {
+        const T c = norm_grad_coef(gs[k], s[k], b_raw[k]);
+        for (int64_t o = 0; o < out; ++o) dB[o * r + k] = Mt[k * out + o] * s[k] + c * B[o * r + k];
+      }
+    }
+    if (want_A) {
+      // Q = Gᵀ x_d (r×in); dA = Q ⊙ w + c_k A
+      const T* x = p.x_d.const_data_ptr<T>();
+      std::vector<T> Q(static_cast<size_t>(r * in), T(0));
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < r; ++k) axpy(G[n * r + k], x + n * in, Q.data() + k * in, in);
+      T* dA = p.dA.mutable_data_ptr<T>();
+      for (int64_t k = 0; k < r; ++k) {
+        const T c = norm_grad_coef(gs[k], s[k], a_raw[k]);
+        for (int64_t j = 0; j < in; ++j) dA[k * in + j] = Q[k * in + j] * w[j] + c * A[k * in + j];
+      }
+    }
+  });
+}
+
 }  // namespace
 
-// No merge kernel (merges go through ATen's addmm) and no small-N forward.
-DeviceKernels cpu_kernels() { return {.prep = &prep_cpu, .finalize = &finalize_cpu, .dropout = &dropout_cpu}; }
+// No merge kernel (merges go through ATen's addmm) and no small-N forward; the fused small-shape passes.
+DeviceKernels cpu_kernels() {
+  return {.prep = &prep_cpu,
+          .finalize = &finalize_cpu,
+          .dropout = &dropout_cpu,
+          .fused_forward = &fused_forward_cpu,
+          .fused_backward = &fused_backward_cpu};
+}
 
 }  // namespace delora_ext

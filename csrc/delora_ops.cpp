@@ -105,13 +105,18 @@ struct Folded {
   Tensor Bs;            // alpha·(B⊙s) in opmath (fold(..., with_bs = true) only)
 };
 
+// t in dtype `dt`, contiguous: t itself when it already is (checked here, not by a dispatcher call per operand).
+Tensor as_dense(const Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt && t.is_contiguous() ? t : t.to(dt).contiguous();
+}
+
 Folded opmath_params(const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w) {
   const auto opmath = opmath_of(A);
   Folded f;
-  f.A = A.to(opmath).contiguous();
-  f.B = B.to(opmath).contiguous();
-  f.lam = lam.to(opmath).reshape({1}).contiguous();
-  f.w = w.to(opmath).contiguous();
+  f.A = as_dense(A, opmath);
+  f.B = as_dense(B, opmath);
+  f.lam = as_dense(lam.dim() == 1 ? lam : lam.reshape({1}), opmath);
+  f.w = as_dense(w, opmath);
   return f;
 }
 
@@ -180,20 +185,52 @@ int64_t leading_rows(const Tensor& t) {
   return n;
 }
 
-// x reshaped to (N, in), contiguous (GEMMs and the dropout pass want a dense row-major operand).
-Tensor rows_of(const Tensor& x, int64_t in) { return x.reshape({leading_rows(x), in}).contiguous(); }
+// x reshaped to (N, in), contiguous (GEMMs and the dropout pass want a dense row-major operand); a 2-D contiguous x
+// as it is.
+Tensor rows_of(const Tensor& x, int64_t in) {
+  if (x.dim() == 2 && x.is_contiguous()) return x;
+  return x.reshape({leading_rows(x), in}).contiguous();
+}
+
+// y2 (N×out) viewed with x's leading dimensions.
+Tensor as_out_shape(const Tensor& y2, const Tensor& x) {
+  if (x.dim() == 2) return y2;
+  auto shape = x.sizes().vec();
+  shape.back() = y2.size(1);
+  return y2.view(shape);
+}
+
+// The fused small-shape path applies (kernels.h: cpu_fused_fits): the device has it, the switch is on, the adapter
+// is already in its opmath dtype (no conversions to make) and the sizes fit.
+bool fused_applies(const Tensor& x, int64_t N, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
+                   int64_t out) {
+  const DeviceKernels& k = device_kernels(x.device());
+  const int mode = tuning().cpu_fused.load(std::memory_order_relaxed);
+  if (k.fused_forward == nullptr || mode == 0) return false;
+  const auto dt = A.scalar_type();
+  return B.scalar_type() == dt && lam.scalar_type() == dt && w.scalar_type() == dt &&
+         cpu_fused_fits(N, A.size(0), A.size(1), out, dt, x.scalar_type(), /*any_size=*/mode == 2);
+}
+
+// The forward's adapter part by the fused pass: y2 (N×out, the base product) += (x_d Afᵀ) Bsᵀ; returns u, s, a, b.
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward(const Tensor& x_d, Tensor& y2, const Tensor& A,
+                                                         const Tensor& B, const Tensor& lam, const Tensor& w) {
+  const Folded f = opmath_params(A, B, lam, w);
+  const int64_t r = f.A.size(0);
+  FusedFwdParams p{.x_d = x_d, .A = f.A, .B = f.B, .lam = f.lam, .w = f.w, .y = y2};
+  p.u = at::empty({x_d.size(0), r}, x_d.options());
+  p.s = at::empty({r}, f.A.options());
+  p.a_raw = at::empty({r}, f.A.options());
+  p.b_raw = at::empty({r}, f.A.options());
+  device_kernels(x_d.device()).fused_forward(p);
+  return {p.u, p.s, p.a_raw, p.b_raw};
+}
 
 Tensor dropped(const Tensor& x2, double p, const std::optional<Tensor>& seed) {
   if (p <= 0.0) return x2;
   Tensor out = at::empty_like(x2);
   device_kernels(x2.device()).dropout(x2, out, *seed, p);
   return out;
-}
-
-std::vector<int64_t> out_shape(const Tensor& x, int64_t out) {
-  auto shape = x.sizes().vec();
-  shape.back() = out;
-  return shape;
 }
 
 // s_k = 1/â_k · λ/(r·b̂_k) split into two factors that are each bounded by the data they scale (fp16 only):
@@ -287,23 +324,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd(const Tensor& x, c
 
   const bool has_bias = bias.has_value() && bias->defined();
   Tensor x2 = rows_of(x, d.in);
+  if (fused_applies(x2, x2.size(0), A, B, lam, w, d.out)) {
+    Tensor y2 = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+    auto [u, s, a, b] = fused_forward(dropped(x2, dropout_p, seed), y2, A, B, lam, w);
+    return {as_out_shape(y2, x), u, s, a, b};
+  }
   if (small_n_applies(x2, A, d.out)) {
     auto base = [&] { return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()); };
     auto [y2, u, s, a, b] = small_n_forward(dropped(x2, dropout_p, seed), A, B, lam, w, base, /*accumulate=*/true);
-    return {y2.view(out_shape(x, d.out)), u, s, a, b};
+    return {as_out_shape(y2, x), u, s, a, b};
   }
   if (tuning().gemm_order.load(std::memory_order_relaxed) == 1) {
     // Seeded: y = (u⊙s) Bᵀ + bias first, then the base GEMM accumulates x Wᵀ onto it (beta = 1).
     const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
     auto [u, y2] = low_rank(Tensor(), dropped(x2, dropout_p, seed), g, has_bias ? &*bias : nullptr);
     y2.addmm_(x2, weight.t());
-    return {y2.view(out_shape(x, d.out)), u, g.s, g.a, g.b};
+    return {as_out_shape(y2, x), u, g.s, g.a, g.b};
   }
   // Base first: the GPU starts on the big GEMM while the host prepares the rest.
   Tensor y2 = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
   Tensor u = low_rank(y2, dropped(x2, dropout_p, seed), g).first;
-  return {y2.view(out_shape(x, d.out)), u, g.s, g.a, g.b};
+  return {as_out_shape(y2, x), u, g.s, g.a, g.b};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& A,
@@ -317,14 +359,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd(const Tensor& x, 
   c10::OptionalDeviceGuard guard(x.device());
 
   Tensor x2 = rows_of(x, d.in);
+  if (fused_applies(x2, x2.size(0), A, B, lam, w, d.out)) {
+    Tensor y2 = at::zeros({x2.size(0), d.out}, x.options());
+    auto [u, s, a, b] = fused_forward(dropped(x2, dropout_p, seed), y2, A, B, lam, w);
+    return {as_out_shape(y2, x), u, s, a, b};
+  }
   if (small_n_applies(x2, A, d.out)) {
     auto base = [&] { return at::empty({x2.size(0), d.out}, x.options()); };
     auto [y2, u, s, a, b] = small_n_forward(dropped(x2, dropout_p, seed), A, B, lam, w, base, /*accumulate=*/false);
-    return {y2.view(out_shape(x, d.out)), u, s, a, b};
+    return {as_out_shape(y2, x), u, s, a, b};
   }
   const GemmOperands g = gemm_operands(opmath_params(A, B, lam, w), x.scalar_type(), /*backward=*/false);
   auto [u, y2] = low_rank(Tensor(), dropped(x2, dropout_p, seed), g);
-  return {y2.view(out_shape(x, d.out)), u, g.s, g.a, g.b};
+  return {as_out_shape(y2, x), u, g.s, g.a, g.b};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
@@ -373,8 +420,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
              want_lam = output_mask[3];
   const bool want_param = want_A || want_B || want_lam;
 
-  Tensor g2 = grad_y.reshape({N, d.out}).contiguous();
+  Tensor g2 = grad_y.dim() == 2 && grad_y.is_contiguous() ? grad_y : grad_y.reshape({N, d.out}).contiguous();
   Tensor grad_x, grad_A, grad_B, grad_lam;
+  // Outputs that were not asked for come back as empty tensors (a custom op cannot return None).
+  auto or_empty = [&](Tensor& t, const Tensor& like) {
+    if (!t.defined()) t = at::empty({0}, like.options());
+  };
+  if (fused_applies(x, N, A, B, lam, w, d.out) && u.scalar_type() == opmath && s.scalar_type() == opmath &&
+      a_norm.scalar_type() == opmath && b_norm.scalar_type() == opmath) {
+    FusedBwdParams p{.g = g2, .u = u.contiguous(), .A = A.contiguous(), .B = B.contiguous(), .w = w.contiguous(),
+                     .s = s.contiguous(), .a_raw = a_norm.contiguous(), .b_raw = b_norm.contiguous()};
+    if (want_A) p.x_d = dropped(rows_of(x, d.in), dropout_p, seed);
+    if (want_x) {
+      p.dx = has_weight ? at::mm(g2, *weight) : at::zeros({N, d.in}, x.options());
+      p.dropout_p = dropout_p;
+      if (dropout_p > 0.0) p.seed = static_cast<uint64_t>(seed->cpu().item<int64_t>());
+    }
+    if (want_A) p.dA = at::empty_like(p.A);
+    if (want_B) p.dB = at::empty_like(p.B);
+    if (want_lam) p.dlam = at::empty(lam.sizes(), p.A.options());
+    device_kernels(x.device()).fused_backward(p);
+    grad_x = want_x ? (x.dim() == 2 ? p.dx : p.dx.view(x.sizes())) : Tensor();
+    grad_A = p.dA;
+    grad_B = p.dB;
+    grad_lam = p.dlam;
+    or_empty(grad_x, x);
+    or_empty(grad_A, A);
+    or_empty(grad_B, B);
+    or_empty(grad_lam, lam);
+    return {grad_x, grad_A, grad_B, grad_lam};
+  }
   // Base first (gemm_order 0, no dropout): the base dx GEMM is issued first and the adapter part accumulated
   // into it. Seeded (gemm_order 1) or with dropout: the adapter part first, the base GEMM accumulating onto it.
   const bool seeded = dropout_p > 0.0 || tuning().gemm_order.load(std::memory_order_relaxed) == 1;
@@ -382,8 +457,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
 
   const Folded f = opmath_params(A, B, lam, w);
   const Tensor &A_op = f.A, &B_op = f.B, &w_op = f.w;
-  Tensor s_op = s.to(opmath).contiguous(), a_op = a_norm.to(opmath).contiguous(),
-         b_op = b_norm.to(opmath).contiguous();
+  Tensor s_op = as_dense(s, opmath), a_op = as_dense(a_norm, opmath), b_op = as_dense(b_norm, opmath);
   // Ad, Bd in x's dtype from one prep launch (its own s, a, b equal the saved ones: same kernel, same inputs).
   const GemmOperands op_g = gemm_operands(f, dt, /*backward=*/true);
 
@@ -443,10 +517,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(
     if (want_B) grad_B = dB.to(B.scalar_type());
     if (want_lam) grad_lam = dlam.to(lam.scalar_type()).view(lam.sizes());
   }
-  // Outputs that were not asked for come back as empty tensors (a custom op cannot return None).
-  auto or_empty = [&](Tensor& t, const Tensor& like) {
-    if (!t.defined()) t = at::empty({0}, like.options());
-  };
   or_empty(grad_x, x);
   or_empty(grad_A, A);
   or_empty(grad_B, B);

@@ -72,6 +72,40 @@ inline bool small_n_fits(int64_t N, int64_t r, int64_t in, int64_t out, at::Scal
          out >= 1 && N * r * 4 <= 48 * 1024;
 }
 
+// The fused small-shape path (CPU, Tuning::cpu_fused): a forward's or a backward's adapter part in one pass of
+// plain loops, no GEMM, prep or finalize calls, where the per-call cost of those calls exceeds the arithmetic.
+// Everything is in the opmath dtype (x, the adapter and the outputs alike; cpu_fused_fits says where it applies)
+// and contiguous; the caller has done the base GEMM.
+//   forward   s, a_raw, b_raw as prep writes them; u = x_d (A⊙w)ᵀ; y += u (B⊙s)ᵀ
+//   backward  G = g (B⊙s); dx += (G (A⊙w)) [⊙ dropout mask]; M = gᵀu; Q = Gᵀ x_d; dA, dB, dλ as finalize
+struct FusedFwdParams {
+  Tensor x_d;                 // (N×in) the input after dropout
+  Tensor A, B, lam, w;        // the adapter
+  Tensor y;                   // (N×out) x Wᵀ (+ bias), accumulated into
+  Tensor u, s, a_raw, b_raw;  // out: allocated by the caller, (N×r), (r), (r), (r)
+};
+
+struct FusedBwdParams {
+  Tensor g;                         // (N×out) dL/dy
+  Tensor x_d;                       // (N×in) the input after dropout (read for dA only)
+  Tensor u;                         // (N×r) the forward's u
+  Tensor A, B, w, s, a_raw, b_raw;  // the adapter and the forward's s and raw norms
+  Tensor dx;                        // (N×in) accumulated into when defined (g W, or zeros, already there)
+  Tensor dA, dB, dlam;              // written when defined
+  double dropout_p = 0.0;           // the forward's dropout: dx's adapter part is masked and scaled as x was
+  uint64_t seed = 0;
+};
+
+// Where the fused CPU path can run: x and the adapter in one opmath dtype (fp32 or fp64), no empty size, and (unless
+// `any_size`, Tuning::cpu_fused = always) at most kCpuFusedMaxWork multiply-adds per pass, N·r·(in + out)
+// (the crossover measured by bench/cpu_fused_crossover.py).
+constexpr int64_t kCpuFusedMaxWork = int64_t{1} << 15;
+inline bool cpu_fused_fits(int64_t N, int64_t r, int64_t in, int64_t out, at::ScalarType adapter_dtype,
+                           at::ScalarType x_dtype, bool any_size) {
+  return (adapter_dtype == at::kFloat || adapter_dtype == at::kDouble) && x_dtype == adapter_dtype && N >= 1 &&
+         r >= 1 && in >= 1 && out >= 1 && (any_size || N * r * (in + out) <= kCpuFusedMaxWork);
+}
+
 // A tensor's data, or nullptr where the tensor is undefined (an optional output not asked for, qscale = 1).
 template <typename T>
 T* data_or_null(const Tensor& t) {
@@ -94,6 +128,9 @@ struct DeviceKernels {
   bool (*merge)(Tensor& weight, const Tensor& Bs, const Tensor& Af) = nullptr;
   // False (nothing launched) outside small_n_fits.
   bool (*small_n_forward)(SmallNParams& p) = nullptr;
+  // The fused small-shape passes, called only where cpu_fused_fits holds.
+  void (*fused_forward)(const FusedFwdParams& p) = nullptr;
+  void (*fused_backward)(const FusedBwdParams& p) = nullptr;
 };
 
 DeviceKernels cpu_kernels();   // delora_cpu.cpp

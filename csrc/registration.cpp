@@ -112,11 +112,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     std::atomic<int>* slot = name == "gemm_order"     ? &t.gemm_order
                              : name == "merge_kernel" ? &t.merge_kernel
                              : name == "small_n"      ? &t.small_n
+                             : name == "cpu_fused"    ? &t.cpu_fused
                                                       : nullptr;
     if (slot == nullptr)
-      throw pybind11::value_error("set_tuning: `name` must be 'gemm_order', 'merge_kernel' or 'small_n', got '" +
-                                  name + "'");
-    const int max_value = slot == &t.small_n ? 2 : 1;  // small_n: off, on, overlap
+      throw pybind11::value_error(
+          "set_tuning: `name` must be 'gemm_order', 'merge_kernel', 'small_n' or 'cpu_fused', got '" + name + "'");
+    const int max_value = slot == &t.small_n || slot == &t.cpu_fused ? 2 : 1;  // off, on, overlap / always
     if (value < 0 || value > max_value)
       throw pybind11::value_error("set_tuning: `value` for '" + name + "' must be 0.." + std::to_string(max_value) +
                                   ", got " + std::to_string(value));
@@ -127,6 +128,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["gemm_order"] = delora_ext::tuning().gemm_order.load();
     d["merge_kernel"] = delora_ext::tuning().merge_kernel.load();
     d["small_n"] = delora_ext::tuning().small_n.load();
+    d["cpu_fused"] = delora_ext::tuning().cpu_fused.load();
     return d;
   });
 }

@@ -10,8 +10,10 @@ a new Parameter) has another address, since the entry keeps the old storage aliv
 reused while it does. Writes through ``.data`` (``p.data.copy_(...)``) are the one change neither autograd nor the
 version counter sees: call ``clear_inference_cache`` after those.
 
-The cached forward computes exactly what the native op computes on CPU (same GEMMs on the same operands, fp16's
-split scale included), so switching the cache on or off changes no bit there. It is used only when the forward
+The cached forward computes exactly what the native op's GEMM path computes on CPU (same GEMMs on the same
+operands, fp16's split scale included), so switching the cache on or off changes no bit there; where the op takes
+its fused pass for small fp32/fp64 layers instead (``ops.set_tuning(cpu_fused=...)``), the two agree to rounding.
+It is used only when the forward
 records no autograd graph (``torch.no_grad()`` / ``torch.inference_mode()``), the layer applies no dropout, no
 autocast region is active, the call is not being traced by ``torch.compile`` (the compiled graph calls the op,
 and inductor fuses its preparation) and no CUDA graph is being captured (a captured graph would read cached

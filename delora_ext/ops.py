@@ -77,7 +77,7 @@ CUDA_VALIDATED = os.environ.get("DELORA_EXT_NATIVE_CUDA", "1") != "0"
 
 
 _TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows", "tiled"),
-                  "small_n": ("off", "on", "overlap")}
+                  "small_n": ("off", "on", "overlap"), "cpu_fused": ("off", "on", "always")}
 
 
 def set_tuning(**switches: str) -> None:
@@ -85,7 +85,9 @@ def set_tuning(**switches: str) -> None:
     ``gemm_order`` "base_first" | "seeded" (the adapter term computed first and the base GEMM accumulating onto
     it, beta = 1), ``merge_kernel`` "rows" | "tiled" (CUDA merge kernel) and ``small_n`` "off" | "on" | "overlap"
     (CUDA forwards of at most 16 rows in two fused launches; overlap: the first on a side stream, concurrent with
-    the base GEMM). No effect without the native ops."""
+    the base GEMM) and ``cpu_fused`` "on" (default) | "off" | "always" (CPU calls of small shapes compute the
+    adapter part of a forward or backward in one fused pass instead of prep, skinny GEMMs and finalize; "always" at
+    any size). No effect without the native ops."""
     for name, value in switches.items():  # every switch checked before any is set
         if name not in _TUNING_VALUES:
             raise ValueError(f"set_tuning: unknown switch {name!r}; expected one of {sorted(_TUNING_VALUES)}")
@@ -107,7 +109,7 @@ def tuning() -> dict:
 
 
 def _tuning_from_env() -> None:
-    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N: a value name, or its index (0 the default, 1, 2)."""
+    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N / _CPU_FUSED: a value name, or its index."""
     for name, choices in _TUNING_VALUES.items():
         value = os.environ.get(f"DELORA_EXT_{name.upper()}", "").strip().lower()
         if value in [str(i) for i in range(len(choices))]:

@@ -25,3 +25,16 @@ small_n = _switch_fixture("small_n", ("off", "on", "overlap"),
                           "side stream (CPU ops are unaffected).")
 merge_kernel = _switch_fixture("merge_kernel", ("rows", "tiled"),
                                "Both CUDA merge kernels (bit-identical by construction; CPU merges are unaffected).")
+
+
+@pytest.fixture(params=["fused", "base_first", "seeded"])
+def adapter_path(request):
+    """The CPU ways to compute the adapter part: the fused pass (forced at every size, where the default takes it
+    for small shapes only), and with it off both GEMM orders (the same math, different rounding order). On CUDA
+    only the GEMM order applies."""
+    if not NATIVE:
+        pytest.skip("kernel variants need the native extension")
+    switches = ({"cpu_fused": "always", "gemm_order": "base_first"} if request.param == "fused"
+                else {"cpu_fused": "off", "gemm_order": request.param})
+    with tuned(**switches):
+        yield request.param

@@ -16,7 +16,7 @@ OPS = torch.ops.delora_ext if ops.NATIVE else None
 @pytest.mark.parametrize("p", [0.0, 0.4])
 # not "clamped": its all-zero A row gives a NaN second derivative in autograd of the norm itself
 @pytest.mark.parametrize("kind", ["random", "tiny"])
-def test_gradgradcheck_linear(p, kind, gemm_order):
+def test_gradgradcheck_linear(p, kind, adapter_path):
     A, B, lam, w = make_adapter(3, 6, 5, kind, torch.float64)
     W, b = make_base(6, 5, torch.float64)
     x = make_x((2, 4), 6, torch.float64)

@@ -15,10 +15,18 @@ import delora_ext
 from delora_ext import DeLoRALinear
 from delora_ext import reference as ref
 
-from helpers import TOL, assert_close, requires_cuda, requires_native
+from helpers import TOL, assert_close, requires_cuda, requires_native, tuned
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = requires_native
+
+
+@pytest.fixture(autouse=True)
+def _gemm_path():
+    """The cache computes with the op's GEMMs, so it equals the op's GEMM path bit for bit; these tests compare the
+    two that way. The op's fused CPU pass for small shapes (the default) agrees with it to rounding, tested below."""
+    with tuned(cpu_fused="off"):
+        yield
 CACHE = "_fold_cache"
 
 
@@ -444,3 +452,18 @@ def test_cuda_graph_capture_does_not_read_the_cache():
             graph.replay()
             torch.cuda.synchronize()
             torch.testing.assert_close(y, _uncached(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", [False, "paper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_forward_agrees_with_the_fused_cpu_op_to_rounding(dtype, init):
+    """With the default switches a small CPU layer's op takes the fused pass (other rounding order than the cache's
+    GEMMs): the two agree to a few units of rounding, and both with the fp64 reference."""
+    layer = _layer(init=init, dtype=dtype)
+    x = torch.randn(3, 7, 48, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with tuned(cpu_fused="on"):
+        y = _cached(layer, x)
+        y_op = _uncached(layer, x)
+    assert _entries(layer), "the forward did not use the cache"
+    assert_close(y, y_op, 1e-6 if dtype == torch.float32 else 1e-14, "cached vs the fused op")
+    assert_close(y, _expected64(layer, x), TOL[torch.float32], "cached vs fp64 reference")

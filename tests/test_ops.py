@@ -7,7 +7,17 @@ import torch
 from delora_ext import ops
 from delora_ext import reference as ref
 
-from helpers import TOL, assert_close, low_precision_budget, make_adapter, make_base, make_x, rel_err, requires_native
+from helpers import (
+    TOL,
+    assert_close,
+    low_precision_budget,
+    make_adapter,
+    make_base,
+    make_x,
+    rel_err,
+    requires_native,
+    tuned,
+)
 
 pytestmark = requires_native
 OPS = torch.ops.delora_ext if ops.NATIVE else None
@@ -38,7 +48,7 @@ def _grads(y, inputs, seed=3):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_linear_forward_backward_matches_reference(shape, in_f, out, r, kind, layout, dtype, gemm_order):
+def test_linear_forward_backward_matches_reference(shape, in_f, out, r, kind, layout, dtype, adapter_path):
     A, B, lam, w = make_adapter(r, in_f, out, kind, dtype)
     W, b = make_base(in_f, out, dtype)
     x = make_x(shape, in_f, dtype, layout=layout).requires_grad_()
@@ -60,7 +70,7 @@ def test_linear_forward_backward_matches_reference(shape, in_f, out, r, kind, la
 
 @pytest.mark.parametrize("shape,in_f,out,r", SHAPES[:4])
 @pytest.mark.parametrize("kind", KINDS)
-def test_adapter_forward_backward_matches_reference(shape, in_f, out, r, kind):
+def test_adapter_forward_backward_matches_reference(shape, in_f, out, r, kind, adapter_path):
     A, B, lam, w = make_adapter(r, in_f, out, kind, torch.float64)
     x = make_x(shape, in_f, torch.float64).requires_grad_()
     for t in (A, B, lam):
@@ -72,7 +82,7 @@ def test_adapter_forward_backward_matches_reference(shape, in_f, out, r, kind):
         assert_close(gn, gr, TOL[torch.float64], name)
 
 
-def test_zero_B_init_is_exactly_base_and_gives_large_dB(gemm_order):
+def test_zero_B_init_is_exactly_base_and_gives_large_dB(adapter_path):
     """PEFT's init: the DeLoRA term is exactly 0, s ~ 1e4 through the clamp, and dB is large (not 'fixed')."""
     A, B, lam, w = make_adapter(4, 32, 16, "zeroB")
     W, b = make_base(32, 16)
@@ -195,7 +205,7 @@ def test_merge_is_in_place_on_views():
 # ---- low precision: within 2x of PyTorch's own error in that dtype ------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("param_dtype", ["same", "fp32"])
-def test_low_precision_within_2x_of_torch(dtype, param_dtype, gemm_order):
+def test_low_precision_within_2x_of_torch(dtype, param_dtype, adapter_path):
     """Mean relative error over several upstream gradients (one sample of a scalar such as dλ is noise)."""
     in_f, out, r = 96, 80, 8
     A, B, lam, w = make_adapter(r, in_f, out, "random", torch.float64)
@@ -225,7 +235,7 @@ def test_low_precision_within_2x_of_torch(dtype, param_dtype, gemm_order):
 
 
 @pytest.mark.parametrize("r", [1, 4, 8])
-def test_fp16_zero_B_init_is_exact_not_nan(r, gemm_order):
+def test_fp16_zero_B_init_is_exact_not_nan(r, adapter_path):
     """B = 0 gives s ~ 1e4·λ/r through the clamp; u ⊙ s rounded to fp16 would be inf and inf·0 = NaN.
     PEFT (fp32 scaling) returns exactly the base output, and so must we, in forward and backward."""
     A, B, lam, w = make_adapter(r, 64, 32, "zeroB", torch.float32)
@@ -239,7 +249,7 @@ def test_fp16_zero_B_init_is_exact_not_nan(r, gemm_order):
     assert torch.isfinite(gx).all() and torch.isfinite(gA).all() and torch.isfinite(gB).all()
 
 
-def test_fp16_clamped_row_does_not_overflow(gemm_order):
+def test_fp16_clamped_row_does_not_overflow(adapter_path):
     """An A row below the clamp gives s ~ |λ|/(r·eps·b); B ⊙ s would overflow fp16 — PEFT scales u in fp32."""
     A, B, lam, w = make_adapter(1, 16, 8, "random", torch.float32, lam=15.0)
     A.mul_(1e-6)  # ‖A‖ < eps: s = 15 / (1e-4 · ‖B‖) ~ 1e5
@@ -252,7 +262,7 @@ def test_fp16_clamped_row_does_not_overflow(gemm_order):
 
 
 # ---- dropout: the mask is regenerated from the seed, identical to the reference's --------------------
-def test_dropout_matches_reference_mask():
+def test_dropout_matches_reference_mask(adapter_path):
     in_f, out, r, p = 24, 10, 3, 0.3
     A, B, lam, w = make_adapter(r, in_f, out, "random", torch.float64)
     W, b = make_base(in_f, out, torch.float64)
@@ -283,7 +293,7 @@ def test_dropout_rate_and_seed_dependence():
 
 # ---- gradcheck (fp64) ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["random", "clamped"])
-def test_gradcheck_linear(kind, gemm_order):
+def test_gradcheck_linear(kind, adapter_path):
     A, B, lam, w = make_adapter(3, 6, 5, kind, torch.float64)
     W, b = make_base(6, 5, torch.float64)
     x = make_x((2, 4), 6, torch.float64)
@@ -295,7 +305,7 @@ def test_gradcheck_linear(kind, gemm_order):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
 
 
-def test_gradcheck_adapter_with_dropout():
+def test_gradcheck_adapter_with_dropout(adapter_path):
     A, B, lam, w = make_adapter(2, 5, 4, "random", torch.float64)
     x = make_x((6,), 5, torch.float64)
     seed = torch.tensor([7], dtype=torch.int64)
@@ -307,7 +317,7 @@ def test_gradcheck_adapter_with_dropout():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
 
 
-def test_backward_op_matches_autograd_of_reference(gemm_order):
+def test_backward_op_matches_autograd_of_reference(adapter_path):
     """linear_bwd called directly, each output only when asked for."""
     A, B, lam, w = make_adapter(4, 9, 7, "clamped", torch.float64)
     W, b = make_base(9, 7, torch.float64)
@@ -348,7 +358,7 @@ def _opcheck(op, args):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_all_ops(dtype):
+def test_opcheck_all_ops(dtype, adapter_path):
     A, B, lam, w = make_adapter(3, 10, 6, "random", dtype)
     W, b = make_base(10, 6, dtype)
     x = make_x((2, 5), 10, dtype)
@@ -430,7 +440,7 @@ def test_prep_norms_are_accurate_for_long_rows():
 def test_set_tuning_validates_and_round_trips():
     """Kernel-variant switches: unknown names and values are refused naming them; set values read back."""
     before = ops.tuning()
-    assert set(before) == {"gemm_order", "merge_kernel", "small_n"}
+    assert set(before) == {"gemm_order", "merge_kernel", "small_n", "cpu_fused"}
     with pytest.raises(ValueError, match=r"unknown switch 'gemm'"):
         ops.set_tuning(gemm="seeded")
     with pytest.raises(ValueError, match=r"`merge_kernel` must be one of \('rows', 'tiled'\), got 'fast'"):
@@ -446,8 +456,8 @@ def test_set_tuning_validates_and_round_trips():
         ops._C.set_tuning("merge_kernel", -1)
     assert ops.tuning() == before, "a refused call set nothing"
     try:
-        ops.set_tuning(gemm_order="seeded", merge_kernel="tiled", small_n="on")
-        assert ops.tuning() == {"gemm_order": "seeded", "merge_kernel": "tiled", "small_n": "on"}
+        ops.set_tuning(gemm_order="seeded", merge_kernel="tiled", small_n="on", cpu_fused="off")
+        assert ops.tuning() == {"gemm_order": "seeded", "merge_kernel": "tiled", "small_n": "on", "cpu_fused": "off"}
         assert ops.build_info()["tuning"] == ops.tuning()
         ops.set_tuning(small_n="overlap")
         assert ops.tuning()["small_n"] == "overlap" and ops._C.tuning()["small_n"] == 2
@@ -457,7 +467,7 @@ def test_set_tuning_validates_and_round_trips():
 
 
 def test_tuning_env_vars():
-    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N at import: names or indices; a bad value fails the import
+    """DELORA_EXT_GEMM_ORDER / _MERGE_KERNEL / _SMALL_N / _CPU_FUSED at import: names or indices; a bad value fails the import
     naming the variable."""
     import os
     import subprocess
@@ -466,7 +476,11 @@ def test_tuning_env_vars():
     env = {**os.environ, "DELORA_EXT_GEMM_ORDER": "seeded", "DELORA_EXT_SMALL_N": "1", "DELORA_EXT_MERGE_KERNEL": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "[('gemm_order', 'seeded'), ('merge_kernel', 'rows'), ('small_n', 'on')]" in out.stdout
+    assert "[('cpu_fused', 'on'), ('gemm_order', 'seeded'), ('merge_kernel', 'rows'), ('small_n', 'on')]" in out.stdout
+    env["DELORA_EXT_CPU_FUSED"] = "off"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "('cpu_fused', 'off')" in out.stdout, out.stderr
+    del env["DELORA_EXT_CPU_FUSED"]
     env["DELORA_EXT_SMALL_N"] = "2"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "('small_n', 'overlap')" in out.stdout, out.stderr
@@ -477,3 +491,36 @@ def test_tuning_env_vars():
     env["DELORA_EXT_SMALL_N"] = "yes"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "DELORA_EXT_SMALL_N" in bad.stderr and "got 'yes'" in bad.stderr
+
+
+def _gemm_calls(fn) -> int:
+    from torch.profiler import profile
+    with profile() as prof:
+        fn()
+    return sum(e.name in ("aten::mm", "aten::addmm", "aten::addmm_") for e in prof.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_cpu_shapes_take_the_fused_pass_and_large_ones_the_gemms(dtype):
+    """The default size rule: a training step of a small layer runs only the two base GEMMs (forward and dx), the
+    adapter parts being fused; a large one (N·r·(in + out) above the rule) runs the adapter's skinny GEMMs too. Both
+    agree with the fp64 reference."""
+    for (N, in_f, out, r), fused in (((4, 64, 64, 8), True), ((64, 256, 256, 16), False)):
+        A, B, lam, w = make_adapter(r, in_f, out, "random", dtype)
+        W, b = make_base(in_f, out, dtype)
+        x = make_x((N,), in_f, dtype)
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, lam)]
+
+        def step(leaves=leaves, W=W, b=b, w=w):
+            y = ops.linear(leaves[0], W, b, leaves[1], leaves[2], leaves[3], w)
+            return y, _grads(y, leaves)
+
+        with tuned(cpu_fused="on", gemm_order="base_first"):  # the defaults
+            calls = _gemm_calls(step)
+            y, grads = step()
+        assert (calls == 2) == fused, f"{(N, in_f, out, r)}: {calls} GEMM calls"
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        y_ref = ref.linear_ref(ref_leaves[0], W.double(), b.double(), *ref_leaves[1:], w.double())
+        assert_close(y, y_ref, TOL[dtype], "y")
+        for name, gn, gr in zip(["dx", "dA", "dB", "dlam"], grads, _grads(y_ref, ref_leaves)):
+            assert_close(gn, gr, TOL[dtype], name)
