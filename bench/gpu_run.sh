@@ -31,7 +31,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # the package imports fro
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export DELORA_EXT_CUDA=1             # the build must produce the CUDA half (fail loudly otherwise)
 export DELORA_EXT_PTXAS_VERBOSE=1    # registers / spills of every kernel into build.log
-export DELORA_EXT_NATIVE_CUDA=1      # layers use the CUDA kernels (delora_ext/ops.py: CUDA_VALIDATED)
+export DELORA_EXT_NATIVE_CUDA=1      # layers use the CUDA kernels (delora_ext/ops.py: CUDA_LAYERS_NATIVE)
 
 # Short CUDA test selections for the sanitizers (no graph capture: PYTORCH_NO_CUDA_MEMORY_CACHING=1, which
 # memcheck needs to see out-of-bounds accesses inside PyTorch's pooled blocks, forbids it).
@@ -148,13 +148,15 @@ run_tests() {
 
 # The training-stack tests on CUDA (torch.compile fullgraph, autocast, gradient checkpointing), double backward,
 # the quantised-base tests (bitsandbytes' CUDA kernels, torchao; they skip, saying so, where the libraries are not
-# installed), the inference cache under CUDA graph capture and torch.compile(mode="reduce-overhead"): last, as the
-# least critical step, since inductor's compile time on the device is not known.
+# installed), the inference cache under CUDA graph capture and torch.compile(mode="reduce-overhead"), the segmented
+# mixed-batch kernel against the CPU op: last, as the least critical step, since inductor's compile time on the
+# device is not known.
 run_stack_tests() {
   local extra=(-X faulthandler -m pytest -q -rfEs -p no:cacheprovider)
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
   "$PY" "${extra[@]}" --durations=5 tests/test_training_stack.py tests/test_higher_order_autograd.py \
-    tests/test_quantized.py tests/test_inference_cache.py tests/test_host_overhead_paths.py -k cuda
+    tests/test_quantized.py tests/test_inference_cache.py tests/test_host_overhead_paths.py \
+    tests/test_mixed_batch_segmented.py -k cuda
 }
 
 run_bench() {

@@ -328,16 +328,41 @@ def active_plan(layer: nn.Module):
     return plan
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives x's GEMMs here, or None where no autocast region applies to x."""
+    if not x.is_floating_point() or not _any_autocast():
+        return None
+    kind = x.device.type
+    try:
+        on = torch.is_autocast_enabled(kind)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(kind) if on else None
+
+
 def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, args, kwargs) -> torch.Tensor:
     if x.dim() == 0 or x.shape[0] != plan.n:
         raise ValueError(f"`adapter_names` has {plan.n} names (one per batch element) but the input of this layer "
                          f"has {x.shape[0] if x.dim() else 0} rows along dim 0 (shape {tuple(x.shape)})")
     base = layer._modules["base_layer"]
-    dt = x.dtype
+    ac = _autocast_dtype(x)
+    if ac is not None:
+        # As the op under autocast: the base as autocast runs it, the adapters' GEMMs on x cast to autocast's dtype
+        # with the factors in that dtype (the GEMMs here take explicit dtypes, so autocast is off for them).
+        y = base(x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return _add_adapters(layer, plan, x.to(ac), y, in_place=False)
     if fused:
         W, bias = weight_and_bias(base)
-        fused = W.dtype == dt
+        fused = W.dtype == x.dtype
     y = F.linear(x, W, bias) if fused else base(x, *args, **kwargs)
+    return _add_adapters(layer, plan, x, y, in_place=fused)
+
+
+def _add_adapters(layer: nn.Module, plan: _Plan, x: torch.Tensor, y: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """y (the base output) plus each row's adapter term; ``in_place``: y is this forward's own tensor (written in
+    place when no graph is recorded)."""
+    dt, fused = x.dtype, in_place
     known = layer._modules["delora_A"]._parameters
     present = tuple(name for name in plan.adapters if name in known)
     if not present:

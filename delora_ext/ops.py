@@ -73,7 +73,7 @@ if not NATIVE:
 
 # Layers use the CUDA kernels by default; DELORA_EXT_NATIVE_CUDA=0 routes CUDA tensors to the pure-PyTorch
 # reference instead (a switch for bisecting a suspected kernel problem).
-CUDA_VALIDATED = os.environ.get("DELORA_EXT_NATIVE_CUDA", "1") != "0"
+CUDA_LAYERS_NATIVE = os.environ.get("DELORA_EXT_NATIVE_CUDA", "1") != "0"
 
 
 _TUNING_VALUES = {"gemm_order": ("base_first", "seeded"), "merge_kernel": ("rows", "tiled"),
@@ -134,7 +134,7 @@ def build_info() -> dict:
             kernels=["cpu"] + (["cuda"] if b["cuda"] else []),
             cuda_archs=b["cuda_archs"] or None,
             cuda_toolkit=b["cuda_toolkit"] or None,
-            cuda_kernels_used_by_layers=bool(b["cuda"]) and CUDA_VALIDATED,
+            cuda_kernels_used_by_layers=bool(b["cuda"]) and CUDA_LAYERS_NATIVE,
             tuning=tuning(),
         )
     return info
@@ -148,7 +148,7 @@ def has_kernel(device: torch.device | str) -> bool:
     if dev == "cpu":
         return True
     if dev == "cuda":
-        return _C_HAS_CUDA and CUDA_VALIDATED
+        return _C_HAS_CUDA and CUDA_LAYERS_NATIVE
     return False
 
 

@@ -1,6 +1,6 @@
 """CUDA ops against the CPU op and the reference; run on a GPU machine (bench/gpu_run.sh), skipped elsewhere.
 
-The layer tests force the native CUDA path (ops.CUDA_VALIDATED) so they exercise the kernels whether or not
+The layer tests force the native CUDA path (ops.CUDA_LAYERS_NATIVE) so they exercise the kernels whether or not
 DELORA_EXT_NATIVE_CUDA=1 is set; the op tests call torch.ops.delora_ext directly.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ SHAPES = [((4,), 7, 5, 1), ((3, 5), 16, 4097, 3), ((0,), 8, 6, 2), ((2, 3, 4), 3
 @pytest.fixture
 def native_cuda_layers(monkeypatch):
     """Route DeLoRALinear's CUDA tensors through the native kernels (as DELORA_EXT_NATIVE_CUDA=1 does)."""
-    monkeypatch.setattr(ops, "CUDA_VALIDATED", True)
+    monkeypatch.setattr(ops, "CUDA_LAYERS_NATIVE", True)
     assert ops.has_kernel("cuda")
 
 
@@ -427,11 +427,11 @@ def test_cuda_layer_two_adapters_bf16_matches_reference(native_cuda_layers, monk
         return [y, *torch.autograd.grad(y, [x, *params], _grad_out(y))]
 
     native = run()
-    monkeypatch.setattr(ops, "CUDA_VALIDATED", False)
+    monkeypatch.setattr(ops, "CUDA_LAYERS_NATIVE", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "no native kernel ... using the PyTorch reference"
         reference = run()
-    monkeypatch.setattr(ops, "CUDA_VALIDATED", True)
+    monkeypatch.setattr(ops, "CUDA_LAYERS_NATIVE", True)
     for i, (n, r_) in enumerate(zip(native, reference)):
         assert n.dtype == r_.dtype and n.shape == r_.shape, i
         tol = 6e-2 if n.numel() == 1 else 2e-2  # dλ: one scalar, a sum with cancellation between the k terms

@@ -94,6 +94,26 @@ def test_fp64_rows_equal_their_adapter_alone_to_fp64_precision(strategy):
     assert ((mixed - expected).norm() / expected.norm()).item() <= 1e-12
 
 
+@pytest.mark.parametrize("strategy", ["grouped", "masked", "segmented", "auto"])
+def test_rows_under_autocast_equal_their_adapter_alone_under_autocast(strategy):
+    """As the op under autocast: the base in autocast's dtype, the adapter GEMMs on x cast to it (fp32 factors
+    rounded to it), so each row agrees with its adapter alone to bf16 rounding, and the output has the same dtype."""
+    model = _three_adapters("llama")
+    names = ["b", BASE, "a", "c", "a"]
+    batch = _batch("llama", len(names))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with delora_ext.mixed_batch(model, names, strategy=strategy):
+            mixed = model(**batch).logits
+        expected = _alone(model, "llama", batch, names)
+    with torch.no_grad():
+        fp32 = _alone(model, "llama", batch, names)
+    assert mixed.dtype == expected.dtype
+    for i, name in enumerate(names):
+        err = ((mixed[i].float() - expected[i].float()).norm() / expected[i].float().norm()).item()
+        budget = ((expected[i].float() - fp32[i]).norm() / fp32[i].norm()).item()  # autocast's own error
+        assert err <= 2 * budget + 1e-3, f"row {i} ({name}): relative error {err:.1e} (autocast's own {budget:.1e})"
+
+
 def test_one_adapter_for_every_row_equals_set_adapter():
     model = _three_adapters("llama")
     batch = _batch("llama", 4)
