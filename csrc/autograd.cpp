@@ -112,6 +112,9 @@ struct LinearFwdFn : public torch::autograd::Function<LinearFwdFn> {
       if (nlam) result[5] = g[3];
     } else if (nx || nA || nB || nlam) {
       static auto bwd = typed_op<decltype(delora_ext::linear_bwd)>("delora_ext::linear_bwd");
+      // Straight to the device kernel: linear_bwd has no Autograd kernel, and the dispatcher's not-implemented
+      // fallback there boxes all 14 arguments on every call (grad mode is off: nothing to record).
+      at::AutoDispatchBelowADInplaceOrView below;
       auto [gx, gA, gB, glam] = bwd.call(gy, x, weight, A, B, lam, w, u, s, a, b, p, seed, {nx, nA, nB, nlam});
       if (nx) result[0] = gx;
       if (nA) result[3] = gA;
@@ -162,6 +165,7 @@ struct AdapterFwdFn : public torch::autograd::Function<AdapterFwdFn> {
       return result;
     }
     static auto bwd = typed_op<decltype(delora_ext::linear_bwd)>("delora_ext::linear_bwd");
+    at::AutoDispatchBelowADInplaceOrView below;  // as in LinearFwdFn::backward
     auto [gx, gA, gB, glam] = bwd.call(gy, saved[0], std::nullopt, saved[1], saved[2], saved[3], saved[4],
                                        saved[5], saved[6], saved[7], saved[8], ctx->saved_data["p"].toDouble(),
                                        seed, {nx, nA, nB, nlam});
