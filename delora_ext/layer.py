@@ -475,6 +475,12 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             names = [n for n in names if n in known]
         if not names:
             return base(x, *args, **kwargs)
+        if known[names[0]].is_meta and not x.is_meta:
+            raise RuntimeError(
+                f"DeLoRALinear: adapter {names[0]!r} has its tensors on the meta device but `x` is on {x.device}. "
+                f"If the model was offloaded with accelerate (cpu_offload, disk_offload, a device_map with offloading), "
+                f"pass preload_module_classes=['DeLoRALinear'] so each layer's adapter tensors are loaded with it "
+                f"(they live in ParameterDicts, which are never called, so their own offload hooks never run)")
         if self._w_pending:
             self.resolve_w()
         if (inference.cache_applies(x) and self.inference_cache

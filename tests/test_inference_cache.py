@@ -142,6 +142,31 @@ def test_accelerate_offload_hook_on_the_base_layer():
     torch.testing.assert_close(second, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_accelerate_offload_of_a_whole_model_needs_delora_layers_preloaded(grad):
+    """cpu_offload of a whole patched model puts the adapters' ParameterDicts on the meta device too, and those
+    modules are never called, so their hooks never load them: the forward says so and names accelerate's remedy,
+    preload_module_classes=["DeLoRALinear"], with which the offloaded model computes what it did before."""
+    accelerate = pytest.importorskip("accelerate")
+    x = torch.randn(3, 8, requires_grad=grad)
+
+    def model():
+        torch.manual_seed(0)
+        return delora_ext.patch(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), target_modules=["0", "2"],
+                                r=2, init_weights=False).eval()
+
+    with torch.set_grad_enabled(grad):
+        expected = model()(x)
+        bare = model()
+        accelerate.cpu_offload(bare, execution_device=torch.device("cpu"))
+        with pytest.raises(RuntimeError, match=r"meta device.*preload_module_classes=\['DeLoRALinear'\]"):
+            bare(x)
+        ok = model()
+        accelerate.cpu_offload(ok, execution_device=torch.device("cpu"), preload_module_classes=["DeLoRALinear"])
+        assert ok[0].delora_A["default"].is_meta  # offloaded between calls
+        torch.testing.assert_close(ok(x), expected, rtol=0, atol=0)
+
+
 # ---- when the cache applies ---------------------------------------------------------------------------------
 def test_grad_mode_uses_the_op_and_keeps_gradients():
     layer = _layer()
