@@ -362,13 +362,6 @@ __global__ void __launch_bounds__(kMergeThreads)
 //     v = u ⊙ s (opmath; no fp16 rounding of the scaled term, so no split scale is needed).
 //   small_update_kernel, one thread per output column o: y[n,o] = round(y[n,o] + Σ_k v[n,k] B[o,k]) (or without
 //     y's old value), B in opmath, v staged in shared memory.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
-}
-
 template <typename T, typename D>
 __global__ void __launch_bounds__(kRowThreads)
     small_u_kernel(const D* __restrict__ x, const T* __restrict__ A, const T* __restrict__ B,

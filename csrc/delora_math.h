@@ -123,4 +123,14 @@ DELORA_HD bool dropout_keep(uint64_t seed, uint64_t idx, uint32_t threshold) {
   return (h >> 8) >= threshold;
 }
 
+#if defined(__CUDACC__) || defined(__HIPCC__)
+// The sum of v over the 32 lanes of a warp, in lane 0 (a fixed shuffle tree: the same bits on every run).
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+#endif
+
 }  // namespace delora_ext

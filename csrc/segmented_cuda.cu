@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "delora_math.h"
 #include "segmented.h"
 
 namespace delora_ext {
@@ -40,13 +41,6 @@ struct SegTable {
   int64_t count;  // entries used
   int64_t total;  // K, for the index check
 };
-
-template <typename T>
-__device__ __forceinline__ T seg_warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
-}
 
 template <typename T, typename D>
 __global__ void __launch_bounds__(kSegThreads)
@@ -78,7 +72,7 @@ __global__ void __launch_bounds__(kSegThreads)
 #pragma unroll
     for (int jj = 0; jj < kSegRanks; ++jj) {
       if (jj < jn) {
-        const T t = seg_warp_sum(acc[jj]);
+        const T t = warp_sum(acc[jj]);
         if (lane == 0) part[jj][warp] = t;
       }
     }
