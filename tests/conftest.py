@@ -38,3 +38,13 @@ def adapter_path(request):
                 else {"cpu_fused": "off", "gemm_order": request.param})
     with tuned(**switches):
         yield request.param
+
+
+@pytest.fixture
+def gemm_path():
+    """The CPU op on its GEMM path (the fused small-shape pass off): what the inference cache computes, bit for bit.
+    The fused pass agrees with both to rounding (test_inference_cache.py)."""
+    if not NATIVE:
+        pytest.skip("kernel variants need the native extension")
+    with tuned(cpu_fused="off"):
+        yield

@@ -14,18 +14,11 @@ import delora_ext
 from delora_ext import DeLoRALinear
 from delora_ext import reference as ref
 
-from helpers import TOL, assert_close, rel_err, requires_cuda, requires_native, tuned
+from helpers import TOL, assert_close, rel_err, requires_cuda, requires_native
 from tiny_models import build, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
-pytestmark = requires_native
+pytestmark = [requires_native, pytest.mark.usefixtures("gemm_path")]
 
-
-@pytest.fixture(autouse=True)
-def _gemm_path():
-    """The cache computes with the op's GEMMs, so it equals the op's GEMM path bit for bit; these tests compare the
-    two that way. The op's fused CPU pass for small shapes (the default) agrees with it to rounding, tested below."""
-    with tuned(cpu_fused="off"):
-        yield
 
 
 class _CountOps(TorchDispatchMode):

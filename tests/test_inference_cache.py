@@ -18,15 +18,8 @@ from delora_ext import reference as ref
 from helpers import TOL, assert_close, requires_cuda, requires_native, tuned
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
-pytestmark = requires_native
+pytestmark = [requires_native, pytest.mark.usefixtures("gemm_path")]
 
-
-@pytest.fixture(autouse=True)
-def _gemm_path():
-    """The cache computes with the op's GEMMs, so it equals the op's GEMM path bit for bit; these tests compare the
-    two that way. The op's fused CPU pass for small shapes (the default) agrees with it to rounding, tested below."""
-    with tuned(cpu_fused="off"):
-        yield
 CACHE = "_fold_cache"
 
 
