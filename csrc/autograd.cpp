@@ -1,8 +1,11 @@
-// The Autograd kernels (dispatch_keys.h): C++ autograd.Functions registered at the Autograd key, not
-// torch.library.register_autograd in Python, whose wrapper adds host time to every layer of every training step
-// (on a GPU, time the device waits for its next launch). Saved for backward: x (by reference), the parameters
-// (referenced, not copied), u (N×r) and the r-sized s, a, b; nothing tokens×in is created for backward.
+// The Autograd kernels (dispatch_keys.h), registered at the Autograd key in C++, not torch.library.register_autograd
+// in Python, whose wrapper adds host time to every layer of every training step (on a GPU, time the device waits for
+// its next launch). Saved for backward: x (by reference), the parameters (referenced, not copied), u (N×r) and the
+// r-sized s, a, b; nothing tokens×in is created for backward.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+
+#include <type_traits>
 
 #include "delora.h"
 #include "delora_math.h"
@@ -11,16 +14,8 @@
 namespace delora_ext {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-
-// Edge index of each differentiable input: an absent optional (bias, seed) has no edge.
-struct EdgeIndex {
-  int64_t next = 0;
-  int64_t take(bool present = true) { return present ? next++ : -1; }
-};
-
-bool wants(AutogradContext* ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
 
 struct ComposedPrep {
   Tensor Af, s, a, b;
@@ -68,114 +63,102 @@ std::array<Tensor, 4> adapter_vjp_differentiable(const Tensor& gy, const Tensor&
   return result;
 }
 
-struct LinearFwdFn : public torch::autograd::Function<LinearFwdFn> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
-                               const std::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
-                               const Tensor& lam, const Tensor& w, double p, const std::optional<Tensor>& seed) {
-    static auto op = typed_op<decltype(delora_ext::linear_fwd)>("delora_ext::linear_fwd");
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      out = op.call(x, weight, bias, A, B, lam, w, p, seed);
-    }
-    auto& [y, u, s, a, b] = out;
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["has_seed"] = seed.has_value() && seed->defined();
-    ctx->save_for_backward({x, weight, A, B, lam, w, u, s, a, b, seed.value_or(Tensor())});
-    ctx->mark_non_differentiable({u, s, a, b});
-    ctx->set_materialize_grads(false);  // no zero-filled N×r gradient for u
-    return {y, u, s, a, b};
+// The backward node of linear_fwd and adapter_fwd, written as ATen's generated nodes are (a Node with its saved
+// tensors as members) rather than as a torch::autograd::Function, whose AutogradContext, per-call output
+// bookkeeping and demangled type name cost several microseconds of host time per layer and step. Its next edges are
+// the op's tensor inputs in schema order: (x, weight, bias, A, B, lam, w) for linear_fwd, (x, A, B, lam, w) for
+// adapter_fwd; an absent bias keeps its (empty) edge so the indices do not move. w is a buffer: no gradient.
+struct DeloraBackward : public torch::autograd::TraceableFunction {
+  explicit DeloraBackward(bool linear) : linear_(linear) {}
+  std::string name() const override { return linear_ ? "DeloraLinearBackward0" : "DeloraAdapterBackward0"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x_, &weight_, &A_, &B_, &lam_, &w_, &u_, &s_, &a_, &b_, &seed_}) v->reset_data();
   }
+  variable_list apply(variable_list&& grads) override;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(9);  // x, weight, bias, A, B, lam, w, dropout_p, seed
-    const Tensor& gy = grads[0];
-    if (!gy.defined()) return result;
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &A = saved[2], &B = saved[3], &lam = saved[4],
-                 &w = saved[5], &u = saved[6], &s = saved[7], &a = saved[8], &b = saved[9];
-    const Tensor& seed_t = saved[10];
-    const std::optional<Tensor> seed = seed_t.defined() ? std::optional<Tensor>(seed_t) : std::nullopt;
-    const double p = ctx->saved_data["p"].toDouble();
-    EdgeIndex e;
-    const int64_t ex = e.take(), eW = e.take(), eb = e.take(ctx->saved_data["has_bias"].toBool()), eA = e.take(),
-                  eB = e.take(), elam = e.take();
-    const bool nx = wants(ctx, ex), nW = wants(ctx, eW), nb = wants(ctx, eb), nA = wants(ctx, eA),
-               nB = wants(ctx, eB), nlam = wants(ctx, elam);
-    if ((nx || nA || nB || nlam) && at::GradMode::is_enabled()) {
-      auto g = adapter_vjp_differentiable(gy, x, A, B, lam, w, p, seed, {nx, nA, nB, nlam});
-      if (nx) result[0] = g[0].add(at::mm(gy.reshape({u.size(0), gy.size(-1)}), weight).view(x.sizes()));
-      if (nA) result[3] = g[1];
-      if (nB) result[4] = g[2];
-      if (nlam) result[5] = g[3];
-    } else if (nx || nA || nB || nlam) {
-      static auto bwd = typed_op<decltype(delora_ext::linear_bwd)>("delora_ext::linear_bwd");
-      // Straight to the device kernel: linear_bwd has no Autograd kernel, and the dispatcher's not-implemented
-      // fallback there boxes all 14 arguments on every call (grad mode is off: nothing to record).
-      at::AutoDispatchBelowADInplaceOrView below;
-      auto [gx, gA, gB, glam] = bwd.call(gy, x, weight, A, B, lam, w, u, s, a, b, p, seed, {nx, nA, nB, nlam});
-      if (nx) result[0] = gx;
-      if (nA) result[3] = gA;
-      if (nB) result[4] = gB;
-      if (nlam) result[5] = glam;
-    }
-    if (nW || nb) {
-      const int64_t n = u.size(0);  // rows; reshape(-1, features) is ambiguous when features = 0
-      const Tensor g2 = gy.reshape({n, gy.size(-1)});
-      if (nW) result[1] = at::mm(g2.t(), x.reshape({n, x.size(-1)})).to(weight.scalar_type());
-      if (nb) result[2] = g2.sum(0);
-    }
-    return result;
-  }
+  SavedVariable x_, weight_, A_, B_, lam_, w_, u_, s_, a_, b_, seed_;
+  double p_ = 0.0;
+  const bool linear_;
 };
 
-struct AdapterFwdFn : public torch::autograd::Function<AdapterFwdFn> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& A, const Tensor& B,
-                               const Tensor& lam, const Tensor& w, double p, const std::optional<Tensor>& seed) {
-    static auto op = typed_op<decltype(delora_ext::adapter_fwd)>("delora_ext::adapter_fwd");
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      out = op.call(x, A, B, lam, w, p, seed);
-    }
-    auto& [y, u, s, a, b] = out;
-    ctx->saved_data["p"] = p;
-    ctx->save_for_backward({x, A, B, lam, w, u, s, a, b, seed.value_or(Tensor())});
-    ctx->mark_non_differentiable({u, s, a, b});
-    ctx->set_materialize_grads(false);
-    return {y, u, s, a, b};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(7);  // x, A, B, lam, w, dropout_p, seed
-    const Tensor& gy = grads[0];
-    if (!gy.defined()) return result;
-    const bool nx = ctx->needs_input_grad(0), nA = ctx->needs_input_grad(1), nB = ctx->needs_input_grad(2),
-               nlam = ctx->needs_input_grad(3);
-    if (!(nx || nA || nB || nlam)) return result;
-    const auto saved = ctx->get_saved_variables();
-    const Tensor& seed_t = saved[9];
-    const std::optional<Tensor> seed = seed_t.defined() ? std::optional<Tensor>(seed_t) : std::nullopt;
-    if (at::GradMode::is_enabled()) {
-      auto g = adapter_vjp_differentiable(gy, saved[0], saved[1], saved[2], saved[3], saved[4],
-                                          ctx->saved_data["p"].toDouble(), seed, {nx, nA, nB, nlam});
-      for (int i = 0; i < 4; ++i) result[i] = g[i];
-      return result;
-    }
+variable_list DeloraBackward::apply(variable_list&& grads) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  // Edge indices: linear (x 0, weight 1, bias 2, A 3, B 4, lam 5, w 6); adapter (x 0, A 1, B 2, lam 3, w 4).
+  const size_t eA = linear_ ? 3 : 1;
+  variable_list result(num_outputs());
+  const Tensor& gy = grads[0];
+  if (!gy.defined()) return result;  // y unused: nothing flows back (no zero-filled gradients made)
+  const bool nx = task_should_compute_output(0), nA = task_should_compute_output(eA),
+             nB = task_should_compute_output(eA + 1), nlam = task_should_compute_output(eA + 2);
+  const bool nW = linear_ && task_should_compute_output(1), nb = linear_ && task_should_compute_output(2);
+  const Tensor x = x_.unpack(), A = A_.unpack(), B = B_.unpack(), lam = lam_.unpack(), w = w_.unpack(),
+               u = u_.unpack();
+  const Tensor seed_t = seed_.unpack();
+  const std::optional<Tensor> seed = seed_t.defined() ? std::optional<Tensor>(seed_t) : std::nullopt;
+  const Tensor weight = linear_ ? weight_.unpack() : Tensor();
+  const int64_t n = u.size(0);  // rows; reshape(-1, features) is ambiguous when features = 0
+  if ((nx || nA || nB || nlam) && at::GradMode::is_enabled()) {
+    auto g = adapter_vjp_differentiable(gy, x, A, B, lam, w, p_, seed, {nx, nA, nB, nlam});
+    if (nx) result[0] = linear_ ? g[0].add(at::mm(gy.reshape({n, gy.size(-1)}), weight).view(x.sizes())) : g[0];
+    if (nA) result[eA] = g[1];
+    if (nB) result[eA + 1] = g[2];
+    if (nlam) result[eA + 2] = g[3];
+  } else if (nx || nA || nB || nlam) {
     static auto bwd = typed_op<decltype(delora_ext::linear_bwd)>("delora_ext::linear_bwd");
-    at::AutoDispatchBelowADInplaceOrView below;  // as in LinearFwdFn::backward
-    auto [gx, gA, gB, glam] = bwd.call(gy, saved[0], std::nullopt, saved[1], saved[2], saved[3], saved[4],
-                                       saved[5], saved[6], saved[7], saved[8], ctx->saved_data["p"].toDouble(),
-                                       seed, {nx, nA, nB, nlam});
-    if (nx) result[0] = gx;
-    if (nA) result[1] = gA;
-    if (nB) result[2] = gB;
-    if (nlam) result[3] = glam;
-    return result;
+    // Straight to the device kernel: linear_bwd has no Autograd kernel, and the dispatcher's not-implemented
+    // fallback there boxes all 14 arguments on every call (grad mode is off: nothing to record).
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [gx, gA, gB, glam] = bwd.call(gy, x, linear_ ? std::optional<Tensor>(weight) : std::nullopt, A, B, lam,
+                                       w, u, s_.unpack(), a_.unpack(), b_.unpack(), p_, seed, {nx, nA, nB, nlam});
+    if (nx) result[0] = std::move(gx);
+    if (nA) result[eA] = std::move(gA);
+    if (nB) result[eA + 1] = std::move(gB);
+    if (nlam) result[eA + 2] = std::move(glam);
   }
-};
+  if (nW || nb) {
+    const Tensor g2 = gy.reshape({n, gy.size(-1)});
+    if (nW) result[1] = at::mm(g2.t(), x.reshape({n, x.size(-1)})).to(weight.scalar_type());
+    if (nb) result[2] = g2.sum(0);
+  }
+  return result;
+}
+
+// Node pointers are std::shared_ptr<Node> up to torch 2.12 and c10::intrusive_ptr<Node> after; Node::getptr()
+// returns whichever this torch uses.
+using NodePtr = decltype(std::declval<torch::autograd::Node&>().getptr());
+
+// (Both template parameters keep the branch not taken uninstantiated: make_intrusive of a Node that is not an
+// intrusive_ptr_target would not compile.)
+template <class Ptr = NodePtr, class N = DeloraBackward>
+Ptr new_backward_node(bool linear) {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>) {
+    return Ptr(new N(linear));
+  } else {
+    return Ptr(c10::make_intrusive<N>(linear));
+  }
+}
+
+// Attach the backward node to y (the op's only differentiable output) and save what backward needs. u, s and the
+// norms are outputs that never require grad.
+void record(const NodePtr& node, Tensor& y, const Tensor& x, const Tensor* weight, const Tensor& A, const Tensor& B,
+            const Tensor& lam, const Tensor& w, std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>& out, double p,
+            const std::optional<Tensor>& seed) {
+  auto* n = static_cast<DeloraBackward*>(node.get());
+  n->x_ = SavedVariable(x, false);
+  if (weight != nullptr) n->weight_ = SavedVariable(*weight, false);
+  n->A_ = SavedVariable(A, false);
+  n->B_ = SavedVariable(B, false);
+  n->lam_ = SavedVariable(lam, false);
+  n->w_ = SavedVariable(w, false);
+  n->u_ = SavedVariable(std::get<1>(out), false);
+  n->s_ = SavedVariable(std::get<2>(out), false);
+  n->a_ = SavedVariable(std::get<3>(out), false);
+  n->b_ = SavedVariable(std::get<4>(out), false);
+  if (seed.has_value() && seed->defined()) n->seed_ = SavedVariable(*seed, false);
+  n->p_ = p;
+  torch::autograd::set_history(y, node);
+}
 
 bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
   if (!at::GradMode::is_enabled()) return false;
@@ -189,16 +172,36 @@ bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd_autograd(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
     const Tensor& lam, const Tensor& w, double p, const std::optional<Tensor>& seed) {
-  auto o = LinearFwdFn::apply(x, weight, bias, A, B, lam, w, p, seed);
-  return {o[0], o[1], o[2], o[3], o[4]};
+  static auto op = typed_op<decltype(delora_ext::linear_fwd)>("delora_ext::linear_fwd");
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(x, weight, bias, A, B, lam, w, p, seed);
+  }
+  if (torch::autograd::compute_requires_grad(x, weight, bias, A, B, lam, w)) {
+    NodePtr node = new_backward_node(/*linear=*/true);
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, A, B, lam, w));
+    record(node, std::get<0>(out), x, &weight, A, B, lam, w, out, p, seed);
+  }
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd_autograd(const Tensor& x, const Tensor& A,
                                                                         const Tensor& B, const Tensor& lam,
                                                                         const Tensor& w, double p,
                                                                         const std::optional<Tensor>& seed) {
-  auto o = AdapterFwdFn::apply(x, A, B, lam, w, p, seed);
-  return {o[0], o[1], o[2], o[3], o[4]};
+  static auto op = typed_op<decltype(delora_ext::adapter_fwd)>("delora_ext::adapter_fwd");
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(x, A, B, lam, w, p, seed);
+  }
+  if (torch::autograd::compute_requires_grad(x, A, B, lam, w)) {
+    NodePtr node = new_backward_node(/*linear=*/false);
+    node->set_next_edges(torch::autograd::collect_next_edges(x, A, B, lam, w));
+    record(node, std::get<0>(out), x, nullptr, A, B, lam, w, out, p, seed);
+  }
+  return out;
 }
 
 // prep and delta_weight at the Autograd key: the native kernel when no gradient is wanted (merges, ΔW reports run

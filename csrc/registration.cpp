@@ -5,6 +5,7 @@
 // a_k = ‖A[k,:]‖₂, b_k = ‖B[:,k]‖₂ (raw), s_k = λ / (r·max(a_k,1e-4)·max(b_k,1e-4)); A' = A⊙w;
 // x_d = x ⊙ keep(seed)/(1−p) when dropout_p > 0, else x. Norms, s and reductions run in fp32 (fp64 for
 // fp64 adapters); GEMMs in x's dtype with fp32 accumulation.
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -94,6 +95,28 @@ TORCH_LIBRARY_IMPL(delora_ext, AutocastCUDA, m) {
   m.impl("adapter_fwd", &AutocastCUDA::adapter_fwd);
 }
 
+namespace {
+
+// Direct entry points for eager calls from Python (ops.linear, ops.adapter): the op called through its typed
+// dispatcher handle, y alone returned. The generic torch.ops call builds a boxed argument stack from the schema,
+// releases and retakes the GIL and wraps all five outputs as Python tensors; this does none of that. Dispatch is the
+// same (Autograd, Autocast and Python keys included); ops.py uses it only where no __torch_function__ override or
+// mode applies and nothing is being traced.
+Tensor linear_entry(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A,
+                    const Tensor& B, const Tensor& lam, const Tensor& w, double dropout_p,
+                    const std::optional<Tensor>& seed) {
+  static auto op = typed_op<decltype(linear_fwd)>("delora_ext::linear_fwd");
+  return std::get<0>(op.call(x, weight, bias, A, B, lam, w, dropout_p, seed));
+}
+
+Tensor adapter_entry(const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w,
+                     double dropout_p, const std::optional<Tensor>& seed) {
+  static auto op = typed_op<decltype(adapter_fwd)>("delora_ext::adapter_fwd");
+  return std::get<0>(op.call(x, A, B, lam, w, dropout_p, seed));
+}
+
+}  // namespace
+
 }  // namespace delora_ext
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -106,6 +129,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["cuda_toolkit"] = DELORA_CUDA_TOOLKIT;
     return d;
   });
+  m.def("linear", torch::wrap_pybind_function(&delora_ext::linear_entry),
+        "y of delora_ext::linear_fwd, called directly (eager only: see ops.linear)");
+  m.def("adapter", torch::wrap_pybind_function(&delora_ext::adapter_entry),
+        "delta of delora_ext::adapter_fwd, called directly (eager only: see ops.adapter)");
   // Kernel-variant switches (delora.h, Tuning), for A/B benchmarks in one process.
   m.def("set_tuning", [](const std::string& name, int value) {
     auto& t = delora_ext::tuning();

@@ -327,6 +327,15 @@ if NATIVE:
     _linear_fwd = _ops.linear_fwd.default
     _adapter_fwd = _ops.adapter_fwd.default
 
+# The direct entry points of eager calls: the op through its typed dispatcher handle, y alone returned (torch.ops
+# builds a boxed argument stack and wraps all five outputs). Not while torch.compile traces (it sees only torch.ops)
+# nor where a __torch_function__ override or mode applies to the arguments (torch.ops honours them, they would not).
+# None with a native build that predates them.
+_direct_linear = getattr(_C, "linear", None)
+_direct_adapter = getattr(_C, "adapter", None)
+_has_torch_function = torch._C._has_torch_function_variadic
+_is_compiling = torch.compiler.is_compiling
+
 
 def _seed_for(x: torch.Tensor, dropout_p: float):
     """The dropout mask's seed, drawn from torch's generator on x's device (so CUDA graphs replay fresh masks);
@@ -366,18 +375,22 @@ def linear(x, weight, bias, A, B, lam, w, dropout_p: float = 0.0):
     if _reference_for(x.device):
         y = torch.nn.functional.linear(x, weight, bias)
         return y + _adapter_reference(x, A, B, lam, w, dropout_p).to(y.dtype)
-    if dropout_p == 0.0:
-        return _linear_fwd(x, weight, bias, A, B, lam, w, 0.0, None)[0]
-    return _linear_fwd(x, weight, bias, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
+    p = float(dropout_p)
+    seed = None if p == 0.0 else _seed_for(x, p)
+    if _direct_linear is not None and not _is_compiling() and not _has_torch_function(x, weight, bias, A, B, lam, w):
+        return _direct_linear(x, weight, bias, A, B, lam, w, p, seed)
+    return _linear_fwd(x, weight, bias, A, B, lam, w, p, seed)[0]
 
 
 def adapter(x, A, B, lam, w, dropout_p: float = 0.0):
     """The DeLoRA term alone, ((x_d ⊙ w) Aᵀ ⊙ s) Bᵀ: (..., out) in x's dtype, for non-Linear bases."""
     if _reference_for(x.device):
         return _adapter_reference(x, A, B, lam, w, dropout_p)
-    if dropout_p == 0.0:
-        return _adapter_fwd(x, A, B, lam, w, 0.0, None)[0]
-    return _adapter_fwd(x, A, B, lam, w, float(dropout_p), _seed_for(x, dropout_p))[0]
+    p = float(dropout_p)
+    seed = None if p == 0.0 else _seed_for(x, p)
+    if _direct_adapter is not None and not _is_compiling() and not _has_torch_function(x, A, B, lam, w):
+        return _direct_adapter(x, A, B, lam, w, p, seed)
+    return _adapter_fwd(x, A, B, lam, w, p, seed)[0]
 
 
 def _check_writable(op: str, weight) -> None:

@@ -138,6 +138,104 @@ def test_forward_does_not_go_through_module_getattr(monkeypatch):
     assert train_calls == [] and calls == [], (train_calls, calls)
 
 
+# ---- the direct entry points and the backward node ----------------------------------------------------------
+def _value_and_grads(y, layer, x, g):
+    params = [layer.delora_A["default"], layer.delora_B["default"], layer.delora_lambda["default"]]
+    return (y, *torch.autograd.grad(y, [x, *params], g))
+
+
+@pytest.mark.parametrize("shape", [(5, 48), (2, 3, 48)])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_direct_entry_matches_the_torch_ops_call_bit_for_bit(shape, dropout, bias):
+    """ops.linear / ops.adapter call the op through _C.linear / _C.adapter (the typed dispatcher handle, y alone);
+    the outputs and every gradient equal torch.ops' call of the same op."""
+    torch.manual_seed(1)
+    layer = DeLoRALinear(nn.Linear(48, 40, bias=bias), r=4, init_weights=False).train()
+    A, B, lam, w = (getattr(layer, k)["default"] for k in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"))
+    base = layer.base_layer
+    x = torch.randn(*shape, requires_grad=True)
+    g = torch.randn(*shape[:-1], 40)
+    for direct, packet in ((lambda s: delora_ext.ops.linear(x, base.weight, base.bias, A, B, lam, w, dropout),
+                            lambda s: torch.ops.delora_ext.linear_fwd(x, base.weight, base.bias, A, B, lam, w, dropout,
+                                                                      s)[0]),
+                           (lambda s: delora_ext.ops.adapter(x, A, B, lam, w, dropout),
+                            lambda s: torch.ops.delora_ext.adapter_fwd(x, A, B, lam, w, dropout, s)[0])):
+        torch.manual_seed(7)
+        got = _value_and_grads(direct(None), layer, x, g)
+        torch.manual_seed(7)
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout else None
+        want = _value_and_grads(packet(seed), layer, x, g)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_torch_function_modes_and_overrides_see_the_op():
+    """Where a __torch_function__ mode or override applies, the call goes through torch.ops, which honours it."""
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    class Tagged(torch.Tensor):
+        calls = 0
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if "delora_ext" in str(func):
+                cls.calls += 1
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    layer = _layer().train()
+    x = torch.randn(3, 48)
+    want = layer(x)
+    with Record() as mode:
+        y = layer(x)
+    assert "linear_fwd.default" in mode.seen and torch.equal(y, want), mode.seen
+    y = layer(x.as_subclass(Tagged))
+    assert Tagged.calls == 1 and torch.equal(y.as_subclass(torch.Tensor), want)
+
+
+def test_backward_node_semantics():
+    """The op's backward node, written as ATen's nodes are: one node per call with a fixed name, edges in schema
+    order, saved tensors freed after backward, gradients only for what is asked."""
+    layer = _layer().train()
+    x = torch.randn(3, 48, requires_grad=True)
+    y = layer(x)
+    node = y.grad_fn
+    assert node.name() == "DeloraLinearBackward0"
+    # (x, weight, bias, A, B, lam, w): the frozen weight, bias and the w buffer have no edge to follow
+    kinds = [type(f).__name__ if f is not None else None for f, _ in node.next_functions]
+    assert kinds == ["AccumulateGrad", None, None, "AccumulateGrad", "AccumulateGrad", "AccumulateGrad", None]
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, [x], g, retain_graph=True)
+    assert layer.delora_A["default"].grad is None  # only x was asked for
+    y.backward(g)
+    assert torch.equal(x.grad, gx) and layer.delora_A["default"].grad is not None
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.backward(g)
+    d = delora_ext.ops.adapter(x, layer.delora_A["default"], layer.delora_B["default"], layer.delora_lambda["default"],
+                               layer.delora_w_norm["default"])
+    assert d.grad_fn.name() == "DeloraAdapterBackward0"
+
+
+def test_compiled_autograd_is_refused_with_a_clear_error():
+    """Compiled autograd needs compiled_args from every node; this node has none, and says so by name."""
+    from torch._dynamo import compiled_autograd
+
+    layer = _layer().train()
+    x = torch.randn(3, 48, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="DeloraLinearBackward0"):
+        with compiled_autograd._enable(lambda gm: gm):
+            layer(x).sum().backward()
+
+
 # ---- behaviours the fast paths keep --------------------------------------------------------------------------
 def test_hooks_on_the_delora_layer_itself_still_run():
     layer = _layer().eval()
