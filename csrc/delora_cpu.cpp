@@ -9,8 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
+#include "cpu_clones.h"
 #include "delora_math.h"
 #include "kernels.h"
 
@@ -174,8 +176,14 @@ void dropout_cpu(const Tensor& src, Tensor& dst, const Tensor& seed, double p) {
 // sum in a fixed order. Dot products run in 8 independent lanes (vectorisable without reassociating a sum), lane
 // totals added in lane order; outer products accumulate into a row and are added to the output once, as a GEMM
 // with beta = 1 does.
+//
+// Each entry point is compiled for AVX2 and for the baseline (cpu_clones.h). The two give the same bits: the loops
+// are elementwise or keep their lanes, and the AVX2 target brings no fused multiply-add (FMA is a target feature of
+// its own), so no product is contracted into a sum differently.
+#define DELORA_FUSED_CLONES DELORA_TARGET_CLONES("avx2", "default")
+
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
+DELORA_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
   T lane[8] = {};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
@@ -185,119 +193,144 @@ T dot(const T* a, const T* b, int64_t n) {
 }
 
 template <typename T>
-void axpy(T a, const T* x, T* y, int64_t n) {
+DELORA_ALWAYS_INLINE void axpy(T a, const T* x, T* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
-// The raw norms and s (as prep: sums of squares in double) and the folded rows Af = A⊙w (r×in), Bt = (B⊙s)ᵀ (r×out).
+// The raw norms and s (as prep: sums of squares in double, each in index order) and the folded rows Af = A⊙w
+// (r×in), Bt = (B⊙s)ᵀ (r×out). The r sums advance together, one term each per step: the same order per sum as a
+// loop over one sum at a time, without its chain of dependent additions.
 template <typename T>
-void fold_rows(const T* A, const T* B, const T* w, T lam, int64_t r, int64_t in, int64_t out, T* a_raw, T* b_raw,
-               T* s, T* Af, T* Bt) {
+DELORA_ALWAYS_INLINE void fold_rows(const T* A, const T* B, const T* w, T lam, int64_t r, int64_t in, int64_t out,
+                             T* a_raw, T* b_raw, T* s, T* Af, T* Bt) {
+  std::vector<double> asq(static_cast<size_t>(r), 0.0), bsq(static_cast<size_t>(r), 0.0);
+  for (int64_t j = 0; j < in; ++j)
+    for (int64_t k = 0; k < r; ++k) asq[k] += double(A[k * in + j]) * A[k * in + j];
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t k = 0; k < r; ++k) bsq[k] += double(B[o * r + k]) * B[o * r + k];
   for (int64_t k = 0; k < r; ++k) {
-    double sq = 0;
-    for (int64_t j = 0; j < in; ++j) sq += double(A[k * in + j]) * A[k * in + j];
-    a_raw[k] = static_cast<T>(std::sqrt(sq));
-    sq = 0;
-    for (int64_t o = 0; o < out; ++o) sq += double(B[o * r + k]) * B[o * r + k];
-    b_raw[k] = static_cast<T>(std::sqrt(sq));
+    a_raw[k] = static_cast<T>(std::sqrt(asq[k]));
+    b_raw[k] = static_cast<T>(std::sqrt(bsq[k]));
     s[k] = scale_of<T>(lam, a_raw[k], b_raw[k], r);
     for (int64_t j = 0; j < in; ++j) Af[k * in + j] = A[k * in + j] * w[j];
-    for (int64_t o = 0; o < out; ++o) Bt[k * out + o] = B[o * r + k] * s[k];
+  }
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t k = 0; k < r; ++k) Bt[k * out + o] = B[o * r + k] * s[k];
+}
+
+// The fp32 or fp64 clone of a fused entry point, by the adapter's dtype.
+template <class Params>
+void by_opmath(const Params& p, void (*f32)(const Params&), void (*f64)(const Params&)) {
+  switch (p.A.scalar_type()) {
+    case at::kFloat:
+      return f32(p);
+    case at::kDouble:
+      return f64(p);
+    default:
+      TORCH_CHECK(false, "delora_ext: the fused CPU pass takes fp32 or fp64 adapters, got ", p.A.scalar_type());
   }
 }
 
-void fused_forward_cpu(const FusedFwdParams& p) {
+template <typename T>
+DELORA_ALWAYS_INLINE void fused_forward_body(const FusedFwdParams& p) {
   const int64_t N = p.x_d.size(0), r = p.A.size(0), in = p.A.size(1), out = p.B.size(0);
-  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "delora_fused_forward_cpu", [&] {
-    using T = scalar_t;
-    std::vector<T> Af(static_cast<size_t>(r * in)), Bt(static_cast<size_t>(r * out)), acc(static_cast<size_t>(out));
-    fold_rows<T>(p.A.const_data_ptr<T>(), p.B.const_data_ptr<T>(), p.w.const_data_ptr<T>(),
-                 p.lam.const_data_ptr<T>()[0], r, in, out, p.a_raw.mutable_data_ptr<T>(),
-                 p.b_raw.mutable_data_ptr<T>(), p.s.mutable_data_ptr<T>(), Af.data(), Bt.data());
-    const T* x = p.x_d.const_data_ptr<T>();
-    T* u = p.u.mutable_data_ptr<T>();
-    T* y = p.y.mutable_data_ptr<T>();
-    for (int64_t n = 0; n < N; ++n) {
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t k = 0; k < r; ++k) {
-        u[n * r + k] = dot(x + n * in, Af.data() + k * in, in);
-        axpy(u[n * r + k], Bt.data() + k * out, acc.data(), out);
-      }
-      for (int64_t o = 0; o < out; ++o) y[n * out + o] += acc[o];
+  std::unique_ptr<T[]> scratch(new T[r * in + r * out + out]);  // Af, Bt and a row accumulator, each written first
+  T *Af = scratch.get(), *Bt = Af + r * in, *acc = Bt + r * out;
+  fold_rows<T>(p.A.const_data_ptr<T>(), p.B.const_data_ptr<T>(), p.w.const_data_ptr<T>(),
+               p.lam.const_data_ptr<T>()[0], r, in, out, p.a_raw.mutable_data_ptr<T>(),
+               p.b_raw.mutable_data_ptr<T>(), p.s.mutable_data_ptr<T>(), Af, Bt);
+  const T* x = p.x_d.const_data_ptr<T>();
+  T* u = p.u.mutable_data_ptr<T>();
+  T* y = p.y.mutable_data_ptr<T>();
+  for (int64_t n = 0; n < N; ++n) {
+    std::fill(acc, acc + out, T(0));
+    for (int64_t k = 0; k < r; ++k) {
+      u[n * r + k] = dot(x + n * in, Af + k * in, in);
+      axpy(u[n * r + k], Bt + k * out, acc, out);
     }
-  });
+    for (int64_t o = 0; o < out; ++o) y[n * out + o] += acc[o];
+  }
 }
 
-void fused_backward_cpu(const FusedBwdParams& p) {
+DELORA_FUSED_CLONES void fused_forward_f32(const FusedFwdParams& p) { fused_forward_body<float>(p); }
+DELORA_FUSED_CLONES void fused_forward_f64(const FusedFwdParams& p) { fused_forward_body<double>(p); }
+
+void fused_forward_cpu(const FusedFwdParams& p) { by_opmath(p, fused_forward_f32, fused_forward_f64); }
+
+template <typename T>
+DELORA_ALWAYS_INLINE void fused_backward_body(const FusedBwdParams& p) {
   const int64_t N = p.g.size(0), r = p.A.size(0), in = p.A.size(1), out = p.B.size(0);
-  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "delora_fused_backward_cpu", [&] {
-    using T = scalar_t;
-    const T *A = p.A.const_data_ptr<T>(), *B = p.B.const_data_ptr<T>(), *w = p.w.const_data_ptr<T>();
-    const T *s = p.s.const_data_ptr<T>(), *a_raw = p.a_raw.const_data_ptr<T>(), *b_raw = p.b_raw.const_data_ptr<T>();
-    const T *g = p.g.const_data_ptr<T>(), *u = p.u.const_data_ptr<T>();
-    const bool want_A = p.dA.defined(), want_x = p.dx.defined();
-    std::vector<T> Bt(static_cast<size_t>(r * out)), G(static_cast<size_t>(N * r));
+  const T *A = p.A.const_data_ptr<T>(), *B = p.B.const_data_ptr<T>(), *w = p.w.const_data_ptr<T>();
+  const T *s = p.s.const_data_ptr<T>(), *a_raw = p.a_raw.const_data_ptr<T>(), *b_raw = p.b_raw.const_data_ptr<T>();
+  const T *g = p.g.const_data_ptr<T>(), *u = p.u.const_data_ptr<T>();
+  const bool want_x = p.dx.defined(), want_A = p.dA.defined(), want_B = p.dB.defined(), want_lam = p.dlam.defined();
+  // One scratch block, every operand laid out so the inner loops run along out or in: Bᵀ and (B⊙s)ᵀ (r×out),
+  // Mt = (gᵀu)ᵀ (r×out, zeroed where it is used), G = g (B⊙s) (N×r), gs (r), A⊙w (r×in) and a row accumulator (in).
+  std::unique_ptr<T[]> scratch(new T[3 * r * out + N * r + r + r * in + in]);
+  T *BT = scratch.get(), *Bst = BT + r * out, *Mt = Bst + r * out, *G = Mt + r * out, *gs = G + N * r,
+    *Af = gs + r, *acc = Af + r * in;
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t k = 0; k < r; ++k) BT[k * out + o] = B[o * r + k];
+  for (int64_t k = 0; k < r; ++k)
+    for (int64_t o = 0; o < out; ++o) Bst[k * out + o] = BT[k * out + o] * s[k];
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < r; ++k) G[n * r + k] = dot(g + n * out, Bst + k * out, out);
+  if (want_x || want_A)
     for (int64_t k = 0; k < r; ++k)
-      for (int64_t o = 0; o < out; ++o) Bt[k * out + o] = B[o * r + k] * s[k];
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < r; ++k) G[n * r + k] = dot(g + n * out, Bt.data() + k * out, out);
-    std::vector<T> Af;
-    if (want_x || want_A) {
-      Af.resize(static_cast<size_t>(r * in));
-      for (int64_t k = 0; k < r; ++k)
-        for (int64_t j = 0; j < in; ++j) Af[k * in + j] = A[k * in + j] * w[j];
-    }
-    if (want_x) {
-      T* dx = p.dx.mutable_data_ptr<T>();
-      std::vector<T> acc(static_cast<size_t>(in));
-      const uint32_t threshold = dropout_threshold(p.dropout_p);
-      const T keep_scale = T(1.0 / (1.0 - p.dropout_p));
-      for (int64_t n = 0; n < N; ++n) {
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t k = 0; k < r; ++k) axpy(G[n * r + k], Af.data() + k * in, acc.data(), in);
-        if (p.dropout_p > 0.0) {
-          for (int64_t j = 0; j < in; ++j) {
-            const uint64_t idx = static_cast<uint64_t>(n * in + j);
-            dx[n * in + j] += dropout_keep(p.seed, idx, threshold) ? acc[j] * keep_scale : T(0);
-          }
-        } else {
-          for (int64_t j = 0; j < in; ++j) dx[n * in + j] += acc[j];
+      for (int64_t j = 0; j < in; ++j) Af[k * in + j] = A[k * in + j] * w[j];
+  if (want_x) {
+    T* dx = p.dx.mutable_data_ptr<T>();
+    const uint32_t threshold = dropout_threshold(p.dropout_p);
+    const T keep_scale = T(1.0 / (1.0 - p.dropout_p));
+    for (int64_t n = 0; n < N; ++n) {
+      std::fill(acc, acc + in, T(0));
+      for (int64_t k = 0; k < r; ++k) axpy(G[n * r + k], Af + k * in, acc, in);
+      if (p.dropout_p > 0.0) {
+        for (int64_t j = 0; j < in; ++j) {
+          const uint64_t idx = static_cast<uint64_t>(n * in + j);
+          dx[n * in + j] += dropout_keep(p.seed, idx, threshold) ? acc[j] * keep_scale : T(0);
         }
+      } else {
+        for (int64_t j = 0; j < in; ++j) dx[n * in + j] += acc[j];
       }
     }
-    if (!(want_A || p.dB.defined() || p.dlam.defined())) return;
-    // Mt = (gᵀu)ᵀ (r×out) and gs_k = Σ_o M[o,k] B[o,k], as finalize's column sums (opmath, o in order)
-    std::vector<T> Mt(static_cast<size_t>(r * out), T(0)), gs(static_cast<size_t>(r), T(0));
+  }
+  if (!(want_A || want_B || want_lam)) return;
+  // Mt[k, :] = Σ_n u[n, k] g[n, :] (n in order) and gs_k = Σ_o M[o,k] B[o,k] (opmath, in dot's lanes)
+  std::fill(Mt, Mt + r * out, T(0));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < r; ++k) axpy(u[n * r + k], g + n * out, Mt + k * out, out);
+  for (int64_t k = 0; k < r; ++k) gs[k] = dot(Mt + k * out, BT + k * out, out);
+  if (want_lam) {
+    T total = 0;
+    for (int64_t k = 0; k < r; ++k) total += gs[k] / (T(r) * clamp_norm(a_raw[k]) * clamp_norm(b_raw[k]));
+    p.dlam.mutable_data_ptr<T>()[0] = total;
+  }
+  if (want_B) {
+    T* dB = p.dB.mutable_data_ptr<T>();
+    for (int64_t k = 0; k < r; ++k) {
+      const T c = norm_grad_coef(gs[k], s[k], b_raw[k]);
+      for (int64_t o = 0; o < out; ++o) dB[o * r + k] = Mt[k * out + o] * s[k] + c * BT[k * out + o];
+    }
+  }
+  if (want_A) {
+    // dA = (Gᵀ x_d) ⊙ w + c_k A, the product accumulated in dA itself
+    const T* x = p.x_d.const_data_ptr<T>();
+    T* dA = p.dA.mutable_data_ptr<T>();
+    std::fill(dA, dA + r * in, T(0));
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < r; ++k) axpy(u[n * r + k], g + n * out, Mt.data() + k * out, out);
-    for (int64_t o = 0; o < out; ++o)
-      for (int64_t k = 0; k < r; ++k) gs[k] += Mt[k * out + o] * B[o * r + k];
-    if (p.dlam.defined()) {
-      T acc = 0;
-      for (int64_t k = 0; k < r; ++k) acc += gs[k] / (T(r) * clamp_norm(a_raw[k]) * clamp_norm(b_raw[k]));
-      p.dlam.mutable_data_ptr<T>()[0] = acc;
+      for (int64_t k = 0; k < r; ++k) axpy(G[n * r + k], x + n * in, dA + k * in, in);
+    for (int64_t k = 0; k < r; ++k) {
+      const T c = norm_grad_coef(gs[k], s[k], a_raw[k]);
+      for (int64_t j = 0; j < in; ++j) dA[k * in + j] = dA[k * in + j] * w[j] + c * A[k * in + j];
     }
-    if (p.dB.defined()) {
-      T* dB = p.dB.mutable_data_ptr<T>();
-      for (int64_t k = 0; k < r; ++k) {
-        const T c = norm_grad_coef(gs[k], s[k], b_raw[k]);
-        for (int64_t o = 0; o < out; ++o) dB[o * r + k] = Mt[k * out + o] * s[k] + c * B[o * r + k];
-      }
-    }
-    if (want_A) {
-      // Q = Gᵀ x_d (r×in); dA = Q ⊙ w + c_k A
-      const T* x = p.x_d.const_data_ptr<T>();
-      std::vector<T> Q(static_cast<size_t>(r * in), T(0));
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < r; ++k) axpy(G[n * r + k], x + n * in, Q.data() + k * in, in);
-      T* dA = p.dA.mutable_data_ptr<T>();
-      for (int64_t k = 0; k < r; ++k) {
-        const T c = norm_grad_coef(gs[k], s[k], a_raw[k]);
-        for (int64_t j = 0; j < in; ++j) dA[k * in + j] = Q[k * in + j] * w[j] + c * A[k * in + j];
-      }
-    }
-  });
+  }
 }
+
+DELORA_FUSED_CLONES void fused_backward_f32(const FusedBwdParams& p) { fused_backward_body<float>(p); }
+DELORA_FUSED_CLONES void fused_backward_f64(const FusedBwdParams& p) { fused_backward_body<double>(p); }
+
+void fused_backward_cpu(const FusedBwdParams& p) { by_opmath(p, fused_backward_f32, fused_backward_f64); }
 
 }  // namespace
 

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_clones.h"
 #include "segmented.h"
 
 namespace delora_ext {
@@ -33,16 +34,10 @@ constexpr int kTileRows = 4;
 // Multiply-adds per parallel task at least (below it the thread hand-off costs more than the work).
 constexpr int64_t kTaskWork = int64_t(1) << 16;
 
-#if defined(__GNUC__)
-#define DELORA_SEG_INLINE inline __attribute__((always_inline))
-#else
-#define DELORA_SEG_INLINE inline
-#endif
-
 // u[t, j] = Σ_i x_t[i] A[j, i] (⊙ sa[j]) for the NR rows x_t of a tile. Each dot runs in L lanes (two 512-bit
 // vectors' worth) folded in halves, then the tail: the order is fixed at compile time.
 template <typename T, int NR>
-DELORA_SEG_INLINE void tile_u(const T* const* xr, const T* A, const T* sa, int64_t r, int64_t in, T* u) {
+DELORA_ALWAYS_INLINE void tile_u(const T* const* xr, const T* A, const T* sa, int64_t r, int64_t in, T* u) {
   constexpr int L = 128 / sizeof(T);
   for (int64_t j = 0; j < r; ++j) {
     const T* a = A + j * in;
@@ -64,7 +59,7 @@ DELORA_SEG_INLINE void tile_u(const T* const* xr, const T* A, const T* sa, int64
 
 // dst_t[o] += Σ_j u[t, j] Bt[j, o] for the NR rows of a tile, C output columns at a time, j in order.
 template <typename T, int NR>
-DELORA_SEG_INLINE void tile_y(const T* u, const T* Bt, int64_t r, int64_t out, T* const* dst) {
+DELORA_ALWAYS_INLINE void tile_y(const T* u, const T* Bt, int64_t r, int64_t out, T* const* dst) {
   constexpr int C = 128 / sizeof(T);
   int64_t o0 = 0;
   for (; o0 + C <= out; o0 += C) {
@@ -88,7 +83,7 @@ DELORA_SEG_INLINE void tile_y(const T* u, const T* Bt, int64_t r, int64_t out, T
 }
 
 template <typename T, int NR>
-DELORA_SEG_INLINE void tile(const T* const* xr, T* const* dst, const T* A, const T* Bt, const T* sa, int64_t r,
+DELORA_ALWAYS_INLINE void tile(const T* const* xr, T* const* dst, const T* A, const T* Bt, const T* sa, int64_t r,
                             int64_t in, int64_t out, T* u) {
   tile_u<T, NR>(xr, A, sa, r, in, u);
   tile_y<T, NR>(u, Bt, r, out, dst);
@@ -96,11 +91,7 @@ DELORA_SEG_INLINE void tile(const T* const* xr, T* const* dst, const T* A, const
 
 // One tile of nr (1..kTileRows) rows. On x86-64 (GCC, clang) compiled for AVX-512, AVX2+FMA and the baseline,
 // picked once at load time for the machine (an ifunc): the same machine always runs the same code.
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
-#define DELORA_SEG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DELORA_SEG_CLONES
-#endif
+#define DELORA_SEG_CLONES DELORA_TARGET_CLONES("arch=x86-64-v4", "arch=x86-64-v3", "default")
 
 #define DELORA_SEG_TILE_FN(NAME, T)                                                                               \
   DELORA_SEG_CLONES void NAME(const T* const* xr, T* const* dst, int nr, const T* A, const T* Bt, const T* sa,    \
