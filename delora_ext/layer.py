@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from . import core, inference, quant
+from . import core, inference, ops, quant
 from .config import adapter_list, check_adapter_name, check_known, check_lambda, check_module_dropout
 from .core import is_conv1d, plain_forward
 
@@ -490,6 +490,11 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                 return y
         if fused:
             frozen = m["delora_A0"]._buffers
+            if not frozen and len(names) == 1:  # the usual case, one op call and no term list built
+                n = names[0]
+                W, bias = core.weight_and_bias(base)
+                return ops.linear(x, W, bias, known[n], m["delora_B"]._parameters[n], m["delora_lambda"]._parameters[n],
+                                  m["delora_w_norm"]._buffers[n], self.module_dropout[n] if self.training else 0.0)
             if frozen and self.inference_cache and inference.frozen_terms_apply(x):
                 paper = [n for n in names if n in frozen]
                 if paper:
