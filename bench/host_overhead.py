@@ -6,10 +6,11 @@ timed is the per-call cost of Python, the dispatcher and autograd. Variants, int
 order each round) in one process:
 
 - eval forward (``torch.no_grad()``, ``.eval()``): nn.Linear, DeLoRALinear, the raw ``delora_ext::linear_fwd`` op on
-  the same tensors (the floor of an uncached call into the native op), PEFT DeLoRA, PEFT LoRA;
+  the same tensors called through ``torch.ops`` and through the direct entry point the layer uses (the floor of an
+  uncached call into the native op), PEFT DeLoRA, PEFT LoRA;
 - training step (forward + backward of a fixed dL/dy, x requires grad, trainable grads set to None first): the
   frozen nn.Linear, DeLoRALinear, PEFT DeLoRA, PEFT LoRA, and the raw op with its autograd node and no layer
-  around it (the floor of what Python-side work can reach).
+  around it, both ways (the floor of what Python-side work can reach).
 
 One sample times ``calls`` back-to-back calls and divides; each figure is the median over rounds. Two clocks per
 sample: wall (``perf_counter``) and this thread's CPU time (``thread_time``), which leaves out the time the thread
@@ -83,7 +84,8 @@ def _raw_step(op, x, g, layer):
         for p in params:
             p.grad = None
         x.grad = None
-        op(x, base.weight, base.bias, A, B, lam, w, 0.0, None)[0].backward(g)
+        y = op(x, base.weight, base.bias, A, B, lam, w, 0.0, None)
+        (y[0] if isinstance(y, tuple) else y).backward(g)
 
     return step
 
@@ -96,7 +98,7 @@ def _no_grad(f):
 
 
 def host_overhead(rounds: int = 30, calls: int = 200, warmup: int = 3, seed: int = 0) -> dict:
-    import delora_ext  # noqa: F401
+    import delora_ext
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -121,12 +123,14 @@ def host_overhead(rounds: int = 30, calls: int = 200, warmup: int = 3, seed: int
         A, B, lam, w = (getattr(eval_ours, k)["default"] for k in ("delora_A", "delora_B", "delora_lambda",
                                                                      "delora_w_norm"))
         op = torch.ops.delora_ext.linear_fwd
+        direct = delora_ext.ops._direct_linear  # what ops.linear calls in eager (y alone)
         with torch.no_grad():
             agree = (eval_ours(x) - peft_d_eval(x)).abs().max().item() / peft_d_eval(x).abs().max().item()
         items = {
             "eval: nn.Linear": _no_grad(lambda: lin(x)),
             "eval: DeLoRALinear": _no_grad(lambda: eval_ours(x)),
             "eval: raw linear_fwd op": _no_grad(lambda: op(x, base.weight, base.bias, A, B, lam, w, 0.0, None)),
+            "eval: raw op, direct entry": _no_grad(lambda: direct(x, base.weight, base.bias, A, B, lam, w, 0.0, None)),
             "eval: PEFT DeLoRA": _no_grad(lambda: peft_d_eval(x)),
             "eval: PEFT LoRA": _no_grad(lambda: peft_l_eval(x)),
             "step: frozen nn.Linear": _step(lin, xg, g),
@@ -134,6 +138,7 @@ def host_overhead(rounds: int = 30, calls: int = 200, warmup: int = 3, seed: int
             "step: PEFT DeLoRA": _step(peft_d, xg, g),
             "step: PEFT LoRA": _step(peft_l, xg, g),
             "step: raw linear_fwd op + autograd": _raw_step(op, xg, g, train_ours),
+            "step: raw op, direct entry + autograd": _raw_step(direct, xg, g, train_ours),
         }
         res = _time_interleaved(items, rounds, calls, warmup, seed)
         del m1, m2, m3
