@@ -261,8 +261,21 @@ void segmented_adapter_(Tensor& y, const Tensor& x, const Tensor& rows_adapter, 
     p.Bt.push_back(b.contiguous());
     p.r_max = std::max(p.r_max, r);
   }
-  TORCH_CHECK(at::get_overlap_status(y, x) == at::MemOverlapStatus::No, "delora_ext::", kOp,
-              ": `y` shares memory with `x`; the update needs an output of its own");
+  // y (contiguous, checked above) is written row by row while everything else is read: it may share memory with
+  // none of them.
+  auto check_apart = [&](const Tensor& t, const char* name, int64_t k) {
+    TORCH_CHECK(at::get_overlap_status(y, t) == at::MemOverlapStatus::No, "delora_ext::", kOp, ": `y` shares memory ",
+                "with `", name, k >= 0 ? "[" + std::to_string(k) + "]" : std::string(), "`; the update needs an ",
+                "output of its own");
+  };
+  check_apart(x, "x", -1);
+  check_apart(rows_adapter, "rows_adapter", -1);
+  for (int64_t k = 0; k < K; ++k) {
+    check_apart(A[k], "A", k);
+    check_apart(Bt[k], "Bt", k);
+    const std::optional<Tensor> s = sa.get(k);
+    if (s.has_value() && s->defined()) check_apart(*s, "sa", k);
+  }
   if (N == 0 || out == 0) return;
   c10::OptionalDeviceGuard guard(x.device());
   p.y = y;

@@ -362,6 +362,21 @@ def test_y_sharing_memory_with_x_is_refused():
         OP(a["x"], a["x"], a["rows_adapter"], a["A"], [t[:, :7] for t in a["Bt"]], a["sa"])
 
 
+@pytest.mark.parametrize("alias", ["A", "Bt", "sa"])
+def test_y_sharing_memory_with_a_factor_is_refused_and_nothing_written(alias):
+    """y is written while the factors are read: a y that is a view of one of them is refused before any write."""
+    a = _op_args()
+    k = 1  # the adapter with an sa
+    factor = {"A": a["A"], "Bt": a["Bt"], "sa": a["sa"]}[alias]
+    buf = torch.cat([factor[k].reshape(-1), torch.zeros(a["y"].numel())])
+    y = buf[:a["y"].numel()].view_as(a["y"])  # starts where the factor's memory starts
+    factor[k] = buf[:factor[k].numel()].view_as(factor[k])
+    before = buf.clone()
+    with pytest.raises(RuntimeError, match=rf"`y` shares memory with `{alias}\[{k}\]`"):
+        OP(y, a["x"], a["rows_adapter"], a["A"], a["Bt"], a["sa"])
+    assert torch.equal(buf, before)
+
+
 def test_the_fake_kernel_accepts_what_the_kernel_accepts_and_traces_under_compile():
     a = _op_args()
     assert _refusal({k: _meta(v) for k, v in a.items()}) is None
