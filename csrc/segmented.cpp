@@ -229,6 +229,15 @@ void segmented_adapter_(Tensor& y, const Tensor& x, const Tensor& rows_adapter, 
               rows_adapter.sizes());
   TORCH_CHECK(rows_adapter.device() == x.device(), "delora_ext::", kOp, ": `rows_adapter` is on ",
               rows_adapter.device(), " but `x` is on ", x.device());
+  // y (contiguous, checked above) is written row by row while everything else is read: it may share memory with
+  // none of them.
+  auto check_apart = [&](const Tensor& t, const char* name, int64_t k) {
+    TORCH_CHECK(at::get_overlap_status(y, t) == at::MemOverlapStatus::No, "delora_ext::", kOp, ": `y` shares memory ",
+                "with `", name, k >= 0 ? "[" + std::to_string(k) + "]" : std::string(), "`; the update needs an ",
+                "output of its own");
+  };
+  check_apart(x, "x", -1);
+  check_apart(rows_adapter, "rows_adapter", -1);
   SegmentedParams p;
   for (int64_t k = 0; k < K; ++k) {
     const Tensor& a = A[k];
@@ -246,6 +255,8 @@ void segmented_adapter_(Tensor& y, const Tensor& x, const Tensor& rows_adapter, 
                 x.device());
     TORCH_CHECK(b.device() == x.device(), "delora_ext::", kOp, ": `Bt[", k, "]` is on ", b.device(),
                 " but `x` is on ", x.device());
+    check_apart(a, "A", k);
+    check_apart(b, "Bt", k);
     const std::optional<Tensor> s = sa.get(k);
     if (s.has_value() && s->defined()) {
       TORCH_CHECK(s->scalar_type() == om && s->dim() == 1 && s->size(0) == r, "delora_ext::", kOp, ": `sa[", k,
@@ -253,6 +264,7 @@ void segmented_adapter_(Tensor& y, const Tensor& x, const Tensor& rows_adapter, 
                   s->sizes());
       TORCH_CHECK(s->device() == x.device(), "delora_ext::", kOp, ": `sa[", k, "]` is on ", s->device(),
                   " but `x` is on ", x.device());
+      check_apart(*s, "sa", k);
       p.sa.push_back(s->contiguous());
     } else {
       p.sa.emplace_back();
@@ -260,21 +272,6 @@ void segmented_adapter_(Tensor& y, const Tensor& x, const Tensor& rows_adapter, 
     p.A.push_back(a.contiguous());
     p.Bt.push_back(b.contiguous());
     p.r_max = std::max(p.r_max, r);
-  }
-  // y (contiguous, checked above) is written row by row while everything else is read: it may share memory with
-  // none of them.
-  auto check_apart = [&](const Tensor& t, const char* name, int64_t k) {
-    TORCH_CHECK(at::get_overlap_status(y, t) == at::MemOverlapStatus::No, "delora_ext::", kOp, ": `y` shares memory ",
-                "with `", name, k >= 0 ? "[" + std::to_string(k) + "]" : std::string(), "`; the update needs an ",
-                "output of its own");
-  };
-  check_apart(x, "x", -1);
-  check_apart(rows_adapter, "rows_adapter", -1);
-  for (int64_t k = 0; k < K; ++k) {
-    check_apart(A[k], "A", k);
-    check_apart(Bt[k], "Bt", k);
-    const std::optional<Tensor> s = sa.get(k);
-    if (s.has_value() && s->defined()) check_apart(*s, "sa", k);
   }
   if (N == 0 || out == 0) return;
   c10::OptionalDeviceGuard guard(x.device());
