@@ -141,8 +141,8 @@ Ptr new_backward_node(bool linear) {
 
 // Attach the backward node to y (the op's only differentiable output) and save what backward needs. u, s and the
 // norms are outputs that never require grad.
-void record(const NodePtr& node, Tensor& y, const Tensor& x, const Tensor* weight, const Tensor& A, const Tensor& B,
-            const Tensor& lam, const Tensor& w, std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>& out, double p,
+void record(const NodePtr& node, const std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>& out, const Tensor& x,
+            const Tensor* weight, const Tensor& A, const Tensor& B, const Tensor& lam, const Tensor& w, double p,
             const std::optional<Tensor>& seed) {
   auto* n = static_cast<DeloraBackward*>(node.get());
   n->x_ = SavedVariable(x, false);
@@ -157,7 +157,7 @@ void record(const NodePtr& node, Tensor& y, const Tensor& x, const Tensor* weigh
   n->b_ = SavedVariable(std::get<4>(out), false);
   if (seed.has_value() && seed->defined()) n->seed_ = SavedVariable(*seed, false);
   n->p_ = p;
-  torch::autograd::set_history(y, node);
+  torch::autograd::set_history(std::get<0>(out), node);
 }
 
 bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
@@ -181,7 +181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd_autograd(
   if (torch::autograd::compute_requires_grad(x, weight, bias, A, B, lam, w)) {
     NodePtr node = new_backward_node(/*linear=*/true);
     node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, A, B, lam, w));
-    record(node, std::get<0>(out), x, &weight, A, B, lam, w, out, p, seed);
+    record(node, out, x, &weight, A, B, lam, w, p, seed);
   }
   return out;
 }
@@ -199,7 +199,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd_autograd(const Te
   if (torch::autograd::compute_requires_grad(x, A, B, lam, w)) {
     NodePtr node = new_backward_node(/*linear=*/false);
     node->set_next_edges(torch::autograd::collect_next_edges(x, A, B, lam, w));
-    record(node, std::get<0>(out), x, nullptr, A, B, lam, w, out, p, seed);
+    record(node, out, x, nullptr, A, B, lam, w, p, seed);
   }
   return out;
 }

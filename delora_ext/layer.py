@@ -492,7 +492,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             frozen = m["delora_A0"]._buffers
             if not frozen and len(names) == 1:  # the usual case, one op call and no term list built
                 n = names[0]
-                W, bias = core.weight_and_bias(base) if type(base) is not nn.Linear else (W, p["bias"])
+                W, bias = core.weight_and_bias(base)
                 return ops.linear(x, W, bias, known[n], m["delora_B"]._parameters[n], m["delora_lambda"]._parameters[n],
                                   m["delora_w_norm"]._buffers[n], self.module_dropout[n] if self.training else 0.0)
             if frozen and self.inference_cache and inference.frozen_terms_apply(x):
