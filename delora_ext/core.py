@@ -43,6 +43,22 @@ def plain_forward(module: nn.Module) -> bool:
     return is_conv1d(module) and type(module).__module__.startswith("transformers.")
 
 
+def linear_operands(module: nn.Module) -> tuple | None:
+    """(W, bias) of a base that ``plain_forward`` accepts, as ``weight_and_bias`` reads them; None when its forward
+    is wrapped or it is not a plain linear. A dense nn.Linear (the usual base) is decided from its type and its
+    instance dicts alone: this runs on every forward."""
+    if type(module) is nn.Linear:
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+            return None
+        p = module._parameters
+        W = p["weight"] if "weight" in p else module.weight
+        cls = type(W)
+        if not (cls is nn.Parameter or cls is torch.Tensor) and quant.is_quantized_weight(W):
+            return None
+        return W, (p["bias"] if "bias" in p else module.bias)
+    return weight_and_bias(module) if plain_forward(module) else None
+
+
 def weight_oi(module: nn.Module) -> torch.Tensor:
     """The base weight as (out, in): a transposed view for Conv1D, whose weight is stored (in, out)."""
     if isinstance(module, nn.Linear):

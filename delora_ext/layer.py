@@ -13,7 +13,7 @@ from torch import nn
 
 from . import core, inference, ops, quant
 from .config import adapter_list, check_adapter_name, check_known, check_lambda, check_module_dropout
-from .core import is_conv1d, plain_forward
+from .core import is_conv1d
 
 STALE_CHOICES = ("raise", "discard", "subtract")
 
@@ -452,14 +452,18 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         # ParameterDict lookups were most of the host time of a small-batch forward.
         m = self._modules
         base = m["base_layer"]
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
+        try:
+            bad_shape = x.shape[-1] != self.in_features
+        except IndexError:  # a 0-dim x
+            bad_shape = True
+        if bad_shape:
             raise ValueError(f"DeLoRALinear: `x` must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
         fused = False
-        if plain_forward(base):
-            p = base._parameters
-            W = p["weight"] if "weight" in p else base.weight
-            if x.device != W.device:  # a wrapped forward may move the weight itself
+        operands = core.linear_operands(base)  # (W, bias) when the fused op may stand in for base's forward
+        if operands is not None:
+            W = operands[0]
+            if not (x.is_cpu and W.is_cpu) and x.device != W.device:  # a wrapped forward may move W itself
                 raise RuntimeError(f"DeLoRALinear: `x` is on {x.device} but the layer's weight is on {W.device}")
             fused = not args and not kwargs and W.is_floating_point()
         if self._disable_adapters or self.merged_adapters:
@@ -492,8 +496,8 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             frozen = m["delora_A0"]._buffers
             if not frozen and len(names) == 1:  # the usual case, one op call and no term list built
                 n = names[0]
-                W, bias = core.weight_and_bias(base)
-                return ops.linear(x, W, bias, known[n], m["delora_B"]._parameters[n], m["delora_lambda"]._parameters[n],
+                return ops.linear(x, W, operands[1], known[n], m["delora_B"]._parameters[n],
+                                  m["delora_lambda"]._parameters[n],
                                   m["delora_w_norm"]._buffers[n], self.module_dropout[n] if self.training else 0.0)
             if frozen and self.inference_cache and inference.frozen_terms_apply(x):
                 paper = [n for n in names if n in frozen]

@@ -142,7 +142,10 @@ def build_info() -> dict:
 
 def has_kernel(device: torch.device | str) -> bool:
     """Whether layers route tensors on ``device`` through the native ops."""
-    dev = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if isinstance(device, torch.device):
+        dev = device.type
+    else:
+        dev = device if device == "cpu" or device == "cuda" else torch.device(device).type
     if not NATIVE:
         return False
     if dev == "cpu":
@@ -348,13 +351,15 @@ def _seed_for(x: torch.Tensor, dropout_p: float):
 _warned: set[str] = set()
 
 
-def _reference_for(device: torch.device) -> bool:
-    """Whether the reference computes for tensors on ``device`` (warned once per device type)."""
-    if has_kernel(device):
+def _reference_for(x: torch.Tensor) -> bool:
+    """Whether the reference computes for tensors on ``x``'s device (warned once per device type). A CPU or CUDA
+    tensor's device type is read from its flags: building a torch.device costs more than the rest of the check."""
+    dev = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+    if has_kernel(dev):
         return False
-    if device.type not in _warned:
-        _warned.add(device.type)
-        warnings.warn(f"delora_ext: no native kernel for {device.type} tensors "
+    if dev not in _warned:
+        _warned.add(dev)
+        warnings.warn(f"delora_ext: no native kernel for {dev} tensors "
                       f"({native_error or 'not enabled for this device'}); using the PyTorch reference",
                       RuntimeWarning, stacklevel=4)
     return True
@@ -372,7 +377,7 @@ def linear(x, weight, bias, A, B, lam, w, dropout_p: float = 0.0):
     w: (in,). ``dropout_p`` > 0 applies DeLoRA's module dropout to the adapter input (pass 0 in eval).
     Returns y: (..., out) in x's dtype.
     """
-    if _reference_for(x.device):
+    if not (NATIVE and x.is_cpu) and _reference_for(x):  # CPU kernels are always built: no call for them
         y = torch.nn.functional.linear(x, weight, bias)
         return y + _adapter_reference(x, A, B, lam, w, dropout_p).to(y.dtype)
     p = float(dropout_p)
@@ -384,7 +389,7 @@ def linear(x, weight, bias, A, B, lam, w, dropout_p: float = 0.0):
 
 def adapter(x, A, B, lam, w, dropout_p: float = 0.0):
     """The DeLoRA term alone, ((x_d ⊙ w) Aᵀ ⊙ s) Bᵀ: (..., out) in x's dtype, for non-Linear bases."""
-    if _reference_for(x.device):
+    if not (NATIVE and x.is_cpu) and _reference_for(x):
         return _adapter_reference(x, A, B, lam, w, dropout_p)
     p = float(dropout_p)
     seed = None if p == 0.0 else _seed_for(x, p)
