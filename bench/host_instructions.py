@@ -7,11 +7,14 @@ valgrind's callgrind: a measure of host work that does not move with the machine
     python bench/host_instructions.py --report cg.out
 
 Variants, each run `steps` times after a warm-up, separated by an os.getppid() call (callgrind writes one dump
-before each): the frozen nn.Linear, DeLoRALinear, and the layer's op called through its direct entry point with no
-layer around it. The report prints instructions per step and the ratios to the frozen step.
+before each): training steps of the frozen nn.Linear, DeLoRALinear, and the layer's op called through its direct
+entry point with no layer around it; then eval forwards (``torch.no_grad()``, ``.eval()``) of nn.Linear and
+DeLoRALinear (which reuses its cached folded factors). The report prints instructions per call and the ratios to
+the frozen step and to nn.Linear's eval forward.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import glob
 import os
@@ -19,6 +22,7 @@ import re
 import sys
 
 VARIANTS = ("frozen nn.Linear", "DeLoRALinear", "direct entry, no layer")
+EVAL_VARIANTS = ("eval: nn.Linear", "eval: DeLoRALinear")
 
 
 def run(steps: int) -> None:
@@ -45,12 +49,26 @@ def run(steps: int) -> None:
             x.grad = None
             f().backward(g)
 
+    eval_layer = copy.deepcopy(layer).eval()
+    lin = nn.Linear(64, 64).eval()
+    x_eval = x.detach()
+
+    def eval_loop(f, n):
+        with torch.no_grad():
+            for _ in range(n):
+                f(x_eval)
+
     for f in forwards:
         loop(f, 200)
+    for f in (lin, eval_layer):
+        eval_loop(f, 200)
     gc.disable()  # collections would land in whichever variant triggers them
     for f in forwards:
         os.getppid()
         loop(f, steps)
+    for f in (lin, eval_layer):
+        os.getppid()
+        eval_loop(f, steps)
     os.getppid()
 
 
@@ -62,10 +80,13 @@ def report(prefix: str, steps: int) -> None:
             m = re.search(r"^summary: (\d+)", f.read(), re.M)
         counts.append(int(m.group(1)) if m else 0)
     # dump 1 is start-up and warm-up; dumps 2.. are the variants in order
-    per_step = [c / steps for c in counts[1:1 + len(VARIANTS)]]
-    print("| variant | instructions per step | ratio to the frozen step |\n|---|---|---|")
-    for name, c in zip(VARIANTS, per_step):
-        print(f"| {name} | {c:,.0f} | {c / per_step[0]:.2f}× |")
+    per_call = [c / steps for c in counts[1:1 + len(VARIANTS) + len(EVAL_VARIANTS)]]
+    print("| variant | instructions per call | ratio |\n|---|---|---|")
+    for name, c in zip(VARIANTS, per_call):
+        print(f"| step: {name} | {c:,.0f} | {c / per_call[0]:.2f}× the frozen step |")
+    evals = per_call[len(VARIANTS):]
+    for name, c in zip(EVAL_VARIANTS, evals):
+        print(f"| {name} | {c:,.0f} | {c / evals[0]:.2f}× nn.Linear |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 // Device-independent host entry points: argument checks, GEMMs through ATen, and calls into the device's kernel
 // table (kernels.h) for the DeLoRA-specific passes. See registration.cpp for each op's math.
+#include <ATen/MemoryOverlap.h>
 #include <c10/core/DeviceGuard.h>
 
 #include "delora.h"
@@ -72,7 +73,7 @@ Dims check_adapter(const char* op, const Tensor& A, const Tensor& B, const Tenso
   TORCH_CHECK(lam.numel() == 1, "delora_ext::", op, ": `lam` must hold exactly one element, got shape ",
               lam.sizes());
   TORCH_CHECK(w.dim() == 1 && w.size(0) == in, "delora_ext::", op, ": `w` must have shape (", in,
-              ",), got ", w.sizes());
+              ",) (in_features, the columns of `A`, whose shape is ", A.sizes(), "), got ", w.sizes());
   check_same_device(op, "B", B, A);
   check_same_device(op, "lam", lam, A);
   check_same_device(op, "w", w, A);
@@ -80,10 +81,20 @@ Dims check_adapter(const char* op, const Tensor& A, const Tensor& B, const Tenso
 }
 
 void check_input(const char* op, const Tensor& x, const Tensor& A, const Dims& d) {
-  check_float(op, "x", x);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, "delora_ext::", op,
+              ": `x` must have dtype float32, float64, bfloat16 or float16, got ", dt);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d.in, "delora_ext::", op,
-              ": `x` must have last dimension in_features = ", d.in, ", got shape ", x.sizes());
+              ": `x` must have last dimension in_features = ", d.in, " (the columns of `A`, whose shape is ",
+              A.sizes(), "), got shape ", x.sizes());
   check_same_device(op, "x", x, A);
+}
+
+// The base weight (out×in), both sizes read off the adapter: out from B's rows, in from A's columns.
+void check_weight_shape(const char* op, const Tensor& weight, const Dims& d, const Tensor& A, const Tensor& B) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d.out && weight.size(1) == d.in, "delora_ext::", op,
+              ": `weight` must have shape (", d.out, ", ", d.in, ") (the rows of `B`, shape ", B.sizes(),
+              ", and the columns of `A`, shape ", A.sizes(), "), got ", weight.sizes());
 }
 
 void check_dropout(const char* op, double p, const std::optional<Tensor>& seed, const Tensor& x) {
@@ -306,8 +317,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd(const Tensor& x, c
   const char* op = "linear_fwd";
   const Dims d = check_adapter(op, A, B, lam, w);
   check_input(op, x, A, d);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d.out && weight.size(1) == d.in, "delora_ext::", op,
-              ": `weight` must have shape (", d.out, ", ", d.in, "), got ", weight.sizes());
+  check_weight_shape(op, weight, d, A, B);
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "delora_ext::", op, ": `x` has dtype ",
               x.scalar_type(), " but `weight` has dtype ", weight.scalar_type(),
               " (they must match, as for nn.Linear)");
@@ -554,10 +564,12 @@ void merge_folded(Tensor& weight, const Tensor& Bs, const Tensor& Af) {
   }
 }
 
-void check_merge_weight(const char* op, const Tensor& weight, const Dims& d, const Tensor& A) {
+void check_merge_weight(const char* op, const Tensor& weight, const Dims& d, const Tensor& A, const Tensor& B) {
   check_float(op, "weight", weight);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d.out && weight.size(1) == d.in, "delora_ext::", op,
-              ": `weight` must have shape (", d.out, ", ", d.in, "), got ", weight.sizes());
+  check_weight_shape(op, weight, d, A, B);
+  TORCH_CHECK(at::has_internal_overlap(weight) != at::MemOverlap::Yes, "delora_ext::", op,
+              ": `weight` has elements that share memory (an expanded view, stride 0), so it cannot be written in "
+              "place; pass a dense weight (e.g. weight.contiguous())");
   check_same_device(op, "weight", weight, A);
 }
 
@@ -567,7 +579,7 @@ void merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lam,
             double alpha) {
   const char* op = "merge_";
   const Dims d = check_adapter(op, A, B, lam, w);
-  check_merge_weight(op, weight, d, A);
+  check_merge_weight(op, weight, d, A, B);
   c10::OptionalDeviceGuard guard(weight.device());
   Folded f = fold(A, B, lam, w, /*with_bs=*/true, alpha);
   merge_folded(weight, f.Bs, f.Af);
@@ -592,7 +604,7 @@ void merge_many_(Tensor& weight, at::TensorList A, at::TensorList B, at::TensorL
                 " (all adapters must compute in the same precision)");
     check_same_device(op, "A[i]", A[i], A[0]);
   }
-  check_merge_weight(op, weight, dims[0], A[0]);
+  check_merge_weight(op, weight, dims[0], A[0], B[0]);
   c10::OptionalDeviceGuard guard(weight.device());
   // Σ_i alpha_i (B_i ⊙ s_i)(A_i ⊙ w_i) = [alpha_1 B_1 ⊙ s_1 | …] · [A_1 ⊙ w_1; …]: one rank-Σr update.
   std::vector<Tensor> Bs, Af;

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from . import ops, quant
 
@@ -29,12 +30,25 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+# nn.Module's global hook registries (register_module_forward_hook and the like), mutated in place, never rebound
+_GLOBAL_HOOKS = tuple(getattr(_nn_module, k) for k in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                       "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its forward: its own forward or backward hooks, global module
+    hooks, or an instance-level forward (accelerate's offload/device-map hooks replace ``module.forward``)."""
+    g0, g1, g2, g3 = _GLOBAL_HOOKS
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or g0 or g1 or g2 or g3 or "forward" in module.__dict__)
+
+
 def plain_forward(module: nn.Module) -> bool:
     """Whether the base layer computes exactly x Wᵀ + b, so the fused native op can replace its forward. Not when
-    something wraps its forward: module hooks, or an instance-level forward (accelerate's offload/device-map hooks
-    replace ``module.forward``); then the layer calls it, as PEFT's does, and adds the adapter term. Nor when the
-    weight is a quantised tensor subclass (torchao's quantize_ keeps the nn.Linear and swaps its weight)."""
-    if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
+    calling it runs more than its forward (``_hooked``); then the layer calls it, as PEFT's does, and adds the
+    adapter term. Nor when the weight is a quantised tensor subclass (torchao's quantize_ keeps the nn.Linear and
+    swaps its weight)."""
+    if _hooked(module):
         return False
     if isinstance(module, nn.Linear):
         W = module._parameters.get("weight")  # not module.weight: nn.Module.__getattr__ is a Python call a forward
@@ -48,7 +62,7 @@ def linear_operands(module: nn.Module) -> tuple | None:
     is wrapped or it is not a plain linear. A dense nn.Linear (the usual base) is decided from its type and its
     instance dicts alone: this runs on every forward."""
     if type(module) is nn.Linear:
-        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+        if _hooked(module):
             return None
         p = module._parameters
         W = p["weight"] if "weight" in p else module.weight
@@ -96,19 +110,22 @@ def forward(base_layer: nn.Module, x: torch.Tensor, terms: Sequence[Term], *args
     """
     if not terms:
         return base_layer(x, *args, **kwargs)
-    if not args and not kwargs and plain_forward(base_layer) and base_layer.weight.is_floating_point():
-        return fused_forward(base_layer, x, terms)
+    operands = None if args or kwargs else linear_operands(base_layer)
+    if operands is not None and operands[0].is_floating_point():
+        return fused_forward(base_layer, x, terms, operands)
     y = base_layer(x, *args, **kwargs)
     for A, B, lam, w, p in terms:
         y = y + ops.adapter(x, A, B, lam, w, p).to(y.dtype)
     return y
 
 
-def fused_forward(base_layer: nn.Module, x: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+def fused_forward(base_layer: nn.Module, x: torch.Tensor, terms: Sequence[Term], operands: tuple | None = None
+                  ) -> torch.Tensor:
     """``forward`` for a base layer already known to be a plain linear with a floating-point weight: the first term
-    fused with the base GEMM, one op call per layer and direction; further terms added by the adapter-only op."""
+    fused with the base GEMM, one op call per layer and direction; further terms added by the adapter-only op.
+    ``operands``: its (W, bias) when the caller has read them (``linear_operands``)."""
     A, B, lam, w, p = terms[0]
-    W, bias = weight_and_bias(base_layer)
+    W, bias = operands if operands is not None else weight_and_bias(base_layer)
     y = ops.linear(x, W, bias, A, B, lam, w, p)
     for A, B, lam, w, p in terms[1:]:
         y = y + ops.adapter(x, A, B, lam, w, p).to(y.dtype)

@@ -35,6 +35,7 @@ from .model import (
     targeted,
     transaction,
     unwrap,
+    warn_if_aliased,
 )
 from .patching import patch
 
@@ -317,6 +318,15 @@ def _write_pairs(pairs: list[tuple[str, dict, bytes, str]]) -> None:
             pass
 
 
+def check_directory(fn: str, directory) -> str:
+    """``directory`` as a str path, or a TypeError naming it (os.fspath's own error names neither)."""
+    try:
+        return os.fspath(directory)
+    except TypeError:
+        raise TypeError(f"{fn}: `directory` must be a path (str or os.PathLike), got "
+                        f"{type(directory).__name__}") from None
+
+
 def save_adapter(model, directory: str, adapter_names: list[str] | None = None, for_peft: bool = True) -> None:
     """Save adapters in PEFT's format (loadable by ``peft.PeftModel.from_pretrained`` when ``for_peft``).
 
@@ -330,8 +340,11 @@ def save_adapter(model, directory: str, adapter_names: list[str] | None = None, 
     ``model`` may be wrapped (torch.compile, DDP). On an FSDP2-sharded model call it on every rank: the shards are
     gathered (a collective) and every rank writes the same files (atomically).
     """
+    directory = check_directory("save_adapter", directory)
     model = unwrap(model)
     state = require_state(model)
+    if for_peft:
+        warn_if_aliased(model, "save_adapter")
     names = list(state.configs) if adapter_names is None else adapter_list(adapter_names)
     check_known(names, state.configs, "the model")
     for n in names:
@@ -596,8 +609,9 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
     patched with the file's config if it does not have ``adapter_name`` yet; if it has, the file's values are loaded
     into that adapter, as PEFT's ``load_adapter`` does (its config is kept; the file must have the same layers and
     shapes). ``is_trainable`` (as PEFT): True makes a newly added adapter's parameters require grad (also when it is
-    not the active one); False freezes every parameter of a model that gets a new adapter (inference, PEFT's
-    ``inference_mode``), and puts the model in eval mode. Biases the config trains (``bias`` "all" or
+    not the active one); False loads for inference (PEFT's ``inference_mode``): a new adapter is frozen (and, on a
+    model not patched before, every parameter, as PEFT's ``from_pretrained``) and the model is put in eval mode.
+    As PEFT, no other parameter's requires_grad changes on a patched model. Biases the config trains (``bias`` "all" or
     "delora_only") are part of the adapter and loaded with it. Everything (config, every key, shape, dtype and
     value) is checked before the model is touched, and should the load fail later the model is put back: on any
     error (a ``ValueError``, or ``FileNotFoundError`` when a file is absent) the model is exactly as before and the
@@ -608,12 +622,14 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
     ``adapter_model.bin`` is refused). ``model`` may be wrapped (torch.compile, DDP; the wrapper is returned);
     loading into an FSDP2-sharded model is not supported (load first, then shard).
     """
+    directory = check_directory("load_adapter", directory)
     check_adapter_name(adapter_name)
     wrapper, model = model, unwrap(model)
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     cfg, tensors = _read_pair(directory)
     state = get_state(model)
     existing = state is not None and adapter_name in state.configs
+    first = state is None  # the load patches the model: PEFT's first injection
     merged = [p for p, layer in delora_layers(model).items() if adapter_name in layer.merged_adapters]
     if merged:  # new values under a merged ΔW: the weight would keep the old ΔW and unmerge subtract the new
         raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]!r}"
@@ -680,9 +696,12 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
                 model.eval()
         elif is_trainable:  # as PEFT 0.21's load_adapter: the new adapter trains, active or not
             _require_grad(model, adapter_name)
-        else:  # inference: nothing trains, as PEFT's inference_mode
-            for p in model.parameters():
-                p.requires_grad_(False)
+        else:  # inference, as PEFT's inference_mode: the new adapter is frozen (with the rest of a fresh model)
+            if first:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+            else:
+                _require_grad(model, adapter_name, False)
             model.eval()
     return wrapper
 
@@ -718,13 +737,13 @@ def _copy_values(model, values: dict[str, torch.Tensor], adapter_name: str) -> N
                 dst.copy_(t)
 
 
-def _require_grad(model, adapter_name: str) -> None:
-    """PEFT's set_requires_grad(adapter_name): its DeLoRA parameters and its modules_to_save copies train."""
+def _require_grad(model, adapter_name: str, flag: bool = True) -> None:
+    """PEFT's set_requires_grad(adapter_name, flag): its DeLoRA parameters and its modules_to_save copies."""
     for layer in delora_layers(model).values():
         for store in (layer.delora_A, layer.delora_B, layer.delora_lambda):
             if adapter_name in store:
-                store[adapter_name].requires_grad_(True)
+                store[adapter_name].requires_grad_(flag)
     for copies in get_state(model).saved_copies.values():
         if adapter_name in copies:
             for p in copies[adapter_name].parameters():
-                p.requires_grad_(True)
+                p.requires_grad_(flag)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-import weakref
 from collections.abc import Iterable
 
 import torch
@@ -19,37 +18,40 @@ STALE_CHOICES = ("raise", "discard", "subtract")
 
 
 class MergeRecord:
-    """Which weight (a weak reference) merged adapters were written into, and its version counter then.
+    """Which weight merged adapters were written into, and its version counter then.
+
+    The weight is held by a plain reference, not a weak one: ``torch.utils.swap_tensors`` (module conversions and
+    ``load_state_dict`` under ``torch.__future__.set_swap_module_params_on_conversion(True)``) refuses a tensor
+    that has a weak reference. A weight replaced while merged is so kept alive until the merge is resolved
+    (``unmerge(stale=...)``); it is the one state every operation refuses until then.
 
     A copy of the layer (``copy.deepcopy``) records the copied weight at its own version; an unpickled layer
     (``torch.load`` of a whole model) adopts the weight it finds at the first check. A record that was stale stays
     stale in both."""
 
-    __slots__ = ("_ref", "_version", "_stale")
+    __slots__ = ("_weight", "_version", "_stale")
 
     def __init__(self, weight: torch.Tensor | None, stale: bool = False):
-        self._ref = weakref.ref(weight) if weight is not None else None
+        self._weight = weight
         self._version = weight._version if weight is not None else None
         self._stale = stale
 
     def stale_for(self, weight: torch.Tensor) -> bool:
         if self._stale:
             return True
-        if self._ref is None:  # unpickled: the weight found now is the one loaded with it
-            self._ref, self._version = weakref.ref(weight), weight._version
+        if self._weight is None:  # unpickled: the weight found now is the one loaded with it
+            self._weight, self._version = weight, weight._version
             return False
-        return self._ref() is not weight or weight._version != self._version
+        return self._weight is not weight or weight._version != self._version
 
     def _was_stale(self) -> bool:
-        w = self._ref() if self._ref is not None else None
-        return self._stale or (self._ref is not None and (w is None or w._version != self._version))
+        return self._stale or (self._weight is not None and self._weight._version != self._version)
 
     def __deepcopy__(self, memo):
         import copy
-        w = self._ref() if self._ref is not None else None
-        if self._ref is None or self._was_stale():
-            return MergeRecord(None, stale=self._stale or self._ref is not None)
-        return MergeRecord(copy.deepcopy(w, memo))  # the copied layer's weight (the same object in the memo)
+        if self._weight is None or self._was_stale():
+            return MergeRecord(None, stale=self._stale or self._weight is not None)
+        return MergeRecord(copy.deepcopy(self._weight, memo))  # the copied layer's weight (the same object in memo)
 
     def __reduce__(self):
         return MergeRecord, (None, self._was_stale())
@@ -134,7 +136,7 @@ class DeLoRALayer:
         # exactly that even if the parameters changed meanwhile (an optimizer step with zero gradients, weight
         # decay, a manual edit): subtracting the new ΔW would leave ΔW_old − ΔW_new in the base weight for good.
         self._merged_terms: dict[str, list[tuple]] = {}
-        # (weakref to the base weight, its version counter) when the merged adapters were last written into it: a
+        # (the base weight, its version counter) when the merged adapters were last written into it: a
         # weight replaced (load_state_dict(assign=True), assignment) or rewritten (load_state_dict) since then may
         # not hold their ΔW, and unmerging would subtract it from a weight it was never added to.
         self._merge_record: MergeRecord | None = None
@@ -333,9 +335,14 @@ class DeLoRALayer:
         return self._disable_adapters
 
     def enable_adapters(self, enabled: bool) -> None:
-        """Turn the adapters on or off (off: the output is the base layer's; merged adapters are unmerged)."""
+        """Turn the adapters on or off (off: the output is the base layer's; merged adapters are unmerged). As
+        PEFT's, it sets the adapters' requires_grad: off freezes them all, on makes the active ones train."""
         if not enabled and self.merged:
             self.unmerge()
+        active = set(self.active_adapters) if enabled else ()
+        for store in (self.delora_A, self.delora_B, self.delora_lambda):
+            for n, p in store.items():
+                p.requires_grad_(n in active)
         self._disable_adapters = not enabled
 
     def _params(self, name: str):
@@ -466,7 +473,11 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             if not (x.is_cpu and W.is_cpu) and x.device != W.device:  # a wrapped forward may move W itself
                 raise RuntimeError(f"DeLoRALinear: `x` is on {x.device} but the layer's weight is on {W.device}")
             fused = not args and not kwargs and W.is_floating_point()
-        if self._disable_adapters or self.merged_adapters:
+        if self._disable_adapters:
+            if self.merged_adapters:  # as PEFT: a disabled layer computes as its base, so a merge is taken back
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        if self.merged_adapters:
             return base(x, *args, **kwargs)
         plan = inference.active_plan(self)
         if plan is not None:
@@ -561,11 +572,13 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             self._check_known(names)
         if self.merged_adapters:
             self._check_merge_record("merge more adapters into")
-        already = [n for n in names if n in self.merged_adapters]
-        if already:
-            warnings.warn(f"Already following adapters were merged {','.join(already)}. "
-                          f"You are now additionally merging {','.join(n for n in names if n not in already)}.", stacklevel=2)
         names = [n for n in names if n not in self.merged_adapters]
+        if self.merged_adapters:  # PEFT's check_adapters_to_merge, word for word
+            if names:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                              f"You are now additionally merging {','.join(names)}.", stacklevel=2)
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
         if not names:
             return names, None
         if self.quant_kind is not None:
@@ -688,6 +701,18 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         self.merged_adapters.extend(names)
         self._resync_merge_record()
         return None
+
+    def _apply(self, fn, recurse=True):
+        """Module conversions (``to``, ``double``, ``cuda``, ...) convert the merged weight, they do not rewrite it:
+        the merge record follows the converted weight (a new Parameter where torch overwrites or swaps parameters
+        on conversion), and a record already stale stays stale."""
+        if self._merge_record is None or not recurse:
+            return super()._apply(fn, recurse)
+        stale = self._merge_record_stale()
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._merge_record = MergeRecord(None, stale=True) if stale else MergeRecord(self.base_layer.weight)
 
     def _resync_merge_record(self) -> None:
         """Record the weight the merged adapters are now in (after a merge or unmerge wrote it, or a failed model

@@ -12,16 +12,18 @@ import re
 from . import core
 from .config import check_known
 from .core import is_conv1d
-from .io import PREFIX, _write_pairs, adapter_modules_to_save, bias_tensors, untied
-from .model import delora_layers, require_state, unwrap
+from .io import PREFIX, _write_pairs, adapter_modules_to_save, bias_tensors, check_directory, untied
+from .model import delora_layers, require_state, unwrap, warn_if_aliased
 
 
 def export_lora(model, directory: str, adapter_name: str = "default") -> None:
     """Write a PEFT LoRA adapter whose outputs equal this DeLoRA adapter's: lora_A = A ⊙ w, lora_B = B ⊙ s,
     lora_alpha = r (scaling 1). A paper-init adapter exports as rank 2r: [A' ; A₀'] and [B' | −B₀']. All or
     nothing, as ``save_adapter``: a failed export leaves ``directory`` as it was."""
+    directory = check_directory("export_lora", directory)
     model = unwrap(model)
     state = require_state(model)
+    warn_if_aliased(model, "export_lora")
     check_known([adapter_name], state.configs, "the model", "adapter_name")
     cfg = state.configs[adapter_name]
     tensors, ranks, conv = {}, {}, False
@@ -41,10 +43,16 @@ def export_lora(model, directory: str, adapter_name: str = "default") -> None:
     for k, t in bias_tensors(model, cfg, adapter_name).items():
         tensors.setdefault(f"{PREFIX}{k}", t.detach().cpu().contiguous())
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {re.escape(p): r for p, r in ranks.items() if r != r0}
+    # PEFT matches a rank_pattern key and a target_modules entry as a suffix of a module's path ("0" matches
+    # "1.0" too): the keys are anchored at the start, and the targets become one full-match regex wherever some
+    # other module's path ends in a target's.
+    pattern = {"^" + re.escape(p): r for p, r in ranks.items() if r != r0}
+    names = [n for n, _ in model.named_modules()]
+    suffixed = any(n != p and n.endswith("." + p) for p in ranks for n in names)
+    targets = ("^(?:" + "|".join(re.escape(p) for p in sorted(ranks)) + ")$") if suffixed else sorted(ranks)
     lora_cfg = {
         "peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": r0, "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "lora_dropout": 0.0,
+        "alpha_pattern": dict(pattern), "target_modules": targets, "lora_dropout": 0.0,
         "bias": {"delora_only": "lora_only"}.get(cfg.bias, cfg.bias),
         "fan_in_fan_out": conv, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
         "modules_to_save": cfg.modules_to_save, "inference_mode": True, "base_model_name_or_path": None,

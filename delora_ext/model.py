@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import dataclasses
 import gc
+import warnings
 
 import torch
 from torch import nn
@@ -57,6 +58,20 @@ def get_state(model: nn.Module) -> PatchState | None:
 def delora_layers(model: nn.Module) -> dict[str, DeLoRALinear]:
     """Module path -> DeLoRALinear, in model order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, DeLoRALinear)}
+
+
+def warn_if_aliased(model: nn.Module, what: str) -> None:
+    """Warn when a DeLoRA layer is reachable at several paths: delora_ext adapts it at all of them, PEFT at the
+    first one only, so the file ``what`` writes computes differently in PEFT (the other paths there without it)."""
+    paths: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, DeLoRALinear):
+            paths.setdefault(id(m), []).append(n)
+    many = [p for p in paths.values() if len(p) > 1]
+    if many:
+        warnings.warn(f"{what}: layer {many[0][0]!r} is also reachable at {many[0][1:]} ({len(many)} such layers); "
+                      f"PEFT adapts a module at its first path only, so in PEFT the other paths compute without "
+                      f"the adapter", stacklevel=3)
 
 
 def modules_to_save_paths(model: nn.Module, modules_to_save) -> dict[str, nn.Module]:

@@ -200,8 +200,11 @@ if NATIVE:
                                                                   f"got {_sizes(w)}")
         return r, in_f, B.shape[0]
 
+    _X_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
     def _check_input(op, x, in_f):
-        _check_float(op, "x", x)
+        torch._check(x.dtype in _X_DTYPES, lambda: f"delora_ext::{op}: `x` must have dtype float32, float64, "
+                                                   f"bfloat16 or float16, got {x.dtype}")
         torch._check(x.dim() >= 1 and x.shape[-1] == in_f, lambda: f"delora_ext::{op}: `x` must have last dimension "
                                                                    f"in_features = {in_f}, got shape {_sizes(x)}")
 

@@ -38,7 +38,8 @@ __all__ = ["patch", "set_adapter", "delete_adapter", "disable_adapters", "merge"
            "unpatch", "trainable_parameters", "STATE_ATTR", "get_state", "delora_layers", "unwrap"]
 
 def _set_trainable(model: nn.Module, state: PatchState) -> None:
-    """Only the active adapters' parameters train (plus biases per each config's `bias`, and modules_to_save)."""
+    """At the first patch, as PEFT's first injection: only the active adapters' parameters train (plus biases per
+    each config's `bias`, and modules_to_save); everything else is frozen."""
     outside = list(state.saved_originals.values()) + [c for cs in state.saved_copies.values() for c in cs.values()]
     for mod in outside + [model]:  # the originals and the inactive copies are frozen, as in PEFT's wrapper
         for p in mod.parameters():
@@ -67,22 +68,47 @@ def _set_trainable(model: nn.Module, state: PatchState) -> None:
                     p.requires_grad_(True)
 
 
+def _set_adapter_trainable(model: nn.Module, state: PatchState, only: str | None = None) -> None:
+    """After the first patch (an adapter set, deleted, added or loaded), as PEFT: only the adapters' own
+    parameters and modules_to_save copies change, the active adapters' training and the others' frozen; ``only``:
+    just that (newly added) adapter's, as PEFT's inject_adapter puts back every flag that was there before. Every
+    other parameter keeps its flag: one the user unfroze (a norm, a bias) goes on training."""
+    active = set(state.active)
+    for layer in delora_layers(model).values():
+        for store in (layer.delora_A, layer.delora_B, layer.delora_lambda):
+            for n, p in store.items():
+                if only is None or n == only:
+                    p.requires_grad_(n in active)
+    for copies in state.saved_copies.values():
+        for n, twin in copies.items():
+            if only is None or n == only:
+                for p in twin.parameters():
+                    p.requires_grad_(n in active)
+
+
 def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: str = "default", **kwargs) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by ``DeLoRALinear`` and return ``model``.
 
-    ``config`` is a ``DeLoRAConfig`` (or its fields as keyword arguments). On a patched model this adds adapter
-    ``adapter_name`` (the same name with the same config is a no-op; with another config, an error); an added
-    adapter is not active until ``set_adapter``. Everything but the active adapters' parameters is frozen (biases
-    per ``bias``). A module reachable at several paths is adapted at all of them (one layer). All-or-nothing: if
-    anything fails, the model is left as it was.
+    ``config`` is a ``DeLoRAConfig`` or PEFT's ``peft.DeloraConfig`` (or the fields as keyword arguments). On a
+    patched model this adds adapter ``adapter_name`` (the same name with the same config is a no-op; with another
+    config, an error); an added adapter is not active until ``set_adapter``. As PEFT: the first patch freezes
+    everything but the active adapters' parameters (and biases per ``bias``); adding an adapter sets only the new
+    adapter's flags, so a parameter the user unfroze keeps training. A module reachable at several paths is
+    adapted at all of them (one layer). All-or-nothing: if anything fails, the model is left as it was.
     """
     check_adapter_name(adapter_name)
     if config is None:
         config = DeLoRAConfig(**kwargs)
+    elif type(config).__name__ == "DeloraConfig" and type(config).__module__.startswith("peft."):
+        # PEFT's own config: its fields, as its adapter file holds them
+        config = DeLoRAConfig.from_peft_dict(config.to_dict())
+        if kwargs:
+            config = dataclasses.replace(config, **kwargs)
     elif kwargs:
         config = dataclasses.replace(config, **kwargs)
     if not isinstance(config, DeLoRAConfig):
-        raise TypeError(f"`config` must be a DeLoRAConfig, got {type(config).__name__}")
+        raise TypeError(f"`config` must be a delora_ext.DeLoRAConfig or a peft.DeloraConfig, got "
+                        f"{type(config).__module__}.{type(config).__name__}")
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
         if state.configs[adapter_name] == config:
@@ -146,7 +172,9 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
         state.configs[adapter_name] = config
         if first:
             setattr(model, STATE_ATTR, state)
-        _set_trainable(model, state)
+            _set_trainable(model, state)
+        else:
+            _set_adapter_trainable(model, state, only=adapter_name)
     return model
 
 
@@ -176,7 +204,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
         for path, mod in installs.items():
             _install(model, path, mod)
         state.active = names
-        _set_trainable(model, state)
+        _set_adapter_trainable(model, state)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -213,7 +241,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         else:
             for layer in delora_layers(model).values():
                 layer.active_adapters = list(state.active)
-            _set_trainable(model, state)
+            _set_adapter_trainable(model, state)
         for layer in layers:  # as PEFT, a layer left without adapters reports none active
             if not len(layer.delora_A):
                 layer.active_adapters = []

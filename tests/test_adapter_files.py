@@ -131,6 +131,24 @@ def test_export_lora_with_mixed_ranks(arch, tmp_path):
     assert_close(_peft_out(pm, arch), outputs(model, arch), 1e-5, "mixed-rank LoRA export")
 
 
+def test_export_lora_where_one_module_path_ends_another(tmp_path):
+    """PEFT matches rank_pattern keys and target_modules by suffix: "0" would also match "1.0" (a wrong rank, an
+    extra wrapped layer). The export anchors them, so PEFT adapts exactly the exported modules at their ranks."""
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                              torch.nn.Sequential(torch.nn.Linear(8, 8))).eval()
+    model = delora_ext.patch(copy.deepcopy(seq), r=2, target_modules=r"0|1\.0", rank_pattern={"^0$": 4},
+                             init_weights=False)
+    assert {p: m.r["default"] for p, m in delora_layers(model).items()} == {"0": 4, "1.0": 2}
+    delora_ext.export_lora(model, str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(seq), str(tmp_path))
+    lora = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert {p: m.r["default"] for p, m in lora.items()} == {"0": 4, "1.0": 2}  # not "2.0", not "1.0" at 4
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert_close(pm(x), model(x), 1e-6, "LoRA export with suffix paths")
+
+
 def test_several_adapters_saved_in_subfolders_and_reloaded(tmp_path):
     arch = "llama"
     model = delora_ext.patch(build(arch), r=2, init_weights=False, **all_linear(arch))
@@ -373,3 +391,15 @@ def test_a_failed_lora_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert any(str(d).endswith("adapter_model.safetensors") for d in seen)
     assert files(str(tmp_path)) == before
+
+
+@pytest.mark.parametrize("writer", ["save_adapter", "export_lora"])
+def test_a_layer_at_two_paths_warns_that_peft_adapts_the_first_only(writer, tmp_path):
+    """delora_ext adapts a module reachable at two paths at both; PEFT at the first only, so PEFT loading the file
+    computes the second path without the adapter. Writing such a file says so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    model.add_module("again", model[0])
+    delora_ext.patch(model, r=2, target_modules=["0"], init_weights=False)
+    with pytest.warns(UserWarning, match=rf"{writer}: layer '0' is also reachable at \['again'\]"):
+        getattr(delora_ext, writer)(model, str(tmp_path))

@@ -84,3 +84,49 @@ def test_merge_adapters_of_different_precision_together():
     assert torch.allclose(model(input_ids=IDS).logits, y, atol=1e-6)
     delora_ext.unmerge(model)
     assert torch.allclose(model(input_ids=IDS).logits, y, atol=1e-6)
+
+
+@pytest.fixture(params=["default", "swap", "overwrite"])
+def conversion_mode(request):
+    """How nn.Module conversions replace parameters: .data assignment (default), torch.utils.swap_tensors, or a new
+    Parameter object."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    over = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(request.param == "swap")
+    torch.__future__.set_overwrite_module_params_on_conversion(request.param == "overwrite")
+    yield request.param
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    torch.__future__.set_overwrite_module_params_on_conversion(over)
+
+
+def test_a_merged_model_converts_and_unmerges_under_every_conversion_mode(conversion_mode):
+    """A conversion converts the merged weight, it does not rewrite it: .double() works on a merged model (with
+    swap_tensors it used to fail half-way, leaving fp32 and fp64 parameters mixed), and unmerge then gives the
+    converted base model back, as PEFT's."""
+    base = build("llama")
+    model = build("llama")
+    delora_ext.patch(model, target_modules=["q_proj", "v_proj"], init_weights=False)
+    delora_ext.merge(model)
+    model.double()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    delora_ext.unmerge(model)
+    base.double()
+    with delora_ext.disable_adapters(model):
+        y = model(input_ids=IDS).logits
+    torch.testing.assert_close(y, base(input_ids=IDS).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_load_state_dict_while_merged_is_still_caught_under_swap(conversion_mode):
+    """The merge record still tells a weight rewritten by load_state_dict (here the pretrained values) from the merged
+    one, also when load_state_dict swaps tensors; the model loads (no weak reference blocks the swap)."""
+    model = build("llama")
+    pretrained = {k: v.clone() for k, v in build("llama").state_dict().items()}
+    delora_ext.patch(model, target_modules=["q_proj"], init_weights=False)
+    delora_ext.merge(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    sd = {"model.layers.0.self_attn.q_proj.base_layer.weight": pretrained["model.layers.0.self_attn.q_proj.weight"]}
+    model.load_state_dict(sd, strict=False)
+    with pytest.raises(ValueError, match="replaced or rewritten"):
+        delora_ext.unmerge(model)
+    delora_ext.unmerge(model, stale="discard")
+    assert torch.equal(layer.base_layer.weight, pretrained["model.layers.0.self_attn.q_proj.weight"])

@@ -354,3 +354,41 @@ def test_graphed_eval_forward_follows_parameter_updates_on_cuda():
             graph.replay()
             torch.cuda.synchronize()
             assert rel_err(out, model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["full backward hook", "backward pre-hook", "global forward hook",
+                                  "global forward pre-hook", "global backward hook"])
+def test_hooks_on_the_base_layer_run_as_in_peft(kind):
+    """PEFT's layer calls its base layer, so every hook on it runs, also global module hooks and backward hooks.
+    Where one is registered the fused op does not stand in for the base's forward: the base is called and the
+    adapter term added; the numbers are those of the fused path."""
+    from torch.nn.modules import module as nn_module
+
+    torch.manual_seed(0)
+    layer = delora_ext.DeLoRALinear(nn.Linear(12, 10), r=3, init_weights=False)
+    x = torch.randn(4, 12, requires_grad=True)
+    y0 = layer(x)
+    g0 = torch.autograd.grad(y0.sum(), [x, layer.delora_A["default"]])
+    calls = []
+    base = layer.base_layer
+
+    def note(m, *args):
+        if m is base:
+            calls.append(kind)
+
+    handle = {
+        "full backward hook": lambda: base.register_full_backward_hook(note),
+        "backward pre-hook": lambda: base.register_full_backward_pre_hook(note),
+        "global forward hook": lambda: nn_module.register_module_forward_hook(note),
+        "global forward pre-hook": lambda: nn_module.register_module_forward_pre_hook(note),
+        "global backward hook": lambda: nn_module.register_module_full_backward_hook(note),
+    }[kind]()
+    try:
+        y = layer(x)
+        g = torch.autograd.grad(y.sum(), [x, layer.delora_A["default"]])
+    finally:
+        handle.remove()
+    assert calls == [kind]
+    assert_close(y, y0, 1e-6, kind)
+    for a, b in zip(g, g0):
+        assert_close(a, b, 1e-5, kind)

@@ -82,9 +82,14 @@ def test_merge_twice_warns_and_does_nothing():
     layer = _layer()
     layer.merge()
     W1 = layer.base_layer.weight.detach().clone()
-    with pytest.warns(UserWarning, match="Already following adapters were merged"):
+    with pytest.warns(UserWarning, match="^All adapters are already merged, nothing to do.$"):  # PEFT's words
         layer.merge()
     assert torch.equal(layer.base_layer.weight, W1)
+    layer.update_layer("other", 4, init_weights=False, activate=False)
+    with pytest.warns(UserWarning, match="^Already following adapters were merged default. You are now "
+                                         "additionally merging other.$"):
+        layer.merge(adapter_names=["default", "other"])
+    assert layer.merged_adapters == ["default", "other"]
     layer.unmerge()
     with pytest.warns(UserWarning, match="Already unmerged"):
         layer.unmerge()

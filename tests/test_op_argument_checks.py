@@ -30,14 +30,15 @@ def _adapter(d):
     return {k: d[k] for k in ("A", "B", "lam", "w")}
 
 
-F64, I32, I64 = torch.float64, torch.int32, torch.int64
+F64, I32, I64, F8 = torch.float64, torch.int32, torch.int64, torch.float8_e4m3fn
 SEED32 = torch.zeros(1, dtype=I32)
 # op -> (base arguments in schema order, [(what, changes)]): each change the real kernel refuses
 CASES = {
     "linear_fwd": (lambda: _lin(), [
         ("weight in 9", dict(weight=torch.randn(6, 9))), ("weight out 5", dict(weight=torch.randn(5, 8))),
         ("x in 7", dict(x=torch.randn(3, 7))), ("x 0-d", dict(x=torch.tensor(1.0))),
-        ("x int", dict(x=torch.ones(3, 8, dtype=I32))), ("A 1-d", dict(A=torch.randn(8))),
+        ("x int", dict(x=torch.ones(3, 8, dtype=I32))), ("x float8", dict(x=torch.randn(3, 8).to(F8))),
+        ("A 1-d", dict(A=torch.randn(8))),
         ("A no rows", dict(A=torch.randn(0, 8))), ("B r 3", dict(B=torch.randn(6, 3))),
         ("lam 2", dict(lam=torch.ones(2))), ("w 7", dict(w=torch.ones(7))), ("w int", dict(w=torch.ones(8, dtype=I64))),
         ("bias 5", dict(bias=torch.randn(5))), ("weight f64", dict(weight=torch.randn(6, 8, dtype=F64))),
@@ -46,7 +47,8 @@ CASES = {
         ("the example: x (3,8), W (6,9), A (4,7)", dict(weight=torch.randn(6, 9), A=torch.randn(4, 7),
                                                         w=torch.ones(7)))]),
     "adapter_fwd": (lambda: {k: v for k, v in _lin().items() if k not in ("weight", "bias")}, [
-        ("x in 7", dict(x=torch.randn(3, 7))), ("B r 5", dict(B=torch.randn(6, 5))), ("w 2-d", dict(w=torch.ones(1, 8))),
+        ("x in 7", dict(x=torch.randn(3, 7))), ("x float8", dict(x=torch.randn(3, 8).to(F8))),
+        ("B r 5", dict(B=torch.randn(6, 5))), ("w 2-d", dict(w=torch.ones(1, 8))),
         ("p -0.1", dict(dropout_p=-0.1)), ("p without seed", dict(dropout_p=0.25))]),
     "linear_bwd": (_bwd, [
         ("grad_y out 5", dict(grad_y=torch.randn(3, 5))), ("grad_y rows 2", dict(grad_y=torch.randn(2, 6))),
@@ -123,3 +125,25 @@ def test_merging_into_a_weight_whose_elements_share_memory_names_weight(entry):
         else:
             delora_ext.ops.merge_many_(W, [tuple(_adapter(d).values())], [1.0])
     assert torch.equal(W, before)
+
+
+@requires_native
+def test_the_raw_merge_op_names_a_weight_whose_elements_share_memory():
+    """torch.ops.delora_ext.merge_ itself (not only the Python wrapper) names `weight`, not torch's generic
+    internal-overlap error."""
+    d = _lin()
+    W = torch.randn(1, 8).expand(6, 8)
+    with pytest.raises(RuntimeError, match=r"delora_ext::merge_: `weight` has elements that share memory"):
+        torch.ops.delora_ext.merge_(W, d["A"], d["B"], d["lam"], d["w"], 1.0)
+
+
+@requires_native
+def test_a_shape_mismatch_names_both_sides():
+    """in_features and out_features are read off A and B: a mismatch message shows their shapes too, so a wrong A
+    is not mistaken for a wrong w or weight."""
+    d = _lin()
+    with pytest.raises(RuntimeError, match=r"`w` must have shape \(9,\) \(in_features, the columns of `A`, whose "
+                                           r"shape is \[4, 9\]\)"):
+        torch.ops.delora_ext.prep(torch.randn(4, 9), d["B"], d["lam"], d["w"])
+    with pytest.raises(RuntimeError, match=r"`weight` must have shape \(7, 8\) \(the rows of `B`, shape \[7, 4\]"):
+        torch.ops.delora_ext.merge_(d["weight"], d["A"], torch.randn(7, 4), d["lam"], d["w"], 1.0)

@@ -134,6 +134,13 @@ def _warnings(fn):
                    and ("Adapter" in str(x.message) or "unmerg" in str(x.message).lower())})
 
 
+def _add_other(pm, ours, arch):
+    """The second adapter, "other" (inactive, on fewer layers), added to both, PEFT's values copied into ours."""
+    pm.add_adapter("other", peft.DeloraConfig(**_cfg(arch, target_modules=OTHER[arch])))
+    delora_ext.patch(ours, **_cfg(arch, target_modules=OTHER[arch]), adapter_name="other")
+    _copy_adapter(pm, ours, "other")
+
+
 def _pair(arch, **kw):
     base = build(arch)
     pm = peft.get_peft_model(copy.deepcopy(base), peft.DeloraConfig(**_cfg(arch, **kw)))
@@ -150,9 +157,7 @@ def test_the_adapter_lifecycle_matches_peft(arch):
     _same(pm, ours, arch, "training the default adapter")
 
     # a second adapter: inactive, frozen, on fewer layers
-    pm.add_adapter("other", peft.DeloraConfig(**_cfg(arch, target_modules=OTHER[arch])))
-    delora_ext.patch(ours, **_cfg(arch, target_modules=OTHER[arch]), adapter_name="other")
-    _copy_adapter(pm, ours, "other")
+    _add_other(pm, ours, arch)
     _same(pm, ours, arch, "adding an inactive adapter")
 
     pm.set_adapter("other")
@@ -230,9 +235,7 @@ def test_the_adapter_lifecycle_matches_peft(arch):
 def test_adapter_files_cross_between_peft_and_us_through_the_lifecycle(arch, tmp_path):
     base, pm, ours = _pair(arch)
     _bump(pm, ours, 0)
-    pm.add_adapter("other", peft.DeloraConfig(**_cfg(arch, target_modules=OTHER[arch])))
-    delora_ext.patch(ours, **_cfg(arch, target_modules=OTHER[arch]), adapter_name="other")
-    _copy_adapter(pm, ours, "other")
+    _add_other(pm, ours, arch)
     pm.set_adapter("other")
     delora_ext.set_adapter(ours, "other")
     _bump(pm, ours, 1)
@@ -327,3 +330,77 @@ def test_modules_to_save_follow_eval_mode_as_in_peft():
         want = base(input_ids=ids).logits
         assert torch.equal(pm(input_ids=ids).logits, want)
         assert torch.equal(ours(input_ids=ids).logits, want)
+
+
+def _unfreeze_norm(pm, ours, arch):
+    """A base parameter the user chose to train besides the adapter (the last norm, or the first LayerNorm)."""
+    name = next(n for n, _ in ours.named_parameters() if "norm" in n.lower() and n.endswith("weight"))
+    ours.get_parameter(name).requires_grad_(True)
+    pm.base_model.model.get_parameter(name).requires_grad_(True)
+    return name
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "roberta-cls"])
+def test_parameters_the_user_unfroze_keep_training_through_the_lifecycle_as_in_peft(arch, tmp_path):
+    """After the first patch, adding, setting, deleting and loading adapters change the adapters' own flags only
+    (PEFT's inject_adapter restores every pre-existing flag; its set_adapter touches the adapter layers)."""
+    base, pm, ours = _pair(arch)
+    name = _unfreeze_norm(pm, ours, arch)
+    _add_other(pm, ours, arch)
+    _same(pm, ours, arch, "adding an adapter")
+    pm.set_adapter("other")
+    delora_ext.set_adapter(ours, "other")
+    _same(pm, ours, arch, "set_adapter")
+    assert ours.get_parameter(name).requires_grad, name
+    delora_ext.save_adapter(ours, str(tmp_path), adapter_names=["other"])
+    where = str(tmp_path / "other")  # PEFT's layout: an adapter other than "default" in its own folder
+    for trainable in (True, False):
+        loaded = f"loaded_{trainable}"
+        pm.load_adapter(where, adapter_name=loaded, is_trainable=trainable)
+        delora_ext.load_adapter(ours, where, adapter_name=loaded, is_trainable=trainable)
+        _same(pm, ours, arch, f"load_adapter(is_trainable={trainable})")
+    pm.delete_adapter("loaded_True")
+    delora_ext.delete_adapter(ours, "loaded_True")
+    _same(pm, ours, arch, "delete_adapter")
+    assert ours.get_parameter(name).requires_grad, name
+
+
+def test_set_adapter_leaves_biases_as_peft_does():
+    """An adapter with bias='all' unfreezes the biases at the first patch; activating one with bias='none' leaves
+    them training, as PEFT's set_adapter (which only touches the adapter layers)."""
+    arch = "bert"
+    base, pm, ours = _pair(arch, bias="all")
+    _add_other(pm, ours, arch)
+    pm.set_adapter("other")
+    delora_ext.set_adapter(ours, "other")
+    _same(pm, ours, arch, "set_adapter to a bias='none' adapter")
+    assert any(n.endswith(".bias") for n in _trainable_ours(ours))
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_merging_while_disabled_computes_as_the_base_model_as_in_peft(arch):
+    """PEFT's forward unmerges a disabled layer: a merge inside disable_adapters does not change the outputs there,
+    and the adapter is unmerged by the first forward."""
+    base, pm, ours = _pair(arch)
+    want = _out(base, arch)
+    with pm.disable_adapter(), delora_ext.disable_adapters(ours):
+        pm.base_model.merge_adapter()
+        delora_ext.merge(ours)
+        # W + ΔW − ΔW: the base weight back to rounding (PEFT's unmerge is no closer)
+        assert_close(_out(ours, arch), want, 1e-6, f"{arch}: a merge inside disable_adapters changed the outputs")
+        assert_close(_out(pm, arch), want, 1e-6, f"{arch}: PEFT")
+        _same(pm, ours, arch, "merging while disabled")
+    _same(pm, ours, arch, "leaving disable_adapters after a merge")
+
+
+def test_a_disabled_layer_unmerges_on_its_forward():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 10)
+    layer = delora_ext.DeLoRALinear(copy.deepcopy(lin), r=3, init_weights=False)
+    x = torch.randn(4, 12)
+    layer.enable_adapters(False)
+    layer.merge()
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.merged_adapters == []
+    assert_close(y, lin(x).detach(), 1e-6, "disabled after merge")

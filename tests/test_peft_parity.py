@@ -80,3 +80,23 @@ def test_peft_saves_an_extra_activation_we_do_not():
     mine, peft_bytes = saved_bytes(ours), saved_bytes(theirs)
     assert peft_bytes >= N * in_f * 4
     assert mine * 20 <= peft_bytes, (mine, peft_bytes)
+
+
+def test_patch_takes_peft_deloraconfig_as_peft_takes_it():
+    """patch(model, peft.DeloraConfig(...)) adapts what get_peft_model adapts with the same config, at the same
+    ranks; another PEFT config type is refused, naming `config`."""
+    import delora_ext
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    cfg = peft.DeloraConfig(r=2, target_modules=["0", "2"], delora_lambda=5.0, rank_pattern={"2": 3})
+    ours = delora_ext.patch(copy.deepcopy(model), cfg)
+    theirs = peft.get_peft_model(copy.deepcopy(model), cfg)
+    r_ours = {n: m.r for n, m in ours.named_modules() if isinstance(m, DeLoRALinear)}
+    r_theirs = {n.removeprefix("base_model.model."): dict(m.r) for n, m in theirs.named_modules()
+                if type(m).__name__ == "DeloraLinear"}
+    assert r_ours == r_theirs == {"0": {"default": 2}, "2": {"default": 3}}
+    assert delora_ext.model.get_state(ours).configs["default"].delora_lambda == 5.0
+    with pytest.raises(TypeError, match="`config` must be a delora_ext.DeLoRAConfig or a peft.DeloraConfig, got "
+                                        "peft.*LoraConfig"):
+        delora_ext.patch(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["0"]))
