@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .core import weight_and_bias
 
 BASE = "__base__"  # the name of "no adapter" in mixed batches (PEFT's)
 _EPS = 1e-4  # the norm clamp (reference.NORM_EPS, kNormEps in the kernels)
@@ -206,9 +205,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def cached_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str], fused: bool, args, kwargs):
-    """The layer's output from cached factors (``fused``: a plain linear base, whose GEMM runs here). None when it
-    does not apply (the op path then runs and reports what is wrong, e.g. a dtype mismatch)."""
+def cached_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str], operands: tuple | None, args, kwargs):
+    """The layer's output from cached factors (``operands``: the (W, bias) of a plain linear base, whose GEMM runs
+    here; None: the base is called). None when it does not apply (the op path then runs and reports what is wrong,
+    e.g. a dtype mismatch)."""
     dt = x.dtype
     if len(names) == 1:
         factors = folded(layer, names[0], dt)
@@ -224,8 +224,8 @@ def cached_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str], fuse
     base = layer._modules["base_layer"]
     two_d = x.dim() == 2
     x2 = x.contiguous() if two_d else _rows(x)
-    if fused:
-        W, bias = weight_and_bias(base)
+    if operands is not None:
+        W, bias = operands
         if W.dtype != dt:
             return None
         # the op's order: y = x Wᵀ + b, then u B'ᵀ accumulated into y (first term), then each further term added
@@ -340,7 +340,9 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind) if on else None
 
 
-def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, args, kwargs) -> torch.Tensor:
+def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, operands: tuple | None, args, kwargs
+                  ) -> torch.Tensor:
+    """The layer's output for a mixed batch, each row with its own adapter (``operands`` as in cached_forward)."""
     if x.dim() == 0 or x.shape[0] != plan.n:
         raise ValueError(f"`adapter_names` has {plan.n} names (one per batch element) but the input of this layer "
                          f"has {x.shape[0] if x.dim() else 0} rows along dim 0 (shape {tuple(x.shape)})")
@@ -352,9 +354,9 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, fused: bool, a
         y = base(x, *args, **kwargs)
         with torch.autocast(x.device.type, enabled=False):
             return _add_adapters(layer, plan, x.to(ac), y, in_place=False)
+    fused = operands is not None and operands[0].dtype == x.dtype
     if fused:
-        W, bias = weight_and_bias(base)
-        fused = W.dtype == x.dtype
+        W, bias = operands
     y = F.linear(x, W, bias) if fused else base(x, *args, **kwargs)
     return _add_adapters(layer, plan, x, y, in_place=fused)
 

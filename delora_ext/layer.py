@@ -483,7 +483,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         if plan is not None:
             if self._w_pending:
                 self.resolve_w()
-            return inference.mixed_forward(self, plan, x, fused, args, kwargs)
+            return inference.mixed_forward(self, plan, x, operands if fused else None, args, kwargs)
         known = m["delora_A"]._parameters
         names = self.active_adapters
         if len(names) != 1 or names[0] not in known:
@@ -500,7 +500,7 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             self.resolve_w()
         if (not torch.is_grad_enabled() and inference.cache_applies(x) and self.inference_cache
                 and not (self.training and any(self.module_dropout[n] > 0.0 for n in names))):
-            y = inference.cached_forward(self, x, names, fused, args, kwargs)
+            y = inference.cached_forward(self, x, names, operands if fused else None, args, kwargs)
             if y is not None:
                 return y
         if fused:
