@@ -37,7 +37,7 @@ from .model import (
     unwrap,
     warn_if_aliased,
 )
-from .patching import patch
+from .patching import patch, require_grad
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -695,13 +695,13 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
             if not is_trainable:
                 model.eval()
         elif is_trainable:  # as PEFT 0.21's load_adapter: the new adapter trains, active or not
-            _require_grad(model, adapter_name)
+            require_grad(model, adapter_name)
         else:  # inference, as PEFT's inference_mode: the new adapter is frozen (with the rest of a fresh model)
             if first:
                 for p in model.parameters():
                     p.requires_grad_(False)
             else:
-                _require_grad(model, adapter_name, False)
+                require_grad(model, adapter_name, False)
             model.eval()
     return wrapper
 
@@ -735,15 +735,3 @@ def _copy_values(model, values: dict[str, torch.Tensor], adapter_name: str) -> N
                     dst = _tensor_at(model, rel)
                 note_write(dst)
                 dst.copy_(t)
-
-
-def _require_grad(model, adapter_name: str, flag: bool = True) -> None:
-    """PEFT's set_requires_grad(adapter_name, flag): its DeLoRA parameters and its modules_to_save copies."""
-    for layer in delora_layers(model).values():
-        for store in (layer.delora_A, layer.delora_B, layer.delora_lambda):
-            if adapter_name in store:
-                store[adapter_name].requires_grad_(flag)
-    for copies in get_state(model).saved_copies.values():
-        if adapter_name in copies:
-            for p in copies[adapter_name].parameters():
-                p.requires_grad_(flag)

@@ -42,7 +42,9 @@ class MergeRecord:
         if self._weight is None:  # unpickled: the weight found now is the one loaded with it
             self._weight, self._version = weight, weight._version
             return False
-        return self._weight is not weight or weight._version != self._version
+        if self._weight is not weight or weight._version != self._version:
+            self._stale, self._weight = True, None  # stale for good; the old weight is not kept alive for it
+        return self._stale
 
     def _was_stale(self) -> bool:
         return self._stale or (self._weight is not None and self._weight._version != self._version)
@@ -611,6 +613,10 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         return names, None
 
     def _quantized_plan(self, names: list[str], safe_merge: bool, keep_checked: bool, requantize):
+        if self._disable_adapters and requantize not in (None, False):
+            raise ValueError("cannot merge(requantize=True) into a disabled layer: a disabled layer computes as its "
+                             "base, so its forward takes a merge back, and a requantised merge cannot be unmerged; "
+                             "enable the adapters first")
         if requantize is None or requantize is False:
             raise TypeError(f"cannot merge into a quantised base layer ({quant.describe(self.base_layer)}) in "
                             f"place: its weight would have to be requantised, which rounds W₀ + ΔW. Use "
@@ -701,6 +707,14 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         self.merged_adapters.extend(names)
         self._resync_merge_record()
         return None
+
+    def __getstate__(self):
+        # pickling and deepcopy: the record travels as "stale" or "adopt the weight found first", decided here
+        # against the layer's current weight (the record alone cannot tell that its weight was replaced)
+        state = super().__getstate__()
+        if state.get("_merge_record") is not None:
+            state["_merge_record"] = MergeRecord(None, stale=self._merge_record_stale())
+        return state
 
     def _apply(self, fn, recurse=True):
         """Module conversions (``to``, ``double``, ``cuda``, ...) convert the merged weight, they do not rewrite it:

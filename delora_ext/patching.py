@@ -86,6 +86,16 @@ def _set_adapter_trainable(model: nn.Module, state: PatchState, only: str | None
                     p.requires_grad_(n in active)
 
 
+def _copies_trainable(state: PatchState, active, only_true: bool = False) -> None:
+    """The modules_to_save copies of the ``active`` adapters train, the others are frozen (``only_true``: only
+    the active ones' flags are set)."""
+    for copies in state.saved_copies.values():
+        for n, twin in copies.items():
+            if n in active or not only_true:
+                for p in twin.parameters():
+                    p.requires_grad_(n in active)
+
+
 def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: str = "default", **kwargs) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by ``DeLoRALinear`` and return ``model``.
 
@@ -97,10 +107,12 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
     adapted at all of them (one layer). All-or-nothing: if anything fails, the model is left as it was.
     """
     check_adapter_name(adapter_name)
+    inference = False
     if config is None:
         config = DeLoRAConfig(**kwargs)
     elif type(config).__name__ == "DeloraConfig" and type(config).__module__.startswith("peft."):
-        # PEFT's own config: its fields, as its adapter file holds them
+        # PEFT's own config: its fields, as its adapter file holds them, and its inference_mode (frozen adapter)
+        inference = bool(getattr(config, "inference_mode", False))
         config = DeLoRAConfig.from_peft_dict(config.to_dict())
         if kwargs:
             config = dataclasses.replace(config, **kwargs)
@@ -175,7 +187,21 @@ def patch(model: nn.Module, config: DeLoRAConfig | None = None, adapter_name: st
             _set_trainable(model, state)
         else:
             _set_adapter_trainable(model, state, only=adapter_name)
+        if inference:  # PEFT's inference_mode: the new adapter (and its modules_to_save copies) frozen
+            require_grad(model, adapter_name, False)
     return model
+
+
+def require_grad(model: nn.Module, adapter_name: str, flag: bool = True) -> None:
+    """PEFT's set_requires_grad(adapter_name, flag): its DeLoRA parameters and its modules_to_save copies."""
+    for layer in delora_layers(model).values():
+        for store in (layer.delora_A, layer.delora_B, layer.delora_lambda):
+            if adapter_name in store:
+                store[adapter_name].requires_grad_(flag)
+    for copies in get_state(model).saved_copies.values():
+        if adapter_name in copies:
+            for p in copies[adapter_name].parameters():
+                p.requires_grad_(flag)
 
 
 def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
@@ -241,7 +267,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         else:
             for layer in delora_layers(model).values():
                 layer.active_adapters = list(state.active)
-            _set_adapter_trainable(model, state)
+            if was_active:  # as PEFT's delete_adapter, which calls set_adapter only then
+                _set_adapter_trainable(model, state)
         for layer in layers:  # as PEFT, a layer left without adapters reports none active
             if not len(layer.delora_A):
                 layer.active_adapters = []
@@ -250,7 +277,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model computes as its base model (merged adapters are unmerged first). Leaving it puts
-    every layer back as it was (a layer disabled before stays disabled), and the modules_to_save copies back."""
+    every layer back as it was (a layer disabled before stays disabled), and the modules_to_save copies back. The
+    requires_grad flags follow PEFT's disable_adapter(): inside, the adapters and their modules_to_save copies are
+    frozen; after, the active adapters and their copies train and the inactive ones are frozen."""
     outer, model = model, unwrap(model)
     state = require_state(model)
     for name in state.active:  # as PEFT: trained biases are the model's own, disabling does not undo them
@@ -268,6 +297,7 @@ def disable_adapters(model: nn.Module):
             layer.enable_adapters(False)
         for path, original in state.saved_originals.items():
             _install(model, path, original)
+        _copies_trainable(state, ())  # as PEFT's ModulesToSaveWrapper.enable_adapters(False)
     try:
         yield outer
     finally:
@@ -276,6 +306,7 @@ def disable_adapters(model: nn.Module):
                 _install(model, path, twin)
             for layer, was_disabled in before:
                 layer.enable_adapters(not was_disabled)
+            _copies_trainable(state, state.active, only_true=True)  # enable_adapters(True): the active copies train
 
 
 def _span(t: torch.Tensor):

@@ -428,3 +428,26 @@ def test_a_merged_model_copied_or_saved_whole_still_unmerges_and_still_detects_a
         delora_ext.unmerge(c)
     with pytest.raises(ValueError, match="replaced or rewritten"):
         delora_ext.unmerge(m)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_a_model_whose_merged_weight_was_replaced_refuses_to_unmerge(how):
+    """A weight replaced (not rewritten) while merged, e.g. load_state_dict(assign=True) of the pretrained values:
+    a deepcopy or a torch.save/torch.load of the model is as stale as the model; unmerging it would subtract ΔW
+    from the pretrained weight."""
+    import io as _io
+    m = delora_ext.patch(_mlp(), target_modules=["0"], r=2, init_weights=False)
+    pretrained = m[0].base_layer.weight.detach().clone()
+    delora_ext.merge(m)
+    m.load_state_dict({"0.base_layer.weight": pretrained.clone()}, strict=False, assign=True)
+    if how == "deepcopy":
+        c = copy.deepcopy(m)
+    else:
+        buf = _io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        c = torch.load(buf, weights_only=False)
+    with pytest.raises(ValueError, match="replaced or rewritten"):
+        delora_ext.unmerge(c)
+    delora_ext.unmerge(c, stale="discard")
+    assert torch.equal(c[0].base_layer.weight, pretrained)

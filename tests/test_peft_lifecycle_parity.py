@@ -404,3 +404,44 @@ def test_a_disabled_layer_unmerges_on_its_forward():
         y = layer(x)
     assert layer.merged_adapters == []
     assert_close(y, lin(x).detach(), 1e-6, "disabled after merge")
+
+
+def test_deleting_an_inactive_adapter_leaves_the_others_flags_as_peft(tmp_path):
+    """PEFT's delete_adapter calls set_adapter only when the deleted adapter was active: an inactive adapter loaded
+    with is_trainable=True keeps training when another inactive one is deleted."""
+    arch = "llama"
+    base, pm, ours = _pair(arch)
+    _add_other(pm, ours, arch)
+    delora_ext.save_adapter(ours, str(tmp_path), adapter_names=["other"])
+    pm.load_adapter(str(tmp_path / "other"), adapter_name="loaded", is_trainable=True)
+    delora_ext.load_adapter(ours, str(tmp_path / "other"), adapter_name="loaded", is_trainable=True)
+    _same(pm, ours, arch, "loading a trainable inactive adapter")
+    pm.delete_adapter("other")
+    delora_ext.delete_adapter(ours, "other")
+    _same(pm, ours, arch, "deleting another inactive adapter")
+    assert any(n.endswith(".loaded") for n in _trainable_ours(ours))
+
+
+def test_leaving_disable_adapters_sets_the_flags_as_peft(tmp_path):
+    """PEFT's disable_adapter() freezes the adapters and their modules_to_save copies and, on leaving, lets the
+    active adapter and its copies train (also one loaded for inference)."""
+    arch = "roberta-cls"
+    base = build(arch)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.DeloraConfig(**_cfg(arch)))
+    pm.save_pretrained(str(tmp_path))
+    pi = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path), is_trainable=False)
+    ours = delora_ext.load_adapter(copy.deepcopy(base), str(tmp_path), is_trainable=False)
+    assert _trainable_ours(ours) == _trainable_peft(pi) == set()
+    with pi.disable_adapter(), delora_ext.disable_adapters(ours):
+        assert _trainable_ours(ours) == _trainable_peft(pi) == set()
+    assert _trainable_ours(ours) == _trainable_peft(pi)
+    assert any("classifier" in n for n in _trainable_ours(ours))  # the head's copy trains with its adapter
+
+
+def test_a_peft_config_in_inference_mode_patches_a_frozen_adapter():
+    arch = "llama"
+    base = build(arch)
+    cfg = peft.DeloraConfig(**_cfg(arch), inference_mode=True)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    ours = delora_ext.patch(copy.deepcopy(base), cfg)
+    assert _trainable_ours(ours) == _trainable_peft(pm) == set()

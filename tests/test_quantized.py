@@ -614,3 +614,17 @@ def test_without_the_libraries_nothing_is_imported():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(delora_ext.__file__))))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_a_requantizing_merge_into_a_disabled_layer_is_refused():
+    """A disabled layer computes as its base, so its forward takes a merge back; a requantised merge cannot be taken
+    back, so it is refused on a disabled layer (the layer would otherwise raise on every forward)."""
+    qmodel, _ = patched_pair("ao-int8", "cpu")
+    layer = next(iter(delora_ext.patching.delora_layers(qmodel).values()))
+    layer.enable_adapters(False)
+    before = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot merge\(requantize=True\) into a disabled layer"):
+        layer.merge(requantize=True)
+    assert not layer.merged and all(_equal(qmodel.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        qmodel(**inputs("cpu"))
