@@ -477,7 +477,9 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
             fused = not args and not kwargs and W.is_floating_point()
         if self._disable_adapters:
             if self.merged_adapters:  # as PEFT: a disabled layer computes as its base, so a merge is taken back
-                self.unmerge()
+                with _RESOLVE_LOCK:  # once: a second thread's forward waits, then finds it unmerged
+                    if self.merged_adapters:
+                        self.unmerge()
             return base(x, *args, **kwargs)
         if self.merged_adapters:
             return base(x, *args, **kwargs)

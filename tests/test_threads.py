@@ -115,3 +115,35 @@ def test_first_forward_of_meta_built_model_from_many_threads():
         if isinstance(m, DeLoRALinear):
             w = torch.linalg.vector_norm(m.base_layer.weight.float(), dim=0)
             torch.testing.assert_close(m.delora_w_norm["default"], w, rtol=0, atol=0)
+
+
+def test_forwards_of_a_layer_merged_while_disabled_unmerge_it_once(monkeypatch):
+    """A disabled layer's forward takes a merge back; two threads' forwards must not both subtract ΔW (the second
+    waits, then finds the layer unmerged). The unmerge is slowed down so that both threads are inside it at once
+    if nothing stops them."""
+    import time
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 12)
+    layer = DeLoRALinear(lin, r=4, init_weights=False)
+    W0 = layer.base_layer.weight.detach().clone()
+    layer.enable_adapters(False)
+    layer.merge()
+    real = DeLoRALinear._apply_delta
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.05)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeLoRALinear, "_apply_delta", slow)
+    x = torch.randn(3, 16)
+
+    def forward(_):
+        with torch.no_grad():
+            return layer(x)
+
+    outs = _run_threads(forward, [0, 1])
+    assert layer.merged_adapters == []
+    torch.testing.assert_close(layer.base_layer.weight.detach(), W0, rtol=0, atol=1e-6)
+    for y in outs:
+        torch.testing.assert_close(y, x @ W0.t() + lin.bias.detach(), rtol=1e-5, atol=1e-5)
