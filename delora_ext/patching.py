@@ -79,19 +79,15 @@ def _set_adapter_trainable(model: nn.Module, state: PatchState, only: str | None
             for n, p in store.items():
                 if only is None or n == only:
                     p.requires_grad_(n in active)
-    for copies in state.saved_copies.values():
-        for n, twin in copies.items():
-            if only is None or n == only:
-                for p in twin.parameters():
-                    p.requires_grad_(n in active)
+    _copies_trainable(state, active, None if only is None else (only,))
 
 
-def _copies_trainable(state: PatchState, active, only_true: bool = False) -> None:
-    """The modules_to_save copies of the ``active`` adapters train, the others are frozen (``only_true``: only
-    the active ones' flags are set)."""
+def _copies_trainable(state: PatchState, active, names=None) -> None:
+    """The modules_to_save copies of the ``active`` adapters train, the others' are frozen; ``names``: only the
+    copies of these adapters are set."""
     for copies in state.saved_copies.values():
         for n, twin in copies.items():
-            if n in active or not only_true:
+            if names is None or n in names:
                 for p in twin.parameters():
                     p.requires_grad_(n in active)
 
@@ -205,7 +201,8 @@ def require_grad(model: nn.Module, adapter_name: str, flag: bool = True) -> None
 
 
 def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
-    """Make ``adapter_names`` the active adapters (several are summed) and the only trainable ones.
+    """Make ``adapter_names`` the active adapters (several are summed) and, of the adapters, the only trainable
+    ones; as PEFT's, every other parameter keeps its requires_grad.
 
     On a merged model this warns and unmerges first, as PEFT (the merged weights are of the old adapters).
     """
@@ -306,7 +303,7 @@ def disable_adapters(model: nn.Module):
                 _install(model, path, twin)
             for layer, was_disabled in before:
                 layer.enable_adapters(not was_disabled)
-            _copies_trainable(state, state.active, only_true=True)  # enable_adapters(True): the active copies train
+            _copies_trainable(state, state.active, state.active)  # enable_adapters(True): the active copies train
 
 
 def _span(t: torch.Tensor):
