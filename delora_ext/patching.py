@@ -476,7 +476,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
 
     Quantised base layers need one of: ``dtype``, which replaces each by a plain ``nn.Linear`` of that dtype
     holding the dequantised W₀ + ΔW (computed in fp32, cast once; dense layers keep their own dtype), or
-    ``requantize`` (see ``merge``), which keeps the quantised layers with W₀ + ΔW requantised into them.
+    ``requantize`` (see ``merge``), which keeps the quantised layers with W₀ + ΔW requantised into them. A
+    transformers model left with no quantised weight loses its quantisation config, as after its ``dequantize()``.
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"`dtype` must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
@@ -506,7 +507,28 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
             if linear.bias is not None:
                 linear.bias.requires_grad_(old.bias.requires_grad)
             replace_module(model, path, linear)
+    if dense:
+        _drop_quantization_config(model)
     return outer
+
+
+def _drop_quantization_config(model: nn.Module) -> None:
+    """A transformers model loaded quantised keeps ``is_quantized``, ``hf_quantizer`` and
+    ``config.quantization_config``: once no quantised weight is left, they are removed as transformers'
+    ``dequantize()`` removes them, so ``save_pretrained`` does not write a quantisation config that would quantise
+    the merged dense weights again on ``from_pretrained``."""
+    if not getattr(model, "is_quantized", False) or any(quant.is_quantized_weight(p) for p in model.parameters()):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+        return
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(getattr(model, "config", None), "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
 
 
 def unpatch(model: nn.Module, stale: str = "raise") -> nn.Module:

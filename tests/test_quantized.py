@@ -628,3 +628,39 @@ def test_a_requantizing_merge_into_a_disabled_layer_is_refused():
     assert not layer.merged and all(_equal(qmodel.state_dict()[k], v) for k, v in before.items())
     with torch.no_grad():
         qmodel(**inputs("cpu"))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_and_unload_to_dense_drops_the_transformers_quantization_config(bits, tmp_path):
+    """A model loaded with from_pretrained(quantization_config=...) keeps is_quantized, hf_quantizer and
+    config.quantization_config; once merge_and_unload(dtype=...) has left no quantised weight they go, as after
+    transformers' dequantize(), so save_pretrained + from_pretrained gives back the dense merged model instead of
+    quantising the merged weights again."""
+    need("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    build("llama").save_pretrained(str(tmp_path / "base"))
+    q = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_compute_dtype=torch.float32) if bits == 4
+         else transformers.BitsAndBytesConfig(load_in_8bit=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=q,
+                                                              device_map="cpu", dtype=torch.float32)
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False  # the repack bug of bitsandbytes 0.50 (docs/quantized.md)
+    assert model.is_quantized
+    delora_ext.patch(model, r=4, target_modules="all-linear", init_weights=False)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    delora_ext.merge_and_unload(model, dtype=torch.float32)
+    assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None
+    assert "quantization_config" not in model.config.to_dict()
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    # bitsandbytes' CPU int8 inference forward also quantises the input, the dense merged layer does not
+    torch.testing.assert_close(merged, want, rtol=0, atol=1e-4 if bits == 4 else 1e-2)
+    model.save_pretrained(str(tmp_path / "merged"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    assert all(type(m) is nn.Linear for n, m in back.named_modules() if n.endswith(("_proj", "lm_head")))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, merged, rtol=0, atol=1e-6)
