@@ -711,12 +711,10 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
         return None
 
     def __getstate__(self):
-        # pickling and deepcopy: the record travels as "stale" or "adopt the weight found first", decided here
-        # against the layer's current weight (the record alone cannot tell that its weight was replaced)
-        state = super().__getstate__()
-        if state.get("_merge_record") is not None:
-            state["_merge_record"] = MergeRecord(None, stale=self._merge_record_stale())
-        return state
+        # pickling and deepcopy: check the record against the layer's current weight first, which marks it stale
+        # for good if the weight was replaced (the record alone cannot see that); its copies then are stale too
+        self._merge_record_stale()
+        return super().__getstate__()
 
     def _apply(self, fn, recurse=True):
         """Module conversions (``to``, ``double``, ``cuda``, ...) convert the merged weight, they do not rewrite it:
