@@ -199,10 +199,10 @@ def mixed_batch(rounds: int = 20, calls: int = 20, warmup: int = 2, seed: int = 
                 return layer(x)
 
         def in_block(strategy):
-            plan = inference._Plan(names, frozenset([id(layer)]), strategy)  # what the block computes on entry
+            plans = {id(layer): inference._Plan(names, strategy)}  # what the block computes on entry
 
             def run():
-                token = inference._PLAN.set(plan)
+                token = inference._PLAN.set(plans)
                 try:
                     with torch.no_grad():
                         return layer(x)

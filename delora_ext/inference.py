@@ -249,10 +249,10 @@ _PLAN: contextvars.ContextVar = contextvars.ContextVar("delora_ext_mixed_batch",
 class _Plan:
     """The rows of a batch grouped by adapter: computed once per ``mixed_batch`` block, shared by its layers."""
 
-    def __init__(self, names: list[str], layer_ids: frozenset, strategy: str = "auto"):
+    def __init__(self, names: list[str], strategy: str = "auto", num_beams: int = 1):
         self.n = len(names)
         self.names = names
-        self.layer_ids = layer_ids
+        self.num_beams = num_beams  # how many copies of each prompt ``names`` holds (for the messages)
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(names):  # bookkeeping on the host, once per block
             rows.setdefault(name, []).append(i)
@@ -322,10 +322,10 @@ def _stacked(layer: nn.Module, present: tuple, factors: list, dt: torch.dtype) -
 
 def active_plan(layer: nn.Module):
     """The mixed-batch plan for ``layer`` in the current thread's context, or None."""
-    plan = _PLAN.get()
-    if plan is None or id(layer) not in plan.layer_ids or _is_compiling():
+    plans = _PLAN.get()  # {id(layer): plan} for the block's layers
+    if plans is None or _is_compiling():
         return None
-    return plan
+    return plans.get(id(layer))
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -344,8 +344,13 @@ def mixed_forward(layer: nn.Module, plan: _Plan, x: torch.Tensor, operands: tupl
                   ) -> torch.Tensor:
     """The layer's output for a mixed batch, each row with its own adapter (``operands`` as in cached_forward)."""
     if x.dim() == 0 or x.shape[0] != plan.n:
-        raise ValueError(f"`adapter_names` has {plan.n} names (one per batch element) but the input of this layer "
-                         f"has {x.shape[0] if x.dim() else 0} rows along dim 0 (shape {tuple(x.shape)})")
+        per = (f"{plan.n // plan.num_beams} names × num_beams={plan.num_beams}" if plan.num_beams > 1
+               else f"{plan.n} names (one per batch element)")
+        rows = x.shape[0] if x.dim() else 0
+        hint = (f"; for generate, which repeats each prompt, pass mixed_batch(..., num_beams={rows // plan.n})"
+                if rows > plan.n and rows % plan.n == 0 else "")
+        raise ValueError(f"`adapter_names` has {per} but the input of this layer has {rows} rows along dim 0 "
+                         f"(shape {tuple(x.shape)}){hint}")
     base = layer._modules["base_layer"]
     ac = _autocast_dtype(x)
     if ac is not None:
@@ -551,13 +556,28 @@ def _adapter_names_list(adapter_names) -> list[str]:
     return list(adapter_names)
 
 
+def _encoder(model: nn.Module) -> nn.Module | None:
+    """An encoder-decoder model's encoder (transformers' ``get_encoder``), None for other models."""
+    get = getattr(model, "get_encoder", None)
+    encoder = get() if callable(get) else None
+    return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
+
+
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str], strategy: str = "auto"):
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], strategy: str = "auto", num_beams: int = 1):
     """Run forwards in which batch element i (dim 0 of every DeLoRA layer's input) uses adapter ``adapter_names[i]``
     (``"__base__"``: the base model alone), as PEFT LoRA's ``adapter_names`` forward argument::
 
         with torch.no_grad(), delora_ext.mixed_batch(model, ["a", "__base__", "b", "a"]):
             out = model(**batch)   # batch of 4
+
+    ``num_beams``: for ``generate``, which repeats each prompt k times (k = ``max(num_beams,
+    num_return_sequences)``) before the decoder runs, give one name per prompt and ``num_beams=k``: each name then
+    covers its k consecutive rows, as PEFT's ``generate(adapter_names=..., num_beams=k)``; an encoder-decoder model's
+    encoder (``get_encoder()``), which runs on the prompts themselves, keeps one name per row::
+
+        with torch.no_grad(), delora_ext.mixed_batch(model, ["a", "b"], num_beams=4):
+            out = model.generate(**prompts, num_beams=4)   # 2 prompts
 
     Every row equals the same row run with its adapter alone (``set_adapter``); a layer that does not have a named
     adapter (``layers_to_transform``, ``rank_pattern``...) leaves that adapter's rows at the base output. Refused with
@@ -586,6 +606,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], strategy: str = 
     from .model import get_state, unwrap
 
     names = _adapter_names_list(adapter_names)
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"`num_beams` must be a positive int (the copies generate makes of each prompt), got "
+                         f"{num_beams!r}")
     if strategy not in ("auto", "grouped", "masked", "segmented"):
         raise ValueError(f"`strategy` must be 'auto', 'grouped', 'masked' or 'segmented', got {strategy!r}")
     inner = unwrap(model)
@@ -616,7 +639,13 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], strategy: str = 
         if with_copies:
             raise ValueError(f"mixed_batch: adapters {with_copies} have modules_to_save copies, which a mixed batch "
                              f"cannot apply row by row; run those adapters with set_adapter")
-    token = _PLAN.set(_Plan(names, frozenset(id(m) for m in layers), strategy))
+    plan = _Plan([nm for nm in names for _ in range(num_beams)], strategy, num_beams)
+    plans = dict.fromkeys(map(id, layers), plan)
+    encoder = _encoder(inner) if num_beams > 1 else None
+    if encoder is not None:
+        prompts = _Plan(names, strategy)
+        plans.update((id(m), prompts) for m in encoder.modules() if id(m) in plans)
+    token = _PLAN.set(plans)
     try:
         yield
     finally:
