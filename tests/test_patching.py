@@ -362,7 +362,8 @@ def test_several_adapters_sum_and_delete(arch):
     assert list(delora_ext.patching.get_state(model).configs) == ["default"]
     assert _trainable(model) == _adapter_params(model, ["default"])
     with torch.no_grad():
-        assert_close(logits(model, arch), y_default, 1e-6, "after delete_adapter")
+        # the merge and unmerge above rounded the base weights in fp32 (a few ulps)
+        assert_close(logits(model, arch), y_default, 1e-5, "after delete_adapter")
     with pytest.raises(ValueError, match="unknown adapter 'b'"):
         delora_ext.set_adapter(model, "b")
     with pytest.raises(ValueError, match="unknown adapter 'b'"):

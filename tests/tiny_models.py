@@ -24,22 +24,13 @@ LAYERS_PATTERN = {"llama": "layers", "gpt2": "h", "bert": "layer", "t5": "block"
 OUTPUT_EMBEDDING = {"llama": "lm_head", "gpt2": "lm_head", "bert": "cls.predictions.decoder", "t5": "lm_head"}
 
 
-# T5's feed-forward reads `self.wo.weight.dtype`, which DeLoRALinear does not expose (a bug in layer.py, see
-# test_t5_feed_forward_output_can_be_adapted), so "all-linear" on T5 leaves `wo` out until that is fixed.
-_ALL_LINEAR_EXCLUDE = {"t5": ["wo"]}
-
-
 def all_linear(arch: str) -> dict:
-    """patch() keyword arguments that adapt every linear layer but the output embedding (and T5's `wo`)."""
-    kw = {"target_modules": "all-linear"}
-    if arch in _ALL_LINEAR_EXCLUDE:
-        kw["exclude_modules"] = _ALL_LINEAR_EXCLUDE[arch]
-    return kw
+    """patch() keyword arguments that adapt every linear layer but the output embedding."""
+    return {"target_modules": "all-linear"}
 
 
 def all_linear_paths(model: nn.Module, arch: str) -> list[str]:
-    skip = _ALL_LINEAR_EXCLUDE.get(arch, [])
-    return [n for n in linear_paths(model) if n != OUTPUT_EMBEDDING[arch] and n.rsplit(".", 1)[-1] not in skip]
+    return [n for n in linear_paths(model) if n != OUTPUT_EMBEDDING[arch]]
 
 
 def tiny_config(arch: str):
