@@ -335,6 +335,30 @@ def test_beam_search_follows_each_prompts_adapter(arch):
     assert any(not torch.equal(firsts[0], f) for f in firsts[1:]), "the adapters generate different text"
 
 
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_beam_search_matches_peft_loras_adapter_names(arch, tmp_path):
+    """Side by side with PEFT: each adapter exported as its exact LoRA (export_lora) and loaded into a PeftModel,
+    whose generate(adapter_names=..., num_beams=k) runs PEFT's own mixed batch and beam bookkeeping."""
+    peft = pytest.importorskip("peft")
+    model = _three_adapters(arch)
+    for name in ("a", "b", "c"):
+        delora_ext.export_lora(model, str(tmp_path / name), adapter_name=name)
+    lora = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "a"), adapter_name="a")
+    for name in ("b", "c"):
+        lora.load_adapter(str(tmp_path / name), adapter_name=name)
+    lora.eval()
+    names = ["c", "a", BASE, "b"]
+    prompts = {"input_ids": _batch(arch, len(names), seed=8)["input_ids"]}
+    kw = dict(num_beams=2, num_return_sequences=2, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with delora_ext.mixed_batch(model, names, num_beams=2):
+            ours = model.generate(**prompts, **kw)
+        theirs = lora.generate(**prompts, adapter_names=names, **kw)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, rtol=1e-5, atol=1e-6)
+
+
 def test_sampled_copies_of_a_prompt_share_its_adapter():
     """Sampling with num_return_sequences=k also repeats each prompt k times: num_beams=k covers them, and the
     first step's logits of each copy equal those of the prompt generated alone (later steps follow other samples)."""
