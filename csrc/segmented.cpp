@@ -230,11 +230,14 @@ void segmented_adapter_(Tensor& y, const Tensor& x, const Tensor& rows_adapter, 
   TORCH_CHECK(rows_adapter.device() == x.device(), "delora_ext::", kOp, ": `rows_adapter` is on ",
               rows_adapter.device(), " but `x` is on ", x.device());
   // y (contiguous, checked above) is written row by row while everything else is read: it may share memory with
-  // none of them.
+  // none of them. get_overlap_status answers TooHard for any operand that is not dense (a strided view) before it
+  // looks at storages: such an operand is apart from y unless the two share a storage.
   auto check_apart = [&](const Tensor& t, const char* name, int64_t k) {
-    TORCH_CHECK(at::get_overlap_status(y, t) == at::MemOverlapStatus::No, "delora_ext::", kOp, ": `y` shares memory ",
-                "with `", name, k >= 0 ? "[" + std::to_string(k) + "]" : std::string(), "`; the update needs an ",
-                "output of its own");
+    const at::MemOverlapStatus status = at::get_overlap_status(y, t);
+    const bool apart = status == at::MemOverlapStatus::No ||
+                       (status == at::MemOverlapStatus::TooHard && !y.storage().is_alias_of(t.storage()));
+    TORCH_CHECK(apart, "delora_ext::", kOp, ": `y` shares memory with `", name,
+                k >= 0 ? "[" + std::to_string(k) + "]" : std::string(), "`; the update needs an output of its own");
   };
   check_apart(x, "x", -1);
   check_apart(rows_adapter, "rows_adapter", -1);

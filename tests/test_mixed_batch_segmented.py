@@ -356,6 +356,48 @@ def test_an_index_out_of_range_is_refused_before_anything_is_written(bad):
     assert torch.equal(y, a["y"])
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a view with a step of 2 in its last dim (not dense)."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("which", ["x", "rows_adapter", "A", "Bt", "sa"])
+def test_strided_operands_are_read_as_they_are(which):
+    """An operand that is a strided view shares no memory with y: accepted, with the same result."""
+    a = _op_args(n=6, ranks=(3, 2, 4))  # sa[1] of 2 elements, so that a view of it can be strided
+    exp = _op_expected(a)
+    if which in ("x", "rows_adapter"):
+        a[which] = _strided(a[which])
+    else:
+        a[which] = [None if t is None else _strided(t) for t in a[which]]
+    assert not (a[which] if which in ("x", "rows_adapter") else a[which][1]).is_contiguous()
+    y = a["y"].clone()
+    OP(y, a["x"], a["rows_adapter"], a["A"], a["Bt"], a["sa"])
+    assert _rel(y, exp) <= 1e-6
+
+
+def test_a_strided_input_batch_takes_the_segmented_path():
+    layer, names = _layer(), ["a0", BASE, "a2", "p1", "a0", "a1"]
+    x = _strided(torch.randn(len(names), layer.in_features))
+    with torch.no_grad():
+        with delora_ext.mixed_batch(layer, names, strategy="segmented"), _CountOps() as counts:
+            y = layer(x)
+        assert counts.counts.get("segmented_adapter_") == 1, counts.counts
+        for i, name in enumerate(names):
+            assert _rel(y[i], _ref_row(layer, x[i], name)) <= 1e-6, (i, name)
+
+
+def test_a_strided_factor_in_y_s_own_storage_is_refused():
+    a = _op_args()
+    buf = torch.zeros(a["y"].numel() + 2 * a["A"][0].numel())
+    y = buf[:a["y"].numel()].view_as(a["y"])
+    a["A"][0] = buf.as_strided(a["A"][0].shape, (2 * a["A"][0].shape[1], 2), 0)  # strided, over y's memory
+    with pytest.raises(RuntimeError, match=r"`y` shares memory with `A\[0\]`"):
+        OP(y, a["x"], a["rows_adapter"], a["A"], a["Bt"], a["sa"])
+
+
 def test_y_sharing_memory_with_x_is_refused():
     a = _op_args(in_f=7)
     with pytest.raises(RuntimeError, match="`y` shares memory with `x`"):
