@@ -31,6 +31,11 @@ DEFAULT_TARGET_MODULES = {
 }
 
 ALL_LINEAR = "all-linear"
+PEFT_TYPE = "DELORA"
+# The peft_type written for an adapter with the paper's init. PEFT has no field for its frozen initial term: under
+# "DELORA" it would load A, B and λ without it and compute other outputs, with no warning; a type PEFT does not
+# know makes its loaders refuse the file.
+PAPER_PEFT_TYPE = "DELORA_PAPER_INIT"
 
 
 @dataclasses.dataclass
@@ -131,8 +136,8 @@ class DeLoRAConfig:
 
     def to_peft_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.PEFT_FIELDS}
-        d.update(peft_type="DELORA", task_type=None, inference_mode=False, base_model_name_or_path=None,
-                 revision=None, auto_mapping=None)
+        d.update(peft_type=PAPER_PEFT_TYPE if self.init_weights == "paper" else PEFT_TYPE, task_type=None,
+                 inference_mode=False, base_model_name_or_path=None, revision=None, auto_mapping=None)
         return d
 
     @classmethod
@@ -140,7 +145,11 @@ class DeLoRAConfig:
         if not isinstance(d, dict):
             raise ValueError(f"adapter config must be a JSON object, got {type(d).__name__}")
         pt = d.get("peft_type")
-        if pt != "DELORA":
+        if pt == PAPER_PEFT_TYPE:
+            if d.get("init_weights") != "paper":
+                raise ValueError(f"adapter config has peft_type {PAPER_PEFT_TYPE!r} (the paper's init) but "
+                                 f"init_weights={d.get('init_weights')!r}, not 'paper'")
+        elif pt != PEFT_TYPE:  # (an adapter with the paper's init saved as "DELORA" loads too)
             raise ValueError(f"adapter config is for peft_type {pt!r}, not 'DELORA'")
         return cls(**{k: d[k] for k in cls.PEFT_FIELDS if k in d})
 

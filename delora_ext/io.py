@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import stat
 import tempfile
 import time
@@ -22,7 +23,15 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from .config import DeLoRAConfig, adapter_list, check_adapter_name, check_known, check_peft_dict_types
+from .config import (
+    PAPER_PEFT_TYPE,
+    PEFT_TYPE,
+    DeLoRAConfig,
+    adapter_list,
+    check_adapter_name,
+    check_known,
+    check_peft_dict_types,
+)
 from .core import is_conv1d
 from .layer import DeLoRALinear, supported_base
 from .model import (
@@ -154,7 +163,9 @@ def _config_bytes(cfg: DeLoRAConfig) -> bytes:
 
 
 def _write_weights(tensors: dict, path: str, fingerprint: str) -> None:
+    mode = stat.S_IMODE(os.stat(path).st_mode)  # a new file's (``_new_file``); safetensors may write its own 0600
     save_file(tensors, path, metadata={"format": "pt", PAIR_KEY: fingerprint})
+    os.chmod(path, mode)
     _fsync_file(path)
 
 
@@ -190,7 +201,7 @@ def _makedirs(d: str) -> list[str]:
                 os.mkdir(p)
             except FileExistsError:  # another writer (every FSDP rank saves) made it meanwhile: not ours to remove
                 if not os.path.isdir(p):
-                    raise
+                    raise NotADirectoryError(f"cannot save to {d}: {p} exists and is not a directory") from None
                 continue
             created.append(p)
     except BaseException:
@@ -198,6 +209,18 @@ def _makedirs(d: str) -> list[str]:
             _quietly(os.rmdir, p)
         raise
     return created
+
+
+def _new_file(d: str, name: str) -> str:
+    """A new empty file in ``d`` under a unique temporary name, with the permissions ``open`` gives a new file
+    (0666 less the umask, as PEFT's files get; ``mkstemp``'s 0600 would hide the adapter from other users)."""
+    while True:
+        path = os.path.join(d, f".tmp-{secrets.token_hex(8)}-{name}")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+            return path
+        except FileExistsError:
+            continue
 
 
 def _backup(path: str) -> str | None:
@@ -285,8 +308,7 @@ def _write_pairs(pairs: list[tuple[str, dict, bytes, str]]) -> None:
                 dest = os.path.join(d, name)
                 if os.path.isdir(dest):
                     raise IsADirectoryError(f"cannot save the adapter: {dest} is a directory")
-                fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=name)
-                os.close(fd)
+                tmp = _new_file(d, name)
                 staged.append((dest, tmp))
                 write(tmp)
         with contextlib.ExitStack() as locks:  # readers (load_adapter) of these folders wait while they are a mix
@@ -327,11 +349,18 @@ def check_directory(fn: str, directory) -> str:
                         f"{type(directory).__name__}") from None
 
 
-def save_adapter(model, directory: str, adapter_names: list[str] | None = None, for_peft: bool = True) -> None:
+def save_adapter(model, directory: str, adapter_names: list[str] | None = None, for_peft: bool = True,
+                 save_embedding_layers: bool = False) -> None:
     """Save adapters in PEFT's format (loadable by ``peft.PeftModel.from_pretrained`` when ``for_peft``).
 
     ``for_peft=False`` also saves paper-init adapters, with their frozen initial update under extra keys
-    (``.delora_A0``, ``.delora_B0``, ``.delora_lambda0``) that only delora_ext reads.
+    (``.delora_A0``, ``.delora_B0``, ``.delora_lambda0``) that only delora_ext reads; their config's ``peft_type``
+    is "DELORA_PAPER_INIT", which PEFT refuses (as "DELORA" it would load the file without the frozen term).
+
+    ``save_embedding_layers=True`` also writes the model's input and output embeddings (transformers'
+    ``get_input_embeddings`` / ``get_output_embeddings``; an adapted one's base layer) into every adapter's file,
+    as PEFT's ``save_pretrained(save_embedding_layers=True)``: for a vocabulary resized or embeddings changed
+    during fine-tuning. PEFT's default, "auto", also does so whenever ``lm_head`` is targeted; here it is asked for.
 
     All or nothing: everything is computed and written under temporary names before any file is replaced, so a
     failed save leaves the directory as it was, and a concurrent ``load_adapter`` (another thread or process) reads
@@ -349,11 +378,22 @@ def save_adapter(model, directory: str, adapter_names: list[str] | None = None, 
     check_known(names, state.configs, "the model")
     for n in names:
         check_adapter_name(n)
+    if not isinstance(save_embedding_layers, bool):
+        raise TypeError(f"save_adapter: `save_embedding_layers` must be True or False, got {save_embedding_layers!r}")
+    embeddings = {}
+    if save_embedding_layers:
+        embeddings = {f"{PREFIX}{path}.{k}": _full(t) for path, mod in _embedding_modules(model).items()
+                      for k, t in mod.state_dict().items()}
+        if not embeddings:
+            raise ValueError("save_adapter: save_embedding_layers=True but `model` has no input or output embedding "
+                             "(transformers' get_input_embeddings / get_output_embeddings)")
     pairs = []
     for n in names:  # everything that can fail before a file is written
         cfg = state.configs[n]
-        pairs.append((_adapter_dir(directory, n), untied(adapter_state_dict(model, n, for_peft)), _config_bytes(cfg),
-                      config_fingerprint(cfg)))
+        tensors = adapter_state_dict(model, n, for_peft)
+        for k, t in embeddings.items():  # an adapter's own modules_to_save copy of lm_head keeps its key
+            tensors.setdefault(k, t)
+        pairs.append((_adapter_dir(directory, n), untied(tensors), _config_bytes(cfg), config_fingerprint(cfg)))
     _write_pairs(pairs)
 
 
@@ -399,7 +439,7 @@ def _read_config(d: str) -> tuple[DeLoRAConfig, tuple]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: adapter config must be a JSON object, got {type(raw).__name__}")
     try:
-        if raw.get("peft_type") == "DELORA":
+        if raw.get("peft_type") in (PEFT_TYPE, PAPER_PEFT_TYPE):
             check_peft_dict_types(raw)
         return DeLoRAConfig.from_peft_dict(raw), ident
     except (TypeError, ValueError) as e:
@@ -530,7 +570,34 @@ def _expected(model, cfg: DeLoRAConfig, adapter_name: str) -> dict[str, tuple[tu
             key = f"{PREFIX}{mpath}.{pname}"
             if exp.get(key, (None, None))[1] != REQUIRED:
                 exp[key] = (tuple(t.shape), REQUIRED if trained else OPTIONAL)
+    for mpath, mod in _embedding_modules(model).items():
+        if mpath in wrap:  # targeted by this config: PEFT saves its base layer
+            mpath = f"{mpath}.base_layer"
+        for pname, t in mod.state_dict().items():
+            exp.setdefault(f"{PREFIX}{mpath}.{pname}", (tuple(t.shape), OPTIONAL))
     return exp
+
+
+def _embedding_modules(model) -> dict:
+    """path -> module of the model's input and output embeddings (transformers' ``get_input_embeddings`` and
+    ``get_output_embeddings``; an adapted one's base layer), whose state PEFT's
+    ``save_pretrained(save_embedding_layers=...)`` writes beside the adapter, for a resized vocabulary or a
+    targeted ``lm_head``; loading puts those values into the model as PEFT's ``load_state_dict`` does."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            emb = fn() if callable(fn) else None
+        except (AttributeError, NotImplementedError):  # a model class without that embedding
+            emb = None
+        if isinstance(emb, torch.nn.Module):
+            found.append(emb)
+    out = {}
+    if found:
+        for path, m in model.named_modules():
+            if any(m is e for e in found):
+                out.update({f"{path}.base_layer": m.base_layer} if isinstance(m, DeLoRALinear) else {path: m})
+    return out
 
 
 def _peft_wrapper_copy(model, cfg: DeLoRAConfig, key: str) -> bool:
@@ -612,7 +679,9 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
     not the active one); False loads for inference (PEFT's ``inference_mode``): a new adapter is frozen (and, on a
     model not patched before, every parameter, as PEFT's ``from_pretrained``) and the model is put in eval mode.
     As PEFT, no other parameter's requires_grad changes on a patched model. Biases the config trains (``bias`` "all" or
-    "delora_only") are part of the adapter and loaded with it. Everything (config, every key, shape, dtype and
+    "delora_only") are part of the adapter and loaded with it. The input and output embeddings PEFT writes beside an
+    adapter (``save_pretrained(save_embedding_layers=True)``, and by default when ``lm_head`` is targeted) are put
+    into the model, as PEFT's ``from_pretrained`` does. Everything (config, every key, shape, dtype and
     value) is checked before the model is touched, and should the load fail later the model is put back: on any
     error (a ``ValueError``, or ``FileNotFoundError`` when a file is absent) the model is exactly as before and the
     message names the file and the first offending key or field. Floating tensors of another dtype are cast to the
@@ -689,7 +758,7 @@ def load_adapter(model, directory: str, adapter_name: str = "default", is_traina
             try:
                 patch(model, cfg, adapter_name=adapter_name)
             except (TypeError, ValueError) as e:  # patch is all-or-nothing: the model is as it was
-                raise type(e)(f"{cpath}: this config cannot be applied to the model ({e})") from None
+                raise ValueError(f"{cpath}: this config cannot be applied to the model ({e})") from None
         _copy_values(model, values, adapter_name)
         if existing:
             if not is_trainable:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
+import stat
+import warnings
 
 import pytest
 import torch
@@ -265,6 +268,115 @@ def test_peft_adapter_with_trained_biases_loads(bias, modules_to_save, tmp_path)
         assert not torch.equal(trained_bias, build(arch).cls.predictions.transform.dense.bias)
 
 
+@pytest.mark.parametrize("how", ["save_embedding_layers", "lm_head targeted"])
+def test_peft_adapter_with_embedding_layers_loads(how, tmp_path):
+    """PEFT writes the input and output embeddings beside the adapter with save_embedding_layers=True (a resized
+    vocabulary), and by default when lm_head is targeted; its from_pretrained puts them into the model."""
+    targets = ["q_proj", "v_proj"] + (["lm_head"] if how == "lm_head targeted" else [])
+    base = build("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.DeloraConfig(r=4, target_modules=targets))
+    train(pm, "llama", steps=2)
+    with torch.no_grad():  # as a fine-tune that changed the embeddings PEFT saves (new tokens' rows)
+        pm.get_output_embeddings().weight[-5:].normal_()
+        if how == "save_embedding_layers":
+            pm.get_input_embeddings().weight[-3:].normal_()
+    kw = {"save_embedding_layers": True} if how == "save_embedding_layers" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's "Setting save_embedding_layers to True" and the like
+        pm.save_pretrained(str(tmp_path), **kw)
+    keys = load_file(str(tmp_path / WEIGHTS_NAME))
+    embedding_keys = sorted(k for k in keys if ".delora_" not in k)
+    assert embedding_keys == ([f"{PREFIX}lm_head.base_layer.weight"] if targets[-1] == "lm_head" else
+                              [f"{PREFIX}lm_head.weight", f"{PREFIX}model.embed_tokens.weight"])
+    y_peft = _peft_out(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)), "llama")
+    assert rel_err(y_peft, _peft_out(pm, "llama")) <= 1e-5  # PEFT restores the embeddings
+    ours = delora_ext.load_adapter(copy.deepcopy(base), str(tmp_path))
+    assert_close(outputs(ours, "llama"), y_peft, 1e-5, "delora_ext loading PEFT's adapter with embeddings")
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        assert torch.equal(getattr(ours, get)().weight, getattr(pm, get)().weight), get
+
+    # a wrong embedding shape is refused before the model is touched
+    bad = embedding_keys[0]
+    save_file(dict(keys, **{bad: keys[bad][:-1]}), str(tmp_path / WEIGHTS_NAME))
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"{re.escape(bad)}' has shape"):
+        delora_ext.load_adapter(model, str(tmp_path))
+    assert_state_equal(model, before)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_our_adapter_with_embedding_layers_loads_in_peft(targets, tmp_path):
+    """save_adapter(save_embedding_layers=True) writes the embeddings as PEFT keys them: PEFT's from_pretrained on a
+    fresh base model restores them (and so does load_adapter)."""
+    base = build("llama")
+    model = delora_ext.patch(copy.deepcopy(base), r=4, target_modules=targets)
+    train(model, "llama", steps=2)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-3:].normal_()
+        model.get_output_embeddings().weight[-5:].normal_()
+    y = outputs(model, "llama")
+    delora_ext.save_adapter(model, str(tmp_path / "plain"))
+    delora_ext.save_adapter(model, str(tmp_path / "emb"), save_embedding_layers=True)
+    lm_head = "lm_head.base_layer.weight" if "lm_head" in targets else "lm_head.weight"
+    assert sorted(k for k in load_file(str(tmp_path / "emb" / WEIGHTS_NAME)) if ".delora_" not in k) == \
+        [f"{PREFIX}{lm_head}", f"{PREFIX}model.embed_tokens.weight"]
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "emb"))
+    assert_close(_peft_out(pm, "llama"), y, 1e-5, "PEFT loading our adapter with its embeddings")
+    assert_close(outputs(delora_ext.load_adapter(copy.deepcopy(base), str(tmp_path / "emb")), "llama"), y, 1e-5,
+                 "delora_ext loading it")
+    without = _peft_out(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "plain")), "llama")
+    assert rel_err(without, y) > 1e-3  # the embeddings matter
+    with pytest.raises(TypeError, match="`save_embedding_layers` must be True or False"):
+        delora_ext.save_adapter(model, str(tmp_path / "x"), save_embedding_layers="auto")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_config_targeting_an_unsupported_module_is_a_value_error(tmp_path):
+    model = delora_ext.patch(build("llama"), r=2, target_modules=["q_proj"])
+    delora_ext.save_adapter(model, str(tmp_path))
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(dict(cfg, target_modules=["q_proj", "embed_tokens"])))
+    fresh = build("llama")
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"cannot be applied to the model .*embed_tokens"):
+        delora_ext.load_adapter(fresh, str(tmp_path))
+    assert_state_equal(fresh, before)
+
+
+@pytest.mark.parametrize("writer", ["save_adapter", "export_lora"])
+def test_saving_where_a_file_is_names_the_path(writer, tmp_path):
+    model = delora_ext.patch(build("llama"), r=2, target_modules=["q_proj"])
+    delora_ext.patch(model, r=2, target_modules=["v_proj"], adapter_name="other")
+    write = getattr(delora_ext, writer)
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    with pytest.raises(NotADirectoryError, match=rf"cannot save to .*{blocker}.* exists and is not a directory"):
+        write(model, str(blocker))
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        write(model, str(blocker / "below"))
+    assert blocker.read_text() == "keep me"
+    if writer == "save_adapter":  # an adapter's subfolder
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "other").write_text("keep me too")
+        with pytest.raises(NotADirectoryError, match=r"other exists and is not a directory"):
+            delora_ext.save_adapter(model, str(tmp_path / "d"))
+        assert sorted(os.listdir(tmp_path / "d")) == ["other"]
+
+
+@pytest.mark.parametrize("writer", ["save_adapter", "export_lora"])
+def test_saved_files_have_the_permissions_of_new_files(writer, tmp_path):
+    """As PEFT's files: 0666 less the umask, readable by the other users a serving process may run as."""
+    model = delora_ext.patch(build("llama"), r=2, target_modules=["q_proj"])
+    old = os.umask(0o022)
+    try:
+        getattr(delora_ext, writer)(model, str(tmp_path))
+    finally:
+        os.umask(old)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+
+
 # ---- paper init ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_paper_init_files(arch, tmp_path):
@@ -282,6 +394,18 @@ def test_paper_init_files(arch, tmp_path):
     assert any(k.endswith(".delora_A0") for k in load_file(str(ours_dir / WEIGHTS_NAME)))
     fresh = delora_ext.load_adapter(build(arch), str(ours_dir))
     assert torch.equal(outputs(fresh, arch), y)
+    # PEFT has no field for the frozen term: as "DELORA" it would load A, B and λ without it (other outputs, no
+    # warning), so the file's type is one PEFT's loaders refuse
+    cfg = json.loads((ours_dir / CONFIG_NAME).read_text())
+    assert cfg["peft_type"] == "DELORA_PAPER_INIT"
+    with pytest.raises(KeyError, match="DELORA_PAPER_INIT"):
+        peft.PeftModel.from_pretrained(build(arch), str(ours_dir))
+    # a file written as "DELORA" with init_weights "paper" (as saves did before) still loads
+    (ours_dir / CONFIG_NAME).write_text(json.dumps(dict(cfg, peft_type="DELORA")))
+    assert torch.equal(outputs(delora_ext.load_adapter(build(arch), str(ours_dir)), arch), y)
+    (ours_dir / CONFIG_NAME).write_text(json.dumps(dict(cfg, init_weights=True)))
+    with pytest.raises(ValueError, match=r"peft_type 'DELORA_PAPER_INIT' \(the paper's init\) but init_weights="):
+        delora_ext.load_adapter(build(arch), str(ours_dir))
 
     lora_dir = tmp_path / "lora"
     delora_ext.export_lora(model, str(lora_dir))
