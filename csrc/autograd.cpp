@@ -160,6 +160,14 @@ void record(const NodePtr& node, const std::tuple<Tensor, Tensor, Tensor, Tensor
   torch::autograd::set_history(std::get<0>(out), node);
 }
 
+// w (the base weight's column norms) is a constant of the forward ops: their node gives it no gradient, so a w that
+// asks for one is refused rather than left silently without it.
+void check_w_constant(const Tensor& w, const char* op) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && w.requires_grad()), "delora_ext::", op,
+              ": `w` requires grad, but w (the column norms of the base weight, a buffer) is a constant of this op ",
+              "and gets no gradient; pass w.detach()");
+}
+
 bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
   if (!at::GradMode::is_enabled()) return false;
   for (const Tensor* t : ts)
@@ -173,6 +181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_fwd_autograd(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
     const Tensor& lam, const Tensor& w, double p, const std::optional<Tensor>& seed) {
   static auto op = typed_op<decltype(delora_ext::linear_fwd)>("delora_ext::linear_fwd");
+  check_w_constant(w, "linear_fwd");
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -191,6 +200,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_fwd_autograd(const Te
                                                                         const Tensor& w, double p,
                                                                         const std::optional<Tensor>& seed) {
   static auto op = typed_op<decltype(delora_ext::adapter_fwd)>("delora_ext::adapter_fwd");
+  check_w_constant(w, "adapter_fwd");
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView below;

@@ -623,6 +623,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], strategy: str = 
                          "eagerly)")
     if not layers:
         raise ValueError("mixed_batch: `model` has no DeLoRA layers")
+    if BASE in known:
+        raise ValueError(f"mixed_batch: the model has an adapter named {BASE!r}, which in `adapter_names` means the "
+                         f"base model alone; rename that adapter to run it in a mixed batch")
     unknown = sorted({nm for nm in names if nm != BASE and nm not in known})
     if unknown:
         raise ValueError(f"`adapter_names`: unknown adapter(s) {', '.join(map(repr, unknown))}; the model has "

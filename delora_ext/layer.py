@@ -207,6 +207,10 @@ class DeLoRALayer:
             if w_norm.shape != (self.in_features,) or not w_norm.is_floating_point():
                 raise ValueError(f"`w_norm` must be a floating tensor of shape ({self.in_features},), "
                                  f"got {w_norm.dtype} {tuple(w_norm.shape)}")
+            if w_norm.is_meta:
+                raise ValueError("`w_norm` is on the meta device; it must hold the column norms' values")
+            if not bool(torch.isfinite(w_norm).all()):
+                raise ValueError("`w_norm` has non-finite values (NaN or ±Inf); column norms are finite")
             w = w_norm.detach().to(device=dev, dtype=torch.float32).clone()
         elif quantized and dev.type != "meta":
             w = self._column_norms_unmerged()
@@ -447,9 +451,15 @@ class DeLoRALinear(DeLoRALayer, nn.Module):
                  init_weights: bool | str = True, adapter_name: str = "default",
                  w_norm: torch.Tensor | None = None) -> None:
         nn.Module.__init__(self)
-        self._init_adapter_state(base_layer)
-        self.register_load_state_dict_post_hook(DeLoRALayer._after_load)
-        self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights, w_norm=w_norm)
+        flags = [(p, p.requires_grad) for p in base_layer.parameters()]
+        try:
+            self._init_adapter_state(base_layer)  # freezes the base layer
+            self.register_load_state_dict_post_hook(DeLoRALayer._after_load)
+            self.update_layer(adapter_name, r, delora_lambda, module_dropout, init_weights, w_norm=w_norm)
+        except BaseException:  # a refused argument leaves the user's base layer as it was
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
 
     # ---- forward -----------------------------------------------------------------------------------
     # Cached folded factors (delora_ext.inference): the forward when no graph is recorded, and paper init's frozen

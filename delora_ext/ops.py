@@ -416,6 +416,10 @@ def merge_(weight, A, B, lam, w, alpha: float = 1.0) -> None:
         if has_kernel(weight.device):
             _ops.merge_(weight, A, B, lam, w, float(alpha))
         else:
+            for name, t in (("A", A), ("B", B), ("lam", lam), ("w", w)):  # as the native op (meta adds would no-op)
+                if t.device != weight.device:
+                    raise RuntimeError(f"delora_ext::merge_: `{name}` is on {t.device} but `weight` is on "
+                                       f"{weight.device}")
             weight.add_(ref.delta_weight_ref(A, B, lam, w).to(weight.dtype), alpha=alpha)
 
 

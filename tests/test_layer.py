@@ -154,12 +154,21 @@ def test_state_dict_names_and_shapes():
     (dict(delora_lambda=float("nan")), ValueError, "`delora_lambda` must be finite"),
     (dict(delora_lambda="x"), TypeError, "`delora_lambda` must be a real number"),
     (dict(module_dropout=1.0), ValueError, "`module_dropout` must be in"),
+    (dict(w_norm=torch.tensor([1.0] * 7 + [float("nan")])), ValueError, "`w_norm` has non-finite values"),
+    (dict(w_norm=torch.ones(8, device="meta")), ValueError, "`w_norm` is on the meta device"),
+    (dict(w_norm=torch.ones(7)), ValueError, r"`w_norm` must be a floating tensor of shape \(8,\)"),
 ])
 def test_constructor_rejects_bad_arguments(bad, exc, match):
+    """... naming the argument, and the refused call leaves the base layer's parameters as they were."""
     kw = dict(r=4)
     kw.update(bad)
+    base = nn.Linear(8, 8)
+    base.bias.requires_grad_(False)
+    before = {n: (p.clone(), p.requires_grad) for n, p in base.named_parameters()}
     with pytest.raises(exc, match=match):
-        DeLoRALinear(nn.Linear(8, 8), **kw)
+        DeLoRALinear(base, **kw)
+    for n, p in base.named_parameters():
+        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n
 
 
 def test_constructor_rejects_non_linear_and_non_float_base():

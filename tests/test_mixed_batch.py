@@ -288,6 +288,14 @@ def test_bad_adapter_names_are_refused(names, match):
             pass
 
 
+def test_an_adapter_named_like_the_base_model_is_refused():
+    model = _three_adapters("llama")
+    delora_ext.patch(model, r=2, init_weights=False, adapter_name=BASE, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"adapter named '__base__', which in `adapter_names` means the base model"):
+        with delora_ext.mixed_batch(model, ["a", BASE]):
+            pass
+
+
 def test_a_wrong_count_is_refused_naming_adapter_names():
     model = _three_adapters("llama")
     with torch.no_grad(), delora_ext.mixed_batch(model, ["a", "b", "c"]):

@@ -138,6 +138,28 @@ def test_the_raw_merge_op_names_a_weight_whose_elements_share_memory():
 
 
 @requires_native
+@pytest.mark.parametrize("entry", ["linear", "adapter"])
+def test_a_w_that_requires_grad_is_refused_not_left_without_a_gradient(entry):
+    """w is a constant of the forward ops (their node has no gradient for it): asking for one is an error, not a
+    gradient that silently stays None."""
+    d = _lin()
+    w = d["w"].clone().requires_grad_()
+    args = ((d["x"], d["weight"], d["bias"]) if entry == "linear" else (d["x"],)) + (d["A"], d["B"], d["lam"])
+    with pytest.raises(RuntimeError, match=r"`w` requires grad, but w .* gets no gradient; pass w\.detach\(\)"):
+        getattr(delora_ext.ops, entry)(*args, w)
+    with torch.no_grad():  # no graph recorded: nothing to refuse
+        getattr(delora_ext.ops, entry)(*args, w)
+    getattr(delora_ext.ops, entry)(*args, w.detach())
+
+
+def test_the_merge_fallback_refuses_factors_on_another_device_like_the_native_op():
+    d = _lin()
+    W = torch.empty(6, 8, device="meta")
+    with pytest.raises(RuntimeError, match=r"delora_ext::merge_: `A` is on cpu but `weight` is on meta"):
+        delora_ext.ops.merge_(W, d["A"], d["B"], d["lam"], d["w"])
+
+
+@requires_native
 def test_a_shape_mismatch_names_both_sides():
     """in_features and out_features are read off A and B: a mismatch message shows their shapes too, so a wrong A
     is not mistaken for a wrong w or weight."""
